@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (Python 3.10+): `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU wheel of torch lies on disk here; installing the pin first keeps pip
+	# from pulling a multi-GB CUDA build to satisfy the project's torch>=2.1 range.
+	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.1"
+	$(PY) -m pip install -q -e ".[test,keras]"
+	# Optional peer for the comparison tests and benchmarks; the suite skips those without it.
+	-$(PY) -m pip install -q pydensecrf2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m crfrnn demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_lattice.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

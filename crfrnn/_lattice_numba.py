@@ -1,0 +1,254 @@
+"""Compiled CPU kernels of the permutohedral lattice (Numba, no compiler needed at install).
+
+The algorithm follows Adams, Baek & Davis (2010) as written in Krähenbühl's ``permutohedral.cpp``
+(the code pydensecrf and the official CRF-RNN wrap); see :mod:`crfrnn.lattice` for the maths and
+the public API. Everything here works on NumPy arrays and is called only from ``crfrnn.lattice``.
+
+Parallel layout (all loops that write disjoint memory are ``prange``):
+
+* elevation, simplex search and barycentric weights: parallel over points;
+* hash-table insertion: sequential (one open-addressing table per image);
+* neighbour search: parallel over lattice vertices (read-only table look-ups);
+* splat: parallel over vertices, *gathering* from a CSR list of the points that touch each
+  vertex (built once with the lattice), so no atomics are needed;
+* blur: parallel over vertices, one pass per lattice direction;
+* slice: parallel over points.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_EMPTY = -1
+
+
+@njit(parallel=True, cache=True)
+def elevate(feat, scale):  # pragma: no cover - compiled
+    """Embed ``feat (N, d)`` float64 in the lattice.
+
+    Returns ``keys (N, d+1, d)`` int32: the first ``d`` coordinates of the ``d+1`` enclosing
+    simplex vertices, and ``bary (N, d+1)`` float64: the barycentric weights of the point.
+    """
+    n, d = feat.shape
+    keys = np.empty((n, d + 1, d), dtype=np.int32)
+    bary = np.empty((n, d + 1), dtype=np.float64)
+    down = 1.0 / (d + 1)
+    for k in prange(n):
+        elevated = np.empty(d + 1, dtype=np.float64)
+        rem0 = np.empty(d + 1, dtype=np.int64)
+        rank = np.zeros(d + 1, dtype=np.int64)
+        b = np.zeros(d + 2, dtype=np.float64)
+        sm = 0.0
+        for j in range(d, 0, -1):
+            cf = feat[k, j - 1] * scale[j - 1]
+            elevated[j] = sm - j * cf
+            sm += cf
+        elevated[0] = sm
+        total = 0
+        for i in range(d + 1):
+            v = down * elevated[i]
+            up = np.ceil(v) * (d + 1)
+            dn = np.floor(v) * (d + 1)
+            if up - elevated[i] < elevated[i] - dn:
+                rem0[i] = np.int64(up)
+            else:
+                rem0[i] = np.int64(dn)
+            total += rem0[i]
+        total = total // (d + 1)
+        for i in range(d):
+            di = elevated[i] - rem0[i]
+            for j in range(i + 1, d + 1):
+                if di < elevated[j] - rem0[j]:
+                    rank[i] += 1
+                else:
+                    rank[j] += 1
+        for i in range(d + 1):
+            rank[i] += total
+            if rank[i] < 0:
+                rank[i] += d + 1
+                rem0[i] += d + 1
+            elif rank[i] > d:
+                rank[i] -= d + 1
+                rem0[i] -= d + 1
+        for i in range(d + 1):
+            v = (elevated[i] - rem0[i]) * down
+            b[d - rank[i]] += v
+            b[d - rank[i] + 1] -= v
+        b[0] += 1.0 + b[d + 1]
+        for r in range(d + 1):
+            bary[k, r] = b[r]
+            for i in range(d):
+                # canonical simplex vertex r: coordinate = r, or r - (d+1) past position d - r
+                c = r if rank[i] <= d - r else r - (d + 1)
+                keys[k, r, i] = rem0[i] + c
+    return keys, bary
+
+
+@njit(inline="always")
+def _hash(keys, row, d):  # pragma: no cover - compiled
+    h = np.uint64(14695981039346656037)
+    for i in range(d):
+        h ^= np.uint64(np.int64(keys[row, i]) & 0xFFFFFFFF)
+        h *= np.uint64(1099511628211)
+    h ^= h >> np.uint64(29)
+    return h
+
+
+@njit(cache=True)
+def insert(keys):  # pragma: no cover - compiled
+    """Insert ``keys (P, d)`` into a fresh hash table (sequential).
+
+    Returns ``offsets (P,)`` int32 vertex index of every key, ``vkeys (M, d)`` the distinct keys in
+    order of first appearance, and the table (``int32``, size a power of two, ``-1`` = empty).
+    """
+    p, d = keys.shape
+    cap = 1
+    while cap < 2 * p:
+        cap *= 2
+    mask = np.uint64(cap - 1)
+    table = np.full(cap, _EMPTY, dtype=np.int32)
+    vkeys = np.empty((p, d), dtype=np.int32)
+    offsets = np.empty(p, dtype=np.int32)
+    m = 0
+    for q in range(p):
+        h = _hash(keys, q, d) & mask
+        while True:
+            v = table[h]
+            if v == _EMPTY:
+                table[h] = m
+                for i in range(d):
+                    vkeys[m, i] = keys[q, i]
+                offsets[q] = m
+                m += 1
+                break
+            same = True
+            for i in range(d):
+                if vkeys[v, i] != keys[q, i]:
+                    same = False
+                    break
+            if same:
+                offsets[q] = v
+                break
+            h = (h + np.uint64(1)) & mask
+    return offsets, vkeys[:m].copy(), table
+
+
+@njit(inline="always")
+def _find_neighbour(vkeys, table, v, j, sign, d):  # pragma: no cover - compiled
+    """Index of vertex ``v`` moved by ``sign`` along lattice direction ``j``, or -1.
+
+    Direction ``j`` adds ``(d+1) e_j - 1`` (``sign=+1``) or its negative; only the first ``d``
+    coordinates are stored (the last is implied by the zero sum).
+    """
+    cap = table.shape[0]
+    mask = np.uint64(cap - 1)
+    h = np.uint64(14695981039346656037)
+    for i in range(d):
+        c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
+        h ^= np.uint64(np.int64(c) & 0xFFFFFFFF)
+        h *= np.uint64(1099511628211)
+    h ^= h >> np.uint64(29)
+    h &= mask
+    while True:
+        u = table[h]
+        if u == _EMPTY:
+            return -1
+        same = True
+        for i in range(d):
+            c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
+            if vkeys[u, i] != c:
+                same = False
+                break
+        if same:
+            return u
+        h = (h + np.uint64(1)) & mask
+
+
+@njit(parallel=True, cache=True)
+def neighbours(vkeys, table, base):  # pragma: no cover - compiled
+    """Blur neighbours ``(d+1, M, 2)`` int32 of every vertex, offset by ``base``; -1 = missing."""
+    m, d = vkeys.shape
+    nbr = np.empty((d + 1, m, 2), dtype=np.int32)
+    for v in prange(m):
+        for j in range(d + 1):
+            a = _find_neighbour(vkeys, table, v, j, 1, d)
+            b = _find_neighbour(vkeys, table, v, j, -1, d)
+            nbr[j, v, 0] = a + base if a >= 0 else -1
+            nbr[j, v, 1] = b + base if b >= 0 else -1
+    return nbr
+
+
+@njit(cache=True)
+def splat_csr(offsets, m):  # pragma: no cover - compiled
+    """Transpose of the point→vertex map: for vertex ``v``, ``idx[ptr[v]:ptr[v+1]]`` lists the
+    flat indices ``point * (d+1) + r`` that splat onto it (counting sort, sequential)."""
+    p = offsets.shape[0]
+    ptr = np.zeros(m + 1, dtype=np.int64)
+    for q in range(p):
+        ptr[offsets[q] + 1] += 1
+    for v in range(m):
+        ptr[v + 1] += ptr[v]
+    fill = ptr[:-1].copy()
+    idx = np.empty(p, dtype=np.int32)
+    for q in range(p):
+        v = offsets[q]
+        idx[fill[v]] = q
+        fill[v] += 1
+    return ptr, idx
+
+
+@njit(parallel=True, cache=True)
+def filter_values(vals, ptr, idx, bary, offsets, nbr, reverse, consts):  # pragma: no cover
+    """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
+
+    ``vals (B, C, N)`` (the caller's layout: no transposes), ``bary``/``offsets`` flat
+    ``(B*N*(d+1),)``, ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``'
+    dtype. Returns ``out (B, C, N)``.
+    """
+    nb, c, n = vals.shape
+    d1 = nbr.shape[0]
+    m = nbr.shape[1]
+    lat = np.empty((m, c), dtype=vals.dtype)
+    tmp = np.empty((m, c), dtype=vals.dtype)
+    for v in prange(m):
+        for ch in range(c):
+            lat[v, ch] = 0
+        for q in range(ptr[v], ptr[v + 1]):
+            f = idx[q]
+            w = bary[f]
+            pt = f // d1
+            b = pt // n
+            i = pt - b * n
+            for ch in range(c):
+                lat[v, ch] += w * vals[b, ch, i]
+    half = consts[0]
+    for jj in range(d1):
+        j = d1 - 1 - jj if reverse else jj
+        for v in prange(m):
+            a = nbr[j, v, 0]
+            b = nbr[j, v, 1]
+            if a >= 0 and b >= 0:
+                for ch in range(c):
+                    tmp[v, ch] = lat[v, ch] + half * (lat[a, ch] + lat[b, ch])
+            elif a >= 0:
+                for ch in range(c):
+                    tmp[v, ch] = lat[v, ch] + half * lat[a, ch]
+            elif b >= 0:
+                for ch in range(c):
+                    tmp[v, ch] = lat[v, ch] + half * lat[b, ch]
+            else:
+                for ch in range(c):
+                    tmp[v, ch] = lat[v, ch]
+        lat, tmp = tmp, lat
+    out = np.empty((nb, c, n), dtype=vals.dtype)
+    al = consts[1]
+    for k in prange(nb * n):
+        b = k // n
+        i = k - b * n
+        base = k * d1
+        for ch in range(c):
+            acc = lat[0, 0] * 0
+            for r in range(d1):
+                acc += bary[base + r] * lat[offsets[base + r], ch]
+            out[b, ch, i] = acc * al
+    return out

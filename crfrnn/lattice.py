@@ -1,0 +1,423 @@
+r"""High-dimensional Gaussian filtering with the permutohedral lattice.
+
+The operator everything in CRF-RNN stands on: given reference features :math:`f_i \in \mathbb{R}^D`
+(one per pixel/voxel) and values :math:`v_i \in \mathbb{R}^C`, compute
+
+.. math::  \tilde v_i = \sum_j k(f_i, f_j)\, v_j, \qquad k(f_i, f_j) = \exp(-\tfrac12 \|f_i - f_j\|^2)
+
+(the pixel itself included). Features are pre-scaled by the caller, e.g. ``(x/θα, y/θα, r/θβ, g/θβ, b/θβ)``
+for CRF-RNN's bilateral kernel.
+
+* :func:`dense_gaussian_filter` is the exact O(N²) sum: the slow twin and test oracle (small inputs only).
+* :class:`PermutohedralLattice` (Adams, Baek & Davis, 2010) approximates it in O(N·D²): points are
+  embedded in a lattice of simplices, *splatted* onto the simplex vertices with barycentric weights,
+  *blurred* with a ``[1/2, 1, 1/2]`` kernel along each of the ``D+1`` lattice directions, and *sliced*
+  back. It follows Krähenbühl's ``permutohedral.cpp`` (used by pydensecrf and the official CRF-RNN),
+  including its scale ``sqrt(2/3)(D+1)`` and the output factor ``alpha = 1/(1 + 2^-D)``.
+  The lattice depends only on the features: build it once, then :meth:`~PermutohedralLattice.filter`
+  as many values as you like (every mean-field iteration, and the backward pass).
+* ``filter(values, reverse=True)`` applies the exact transpose (blur directions in reverse order). The
+  filter is linear in ``values`` and its gradient is the transpose, so the backward pass re-uses the
+  lattice and stores nothing per pixel.
+
+Two backends share the maths:
+
+* ``"numba"``: compiled, multi-threaded CPU kernels (:mod:`crfrnn._lattice_numba`), the default on CPU;
+* ``"torch"``: vectorised tensor code (sorting instead of hashing, ``index_add_``/gather), which runs on
+  any device (CUDA included) and is the oracle of the compiled path.
+
+Both give the same operator up to floating-point summation order.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "PermutohedralLattice",
+    "permutohedral_filter",
+    "dense_gaussian_filter",
+    "available_backends",
+]
+
+try:  # the compiled CPU path is optional at import time (it is a hard dependency of the package)
+    from . import _lattice_numba as _nb
+
+    _HAVE_NUMBA = True
+except Exception:  # pragma: no cover - exercised only without numba
+    _nb = None
+    _HAVE_NUMBA = False
+
+_BACKENDS = ("numba", "torch")
+# keys are int32; this bound keeps every lattice coordinate (and its neighbours) representable
+_MAX_ELEVATED = 2.0**30
+
+
+def available_backends() -> tuple:
+    """Backends usable in this process (``"torch"`` always; ``"numba"`` if it imported)."""
+    return _BACKENDS if _HAVE_NUMBA else ("torch",)
+
+
+def _scale_factors(d: int) -> torch.Tensor:
+    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+    return torch.tensor([inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)], dtype=torch.float64)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_features(features) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor of shape (B, D, *spatial), got {type(features).__name__}")
+    if not features.is_floating_point():
+        raise TypeError(f"features must be a floating-point tensor (float32 or float64), got {_describe(features)}")
+    if features.dim() < 3:
+        raise ValueError(
+            f"features must have shape (B, D, *spatial) with at least one spatial axis, got {_describe(features)}"
+        )
+    if features.shape[1] == 0:
+        raise ValueError(f"features must have D >= 1 feature channels, got D=0 ({_describe(features)})")
+    if features.numel() == 0:
+        raise ValueError(f"features is empty: {_describe(features)}")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError(f"features contains NaN or infinite values ({_describe(features)})")
+
+
+def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    if backend is None:
+        return "numba" if (device.type == "cpu" and _HAVE_NUMBA) else "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    if backend == "numba":
+        if not _HAVE_NUMBA:
+            raise ValueError("backend='numba' requested but numba is not importable; use backend='torch'")
+        if device.type != "cpu":
+            raise ValueError(f"backend='numba' runs on the CPU only, but the features are on {device}")
+    return backend
+
+
+class PermutohedralLattice:
+    r"""A permutohedral lattice built from ``features`` of shape ``(B, D, *spatial)``.
+
+    Built once, without gradients (the features are treated as constants); then
+    :meth:`filter` approximates :math:`\tilde v_i = \sum_j \exp(-\frac12\|f_i - f_j\|^2) v_j` for any
+    number of value channels, as often as needed. Images of a batch share this object but have
+    disjoint lattices: values never cross from one image to another.
+
+    Args:
+        features: ``(B, D, *spatial)`` floating tensor, already divided by the kernel's standard
+            deviations. Any number of spatial axes (2-D images, 3-D volumes, 1-D signals); ``D >= 1``.
+        backend: ``None`` (``"numba"`` on CPU, ``"torch"`` elsewhere), ``"numba"`` or ``"torch"``.
+
+    Attributes:
+        batch_size, dim (D), spatial_shape, num_points (per image), num_vertices (all images),
+        device, backend.
+    """
+
+    def __init__(self, features: torch.Tensor, *, backend: Optional[str] = None):
+        _check_features(features)
+        self.backend = _resolve_backend(backend, features.device)
+        self.device = features.device
+        self.batch_size = int(features.shape[0])
+        self.dim = int(features.shape[1])
+        self.spatial_shape = tuple(int(s) for s in features.shape[2:])
+        self.num_points = int(math.prod(self.spatial_shape))
+        d = self.dim
+        with torch.no_grad():
+            f = features.detach().to(torch.float64).reshape(self.batch_size, d, self.num_points)
+            scale = _scale_factors(d).to(f.device)
+            bound = (f.abs().amax(dim=(0, 2)) * scale).sum() * (d + 1)
+            if float(bound) >= _MAX_ELEVATED:
+                raise ValueError(
+                    f"features span too large a range for the lattice (max |f| scaled = {float(bound):.3g} >= 2^30); "
+                    f"did you forget to divide positions/colours by the kernel's standard deviations? ({_describe(features)})"
+                )
+            self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
+            self._bary_cache = {}
+            if self.backend == "numba":
+                self._build_numba(f, scale)
+            else:
+                self._build_torch(f, scale)
+
+    # ------------------------------------------------------------------ builds
+    def _build_numba(self, f: torch.Tensor, scale: torch.Tensor) -> None:
+        import numpy as np
+
+        d, n = self.dim, self.num_points
+        sc = scale.numpy()
+        offsets, barys, nbrs = [], [], []
+        base = 0
+        for b in range(self.batch_size):
+            pts = np.ascontiguousarray(f[b].T.numpy())  # (N, d)
+            keys, bary = _nb.elevate(pts, sc)
+            off, vkeys, table = _nb.insert(keys.reshape(n * (d + 1), d))
+            nbrs.append(_nb.neighbours(vkeys, table, base))
+            offsets.append(off + np.int32(base))
+            barys.append(bary.reshape(-1))
+            base += vkeys.shape[0]
+        self.num_vertices = base
+        self._offsets = np.concatenate(offsets)
+        self._bary64 = np.concatenate(barys)
+        self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
+        self._ptr, self._idx = _nb.splat_csr(self._offsets, base)
+
+    def _build_torch(self, f: torch.Tensor, scale: torch.Tensor) -> None:
+        d, B, n = self.dim, self.batch_size, self.num_points
+        dev = f.device
+        pts = f.permute(0, 2, 1).reshape(B * n, d)  # (P0, d)
+        cf = pts * scale
+        # elevated[0] = sum_i cf_i ; elevated[j] = sum_{i>=j} cf_i - j * cf_{j-1}
+        rc = torch.flip(torch.cumsum(torch.flip(cf, [1]), 1), [1])
+        tail = torch.cat([rc[:, 1:], torch.zeros_like(rc[:, :1])], dim=1)
+        jj = torch.arange(1, d + 1, device=dev, dtype=torch.float64)
+        elevated = torch.cat([rc[:, :1], tail - jj * cf], dim=1)  # (P0, d+1)
+        down = 1.0 / (d + 1)
+        v = elevated * down
+        up = torch.ceil(v) * (d + 1)
+        dn = torch.floor(v) * (d + 1)
+        rem0 = torch.where(up - elevated < elevated - dn, up, dn).to(torch.int64)
+        total = torch.div(rem0.sum(1), d + 1, rounding_mode="floor")
+        diff = elevated - rem0.to(torch.float64)
+        # rank[k] = #{i<k : diff_i >= diff_k} + #{i>k : diff_i > diff_k}  (Krähenbühl's tie-breaking)
+        di = diff[:, :, None]
+        dk = diff[:, None, :]
+        upper = torch.ones(d + 1, d + 1, dtype=torch.bool, device=dev).triu(1)
+        lower = torch.ones(d + 1, d + 1, dtype=torch.bool, device=dev).tril(-1)
+        rank = ((di >= dk) & upper).sum(1) + ((di > dk) & lower).sum(1)
+        rank = rank + total[:, None]
+        neg = rank < 0
+        over = rank > d
+        rank = torch.where(neg, rank + (d + 1), torch.where(over, rank - (d + 1), rank))
+        rem0 = torch.where(neg, rem0 + (d + 1), torch.where(over, rem0 - (d + 1), rem0))
+        vb = (elevated - rem0.to(torch.float64)) * down
+        b = torch.zeros(pts.shape[0], d + 2, dtype=torch.float64, device=dev)
+        b.scatter_add_(1, d - rank, vb)
+        b.scatter_add_(1, d - rank + 1, -vb)
+        b[:, 0] += 1.0 + b[:, d + 1]
+        bary = b[:, : d + 1]  # (P0, d+1)
+        r_idx = torch.arange(d + 1, device=dev)
+        # canonical[r, k] = r if k <= d - r else r - (d+1)
+        canon = torch.where(r_idx[None, :] <= d - r_idx[:, None], r_idx[:, None], r_idx[:, None] - (d + 1))
+        keys = rem0[:, None, :d] + canon[r_idx[None, :, None], rank[:, None, :d]]  # (P0, d+1, d)
+        batch_id = torch.arange(B, device=dev).repeat_interleave(n)
+        keys = torch.cat([batch_id[:, None, None].expand(-1, d + 1, 1), keys], dim=2).reshape(-1, d + 1)
+        codes = _encode_rows(keys)
+        ucodes, inverse = torch.unique(codes, return_inverse=True)
+        m = ucodes.numel()
+        first = torch.full((m,), keys.shape[0], dtype=torch.int64, device=dev)
+        first.scatter_reduce_(0, inverse, torch.arange(keys.shape[0], device=dev), reduce="amin")
+        vkeys = keys[first]  # (M, 1 + d), sorted by code
+        # neighbours along direction j: +-((d+1) e_j - 1) on the d stored coordinates
+        step = torch.full((d + 1, d), -1, dtype=torch.int64, device=dev)
+        step[torch.arange(d), torch.arange(d)] = d
+        step = torch.cat([torch.zeros(d + 1, 1, dtype=torch.int64, device=dev), step], dim=1)  # batch id fixed
+        queries = torch.stack([vkeys[None] + step[:, None], vkeys[None] - step[:, None]], dim=2)  # (d+1, M, 2, 1+d)
+        all_codes = _encode_rows(torch.cat([vkeys, queries.reshape(-1, d + 1)], 0))
+        vcodes, qcodes = all_codes[:m], all_codes[m:]
+        svc, perm = torch.sort(vcodes)
+        pos = torch.searchsorted(svc, qcodes).clamp_(max=m - 1)
+        found = svc[pos] == qcodes
+        nbr = torch.where(found, perm[pos], torch.full_like(pos, m)).reshape(d + 1, m, 2)
+        self.num_vertices = m
+        self._offsets_t = inverse.reshape(B * n, d + 1)
+        self._bary64_t = bary.contiguous()
+        self._nbr_t = nbr  # index m = the all-zero row
+
+    # ------------------------------------------------------------------ apply
+    def _bary(self, dtype):
+        key = dtype
+        if key not in self._bary_cache:
+            if self.backend == "numba":
+                import numpy as np
+
+                np_dtype = np.float64 if dtype == torch.float64 else np.float32
+                self._bary_cache[key] = self._bary64.astype(np_dtype)
+            else:
+                self._bary_cache[key] = self._bary64_t.to(dtype)
+        return self._bary_cache[key]
+
+    def _check_values(self, values, name: str = "values") -> None:
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, *spatial), got {type(values).__name__}")
+        if not values.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {_describe(values)}")
+        expect = f"(B={self.batch_size}, C, {', '.join(map(str, self.spatial_shape))})"
+        if (
+            values.dim() != 2 + len(self.spatial_shape)
+            or values.shape[0] != self.batch_size
+            or tuple(values.shape[2:]) != self.spatial_shape
+        ):
+            raise ValueError(
+                f"{name} must have shape {expect} to match the lattice's features, got {tuple(values.shape)}"
+            )
+        if values.shape[1] == 0:
+            raise ValueError(f"{name} must have C >= 1 channels, got {tuple(values.shape)}")
+        if values.device != self.device:
+            raise ValueError(
+                f"{name} is on {values.device} but the lattice (features) is on {self.device}; move them to one device"
+            )
+
+    def filter(self, values: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """Gaussian-filter ``values (B, C, *spatial)`` on this lattice; returns the same shape.
+
+        ``reverse=True`` applies the exact transpose (blur directions in reverse order).
+        Differentiable w.r.t. ``values``: the backward pass is the reverse filter on this lattice.
+        """
+        self._check_values(values)
+        return _LatticeFilter.apply(values, self, bool(reverse))
+
+    def _filter_raw(self, values: torch.Tensor, reverse: bool) -> torch.Tensor:
+        B, C = values.shape[0], values.shape[1]
+        n = self.num_points
+        if self.backend == "numba":
+            import numpy as np
+
+            work = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
+            x = values.reshape(B, C, n).to(work).contiguous().numpy()
+            consts = np.array([0.5, self._alpha], dtype=x.dtype)
+            out = _nb.filter_values(
+                x, self._ptr, self._idx, self._bary(work), self._offsets, self._nbr, reverse, consts
+            )
+            return torch.from_numpy(out).to(values.dtype).reshape(values.shape)
+        flat = values.reshape(B, C, n).permute(0, 2, 1).reshape(B * n, C)
+        out = self._filter_torch(flat, reverse)
+        return out.reshape(B, n, C).permute(0, 2, 1).reshape(values.shape).contiguous()
+
+    def _filter_torch(self, flat: torch.Tensor, reverse: bool) -> torch.Tensor:
+        d1 = self.dim + 1
+        m = self.num_vertices
+        C = flat.shape[1]
+        w = self._bary(flat.dtype)  # (P0, d+1)
+        off = self._offsets_t
+        lat = torch.zeros(m + 1, C, dtype=flat.dtype, device=flat.device)
+        lat.index_add_(0, off.reshape(-1), (flat[:, None, :] * w[:, :, None]).reshape(-1, C))
+        order = range(d1 - 1, -1, -1) if reverse else range(d1)
+        for j in order:
+            nb = self._nbr_t[j]
+            new = torch.zeros_like(lat)
+            new[:m] = lat[:m] + 0.5 * (lat[nb[:, 0]] + lat[nb[:, 1]])
+            lat = new
+        return (lat[off] * (w * self._alpha)[:, :, None]).sum(1)
+
+    def __repr__(self) -> str:
+        return (
+            f"PermutohedralLattice(batch_size={self.batch_size}, dim={self.dim}, spatial_shape={self.spatial_shape}, "
+            f"num_vertices={self.num_vertices}, backend={self.backend!r}, device={self.device})"
+        )
+
+
+def _encode_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Injective int64 code of each row of an integer matrix (exact: no hashing, no collisions).
+
+    Packs columns into one integer while they fit in 62 bits; when they would not, the partial code
+    is re-numbered by ``torch.unique`` (dense ranks) first.
+    """
+    mins = rows.amin(0)
+    widths = (rows.amax(0) - mins + 1).tolist()
+    code = torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
+    span = 1
+    for c, w in enumerate(widths):
+        if span * w >= 2**62:
+            uniq, code = torch.unique(code, return_inverse=True)
+            span = uniq.numel()
+        code = code * w + (rows[:, c] - mins[c])
+        span *= w
+    return code
+
+
+class _LatticeFilter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, lattice, reverse):
+        ctx.lattice = lattice
+        ctx.reverse = reverse
+        return lattice._filter_raw(values, reverse)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the filter is linear, its adjoint is the same lattice blurred in the opposite order
+        return _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse), None, None
+
+
+def _check_pair(values, features) -> None:
+    _check_features(features)
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor of shape (B, C, *spatial), got {type(values).__name__}")
+    if not values.is_floating_point():
+        raise TypeError(f"values must be a floating-point tensor, got {_describe(values)}")
+    if values.dim() != features.dim() or values.shape[0] != features.shape[0] or values.shape[2:] != features.shape[2:]:
+        raise ValueError(
+            f"values (B, C, *spatial) and features (B, D, *spatial) must agree in B and spatial shape: "
+            f"values {tuple(values.shape)} vs features {tuple(features.shape)}"
+        )
+    if values.shape[1] == 0:
+        raise ValueError(f"values must have C >= 1 channels, got {tuple(values.shape)}")
+    if values.device != features.device:
+        raise ValueError(f"values is on {values.device} but features is on {features.device}")
+
+
+def permutohedral_filter(
+    values: torch.Tensor,
+    features: torch.Tensor,
+    normalize: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """One-shot lattice build + filter: ``values (B, C, *spatial)``, ``features (B, D, *spatial)``.
+
+    ``normalize=True`` divides by the filter's response to ones (a weighted average, self included).
+    Differentiable w.r.t. ``values`` only. To filter several value tensors with the same features,
+    build a :class:`PermutohedralLattice` once instead.
+    """
+    _check_pair(values, features)
+    lattice = PermutohedralLattice(features, backend=backend)
+    out = lattice.filter(values)
+    if normalize:
+        ones = torch.ones((values.shape[0], 1) + tuple(values.shape[2:]), dtype=values.dtype, device=values.device)
+        out = out / lattice.filter(ones)
+    return out
+
+
+def dense_gaussian_filter(
+    values: torch.Tensor,
+    features: torch.Tensor,
+    normalize: bool = False,
+    *,
+    block_size: int = 2048,
+) -> torch.Tensor:
+    r"""Exact O(N²) Gaussian filter :math:`\sum_j \exp(-\frac12\|f_i-f_j\|^2) v_j` (self included).
+
+    The slow twin of :class:`PermutohedralLattice` and its test oracle: for **small inputs only**
+    (N = prod(spatial) up to a few thousand; it forms ``block_size x N`` kernel blocks).
+    ``values (B, C, *spatial)``, ``features (B, D, *spatial)``; differentiable w.r.t. both.
+    ``normalize=True`` divides by the response to ones.
+    """
+    _check_pair(values, features)
+    B, C = values.shape[:2]
+    D = features.shape[1]
+    n = values[0, 0].numel()
+    dtype = torch.promote_types(values.dtype, features.dtype)
+    f = features.reshape(B, D, n).transpose(1, 2).to(dtype)  # (B, N, D)
+    v = values.reshape(B, C, n).transpose(1, 2).to(dtype)  # (B, N, C)
+    outs, norms = [], []
+    for s in range(0, n, block_size):
+        fb = f[:, s : s + block_size]
+        sq = _sqdist(fb, f)
+        k = torch.exp(-0.5 * sq)  # (B, b, N)
+        outs.append(k @ v)
+        if normalize:
+            norms.append(k.sum(-1, keepdim=True))
+    out = torch.cat(outs, 1)
+    if normalize:
+        out = out / torch.cat(norms, 1)
+    return out.transpose(1, 2).reshape(values.shape).to(values.dtype)
+
+
+def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # exact squared distances without the |a|^2+|b|^2-2ab cancellation: accumulate per coordinate
+    sq = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
+    for c in range(a.shape[2]):
+        sq = sq + (a[:, :, None, c] - b[:, None, :, c]) ** 2
+    return sq

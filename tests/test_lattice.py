@@ -1,0 +1,252 @@
+"""The permutohedral lattice against independent references: the exact O(N^2) filter, adjoint
+identities, linearity, batch independence, cross-backend agreement and gradcheck."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crfrnn import PermutohedralLattice, available_backends, dense_gaussian_filter, permutohedral_filter
+from conftest import DEVICES, crop, grid_features, voc_pairs
+
+BACKENDS = available_backends()
+
+
+def _corr(a, b):
+    return float(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1])
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_dense_filter_matches_naive_double_loop():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g)
+    v = torch.randn(2, 2, 4, 5, dtype=torch.float64, generator=g)
+    got = dense_gaussian_filter(v, f, block_size=7)
+    got_n = dense_gaussian_filter(v, f, normalize=True)
+    fb = f.reshape(2, 3, -1)
+    vb = v.reshape(2, 2, -1)
+    ref = torch.zeros_like(vb)
+    norm = torch.zeros(2, 1, 20, dtype=torch.float64)
+    for b in range(2):
+        for i in range(20):
+            for j in range(20):
+                k = math.exp(-0.5 * float(((fb[b, :, i] - fb[b, :, j]) ** 2).sum()))
+                ref[b, :, i] += k * vb[b, :, j]
+                norm[b, 0, i] += k
+    torch.testing.assert_close(got, ref.reshape(v.shape), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_n, (ref / norm).reshape(v.shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kernel", [(80.0, 13.0), (160.0, 3.0), (3.0, None)], ids=["bil80-13", "bil160-3", "spatial3"])
+def test_normalized_filter_close_to_exact_on_real_images(backend, kernel):
+    sxy, srgb = kernel
+    for name, img, mask in voc_pairs(count=3):
+        im = torch.from_numpy(crop(img, 60, 80).copy()).permute(2, 0, 1).double()
+        lab = torch.from_numpy(crop(mask, 60, 80).astype(np.int64))
+        lab[lab == 255] = 0
+        onehot = torch.nn.functional.one_hot(lab, 21).permute(2, 0, 1).double()
+        present = onehot.sum((1, 2)) > 0
+        # values: the ground-truth label maps (what mean-field filters) plus the image itself
+        v = torch.cat([onehot[present], im / 255.0], 0)[None]
+        f = grid_features(im, sxy, srgb)
+        exact = dense_gaussian_filter(v, f, normalize=True)
+        approx = permutohedral_filter(v, f, normalize=True, backend=backend)
+        assert _corr(approx, exact) >= 0.97, name
+        assert _rel(approx, exact) <= 0.05, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [1, 2, 5, 16])
+def test_adjoint_identity_and_linearity(backend, dim):
+    g = torch.Generator().manual_seed(dim)
+    f = torch.randn(2, dim, 9, 11, dtype=torch.float64, generator=g) * 2
+    lat = PermutohedralLattice(f, backend=backend)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=g)
+    y = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=g)
+    fx = lat.filter(x)
+    fty = lat.filter(y, reverse=True)
+    lhs, rhs = float((fx * y).sum()), float((x * fty).sum())
+    assert abs(lhs - rhs) <= 1e-5 * max(abs(lhs), abs(rhs))
+    a, b = 0.7, -1.9
+    torch.testing.assert_close(lat.filter(a * x + b * y), a * fx + b * lat.filter(y), rtol=1e-10, atol=1e-10)
+    assert torch.isfinite(fx).all() and fx.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_is_the_transpose_not_the_forward(backend):
+    # with D >= 2 the blur order matters: an operator equal to its own transpose would pass the
+    # adjoint test for the wrong reason, so check forward != reverse while <Fx,y> = <x,F^T y>.
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(1, 3, 10, 10, dtype=torch.float64, generator=g)
+    lat = PermutohedralLattice(f, backend=backend)
+    x = torch.randn(1, 1, 10, 10, dtype=torch.float64, generator=g)
+    assert (lat.filter(x) - lat.filter(x, reverse=True)).abs().max() > 1e-8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_independence(backend):
+    (_, img0, _), (_, img1, _) = voc_pairs(count=2)
+    ims = [torch.from_numpy(crop(i, 40, 50).copy()).permute(2, 0, 1).float() for i in (img0, img1)]
+    f = torch.cat([grid_features(im, 20.0, 13.0) for im in ims], 0)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 4, 40, 50, generator=g)
+    batched = permutohedral_filter(v, f, normalize=True, backend=backend)
+    for b in range(2):
+        alone = permutohedral_filter(v[b : b + 1], f[b : b + 1], normalize=True, backend=backend)
+        torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-5, atol=1e-6)
+    # changing image 1's values leaves image 0's output untouched
+    v2 = v.clone()
+    v2[1] = 100.0
+    lat = PermutohedralLattice(f, backend=backend)
+    assert torch.equal(lat.filter(v)[0], lat.filter(v2)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backends_agree(dtype):
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not available")
+    _, img, _ = voc_pairs(count=1, start=5)[0]
+    im = torch.from_numpy(crop(img, 70, 90).copy()).permute(2, 0, 1).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(1, 7, 70, 90, generator=g, dtype=dtype)
+    for sxy, srgb in [(80.0, 13.0), (3.0, None)]:
+        f = grid_features(im, sxy, srgb)
+        a = PermutohedralLattice(f, backend="numba")
+        b = PermutohedralLattice(f, backend="torch")
+        assert a.num_vertices == b.num_vertices
+        for rev in (False, True):
+            torch.testing.assert_close(a.filter(v, reverse=rev), b.filter(v, reverse=rev), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=g)
+    lat = PermutohedralLattice(f, backend=backend)
+    v = torch.randn(2, 2, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: lat.filter(x), (v,))
+    assert torch.autograd.gradcheck(lambda x: lat.filter(x, reverse=True), (v,))
+    assert torch.autograd.gradcheck(lambda x: permutohedral_filter(x, f, normalize=True, backend=backend), (v,))
+    assert torch.autograd.gradgradcheck(lambda x: lat.filter(x) ** 2, (v,))
+
+
+def test_backward_reuses_the_lattice(monkeypatch):
+    builds = []
+    orig = PermutohedralLattice.__init__
+
+    def counting(self, *a, **k):
+        builds.append(1)
+        orig(self, *a, **k)
+
+    monkeypatch.setattr(PermutohedralLattice, "__init__", counting)
+    f = torch.randn(1, 2, 6, 6)
+    lat = PermutohedralLattice(f)
+    v = torch.randn(1, 3, 6, 6, requires_grad=True)
+    out = v
+    for _ in range(5):
+        out = lat.filter(out)
+    out.sum().backward()
+    assert len(builds) == 1 and v.grad is not None and torch.isfinite(v.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_volume_and_extreme_dims(backend):
+    g = torch.Generator().manual_seed(0)
+    # 3-D volume, spatial-only features (z, y, x)/2: compare with the exact filter
+    z, y, x = torch.meshgrid(*(torch.arange(s, dtype=torch.float64) for s in (6, 7, 8)), indexing="ij")
+    f3 = torch.stack([z, y, x])[None] / 2.0
+    v3 = torch.rand(1, 2, 6, 7, 8, dtype=torch.float64, generator=g)
+    out3 = permutohedral_filter(v3, f3, normalize=True, backend=backend)
+    ex3 = dense_gaussian_filter(v3, f3, normalize=True)
+    assert out3.shape == v3.shape
+    assert _corr(out3, ex3) >= 0.97 and _rel(out3, ex3) <= 0.05
+    # D = 1: a 1-D signal (B, 1, N)
+    f1 = torch.arange(50, dtype=torch.float64)[None, None] / 3.0
+    v1 = torch.rand(2, 3, 50, dtype=torch.float64, generator=g)
+    out1 = permutohedral_filter(v1, f1.expand(2, 1, 50), normalize=True, backend=backend)
+    ex1 = dense_gaussian_filter(v1, f1.expand(2, 1, 50), normalize=True)
+    assert _corr(out1, ex1) >= 0.97 and _rel(out1, ex1) <= 0.05
+    # D = 16: works, finite, sensible normalised averages of positive values lie inside their range
+    f16 = torch.randn(1, 16, 12, 12, generator=g) * 0.5
+    v16 = torch.rand(1, 2, 12, 12, generator=g) + 1.0
+    out16 = permutohedral_filter(v16, f16, normalize=True, backend=backend)
+    assert out16.shape == v16.shape and torch.isfinite(out16).all()
+    assert out16.min() >= 1.0 - 1e-4 and out16.max() <= 2.0 + 1e-4
+    assert _corr(out16, dense_gaussian_filter(v16, f16, normalize=True)) > 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtype_and_device_follow_inputs(backend):
+    f = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    lat = PermutohedralLattice(f, backend=backend)
+    for dt in (torch.float32, torch.float64):
+        out = lat.filter(torch.ones(1, 1, 5, 5, dtype=dt))
+        assert out.dtype == dt and out.device == f.device
+    v = torch.randn(1, 2, 5, 5)
+    before = v.clone()
+    permutohedral_filter(v, f.float(), normalize=True, backend=backend)
+    assert torch.equal(v, before)  # no in-place edits of the caller's tensor
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"] or ["cuda"])
+def test_cuda_matches_cpu(device):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _, img, _ = voc_pairs(count=1)[0]
+    im = torch.from_numpy(crop(img, 60, 80).copy()).permute(2, 0, 1).float()
+    f = grid_features(im, 80.0, 13.0)
+    v = torch.rand(1, 5, 60, 80)
+    cpu = permutohedral_filter(v, f, normalize=True)
+    gpu = permutohedral_filter(v.to(device), f.to(device), normalize=True)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+    vg = v.to(device).requires_grad_()
+    permutohedral_filter(vg, f.to(device)).sum().backward()
+    assert vg.grad.device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------- bad input
+def _raises(exc, match, fn):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_bad_features():
+    _raises(TypeError, "features must be a torch.Tensor", lambda: PermutohedralLattice(np.zeros((1, 2, 3, 3))))
+    _raises(TypeError, r"features must be a floating-point.*torch.int64", lambda: PermutohedralLattice(torch.zeros(1, 2, 3, 3, dtype=torch.long)))
+    _raises(ValueError, r"D=0.*\(1, 0, 3, 3\)", lambda: PermutohedralLattice(torch.zeros(1, 0, 3, 3)))
+    _raises(ValueError, r"features is empty.*\(0, 2, 3, 3\)", lambda: PermutohedralLattice(torch.zeros(0, 2, 3, 3)))
+    _raises(ValueError, r"features is empty.*\(1, 2, 0, 3\)", lambda: PermutohedralLattice(torch.zeros(1, 2, 0, 3)))
+    _raises(ValueError, r"\(B, D, \*spatial\).*\(2, 3\)", lambda: PermutohedralLattice(torch.zeros(2, 3)))
+    bad = torch.zeros(1, 2, 3, 3)
+    bad[0, 1, 2, 2] = float("nan")
+    _raises(ValueError, "features contains NaN or infinite", lambda: PermutohedralLattice(bad))
+    bad[0, 1, 2, 2] = float("inf")
+    _raises(ValueError, "features contains NaN or infinite", lambda: PermutohedralLattice(bad))
+    _raises(ValueError, "too large a range", lambda: PermutohedralLattice(torch.full((1, 2, 2, 2), 1e12)))
+    _raises(ValueError, "backend must be one of", lambda: PermutohedralLattice(torch.zeros(1, 2, 3, 3), backend="cuda"))
+
+
+def test_bad_values():
+    lat = PermutohedralLattice(torch.zeros(2, 2, 3, 4))
+    _raises(ValueError, r"values must have shape \(B=2, C, 3, 4\).*\(1, 1, 3, 4\)", lambda: lat.filter(torch.zeros(1, 1, 3, 4)))
+    _raises(ValueError, r"values must have shape .*\(2, 1, 4, 3\)", lambda: lat.filter(torch.zeros(2, 1, 4, 3)))
+    _raises(ValueError, r"C >= 1.*\(2, 0, 3, 4\)", lambda: lat.filter(torch.zeros(2, 0, 3, 4)))
+    _raises(TypeError, r"values must be a floating-point.*torch.int32", lambda: lat.filter(torch.zeros(2, 1, 3, 4, dtype=torch.int32)))
+    _raises(TypeError, "values must be a torch.Tensor", lambda: lat.filter([1.0]))
+    _raises(ValueError, r"values \(B, C, \*spatial\) and features.*\(1, 3, 3, 4\) vs features \(2, 2, 3, 4\)",
+            lambda: permutohedral_filter(torch.zeros(1, 3, 3, 4), torch.zeros(2, 2, 3, 4)))
+    _raises(ValueError, r"\(2, 3, 5, 4\) vs features \(2, 2, 3, 4\)",
+            lambda: dense_gaussian_filter(torch.zeros(2, 3, 5, 4), torch.zeros(2, 2, 3, 4)))
+    _raises(TypeError, r"values must be a floating-point",
+            lambda: permutohedral_filter(torch.zeros(2, 3, 3, 4, dtype=torch.long), torch.zeros(2, 2, 3, 4)))
+    if torch.cuda.is_available():
+        _raises(ValueError, "cuda", lambda: lat.filter(torch.zeros(2, 1, 3, 4, device="cuda")))
+    meta = torch.zeros(2, 1, 3, 4, device="meta")
+    _raises(ValueError, r"values is on meta but the lattice \(features\) is on cpu", lambda: lat.filter(meta))
+    _raises(ValueError, "values is on meta but features is on cpu",
+            lambda: permutohedral_filter(meta, torch.zeros(2, 2, 3, 4)))

@@ -86,6 +86,16 @@ def _check_features(features) -> None:
         raise ValueError(f"features contains NaN or infinite values ({_describe(features)})")
 
 
+def _check_mask(mask, features, name: str = "mask") -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, 1, *spatial), got {type(mask).__name__}")
+    want = (features.shape[0], 1) + tuple(features.shape[2:])
+    if tuple(mask.shape) != want:
+        raise ValueError(f"{name} must have shape (B, 1, *spatial) = {want}, got {tuple(mask.shape)}")
+    if mask.device != features.device:
+        raise ValueError(f"{name} is on {mask.device} but the features are on {features.device}")
+
+
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend is None:
         return "numba" if (device.type == "cpu" and _HAVE_NUMBA) else "torch"
@@ -111,14 +121,19 @@ class PermutohedralLattice:
         features: ``(B, D, *spatial)`` floating tensor, already divided by the kernel's standard
             deviations. Any number of spatial axes (2-D images, 3-D volumes, 1-D signals); ``D >= 1``.
         backend: ``None`` (``"numba"`` on CPU, ``"torch"`` elsewhere), ``"numba"`` or ``"torch"``.
+        mask: optional ``(B, 1, *spatial)`` boolean tensor; points where it is False are left out of the
+            lattice entirely (they neither send nor receive: their output is 0). Used for padded
+            canvases: a padded image filters exactly like the unpadded one inside the mask.
 
     Attributes:
         batch_size, dim (D), spatial_shape, num_points (per image), num_vertices (all images),
         device, backend.
     """
 
-    def __init__(self, features: torch.Tensor, *, backend: Optional[str] = None):
+    def __init__(self, features: torch.Tensor, *, backend: Optional[str] = None, mask: Optional[torch.Tensor] = None):
         _check_features(features)
+        if mask is not None:
+            _check_mask(mask, features)
         self.backend = _resolve_backend(backend, features.device)
         self.device = features.device
         self.batch_size = int(features.shape[0])
@@ -128,6 +143,13 @@ class PermutohedralLattice:
         d = self.dim
         with torch.no_grad():
             f = features.detach().to(torch.float64).reshape(self.batch_size, d, self.num_points)
+            valid = None
+            if mask is not None:
+                valid = mask.reshape(self.batch_size, self.num_points) != 0
+                empty = (~valid.any(1)).nonzero().flatten().tolist()
+                if empty:
+                    raise ValueError(f"mask excludes every pixel of image(s) {empty} of the batch (mask {tuple(mask.shape)})")
+                f = torch.where(valid[:, None, :], f, torch.zeros((), dtype=f.dtype, device=f.device))
             scale = _scale_factors(d).to(f.device)
             bound = (f.abs().amax(dim=(0, 2)) * scale).sum() * (d + 1)
             if float(bound) >= _MAX_ELEVATED:
@@ -138,12 +160,12 @@ class PermutohedralLattice:
             self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
             self._bary_cache = {}
             if self.backend == "numba":
-                self._build_numba(f, scale)
+                self._build_numba(f, scale, valid)
             else:
-                self._build_torch(f, scale)
+                self._build_torch(f, scale, valid)
 
     # ------------------------------------------------------------------ builds
-    def _build_numba(self, f: torch.Tensor, scale: torch.Tensor) -> None:
+    def _build_numba(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
         import numpy as np
 
         d, n = self.dim, self.num_points
@@ -152,10 +174,18 @@ class PermutohedralLattice:
         base = 0
         for b in range(self.batch_size):
             pts = np.ascontiguousarray(f[b].T.numpy())  # (N, d)
-            keys, bary = _nb.elevate(pts, sc)
-            off, vkeys, table = _nb.insert(keys.reshape(n * (d + 1), d))
+            keep = None if valid is None or bool(valid[b].all()) else valid[b].numpy().nonzero()[0]
+            keys, bary = _nb.elevate(pts if keep is None else pts[keep], sc)
+            off, vkeys, table = _nb.insert(keys.reshape(-1, d))
             nbrs.append(_nb.neighbours(vkeys, table, base))
-            offsets.append(off + np.int32(base))
+            off = off + np.int32(base)
+            if keep is not None:  # left-out points: weight 0 on this image's first vertex
+                full_off = np.full((n, d + 1), base, dtype=np.int32)
+                full_bary = np.zeros((n, d + 1), dtype=np.float64)
+                full_off[keep] = off.reshape(-1, d + 1)
+                full_bary[keep] = bary
+                off, bary = full_off.reshape(-1), full_bary
+            offsets.append(off)
             barys.append(bary.reshape(-1))
             base += vkeys.shape[0]
         self.num_vertices = base
@@ -164,10 +194,14 @@ class PermutohedralLattice:
         self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
         self._ptr, self._idx = _nb.splat_csr(self._offsets, base)
 
-    def _build_torch(self, f: torch.Tensor, scale: torch.Tensor) -> None:
+    def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
         d, B, n = self.dim, self.batch_size, self.num_points
         dev = f.device
         pts = f.permute(0, 2, 1).reshape(B * n, d)  # (P0, d)
+        batch_id = torch.arange(B, device=dev).repeat_interleave(n)
+        keep = None if valid is None or bool(valid.all()) else valid.reshape(-1).nonzero().flatten()
+        if keep is not None:
+            pts, batch_id = pts[keep], batch_id[keep]
         cf = pts * scale
         # elevated[0] = sum_i cf_i ; elevated[j] = sum_{i>=j} cf_i - j * cf_{j-1}
         rc = torch.flip(torch.cumsum(torch.flip(cf, [1]), 1), [1])
@@ -202,7 +236,6 @@ class PermutohedralLattice:
         # canonical[r, k] = r if k <= d - r else r - (d+1)
         canon = torch.where(r_idx[None, :] <= d - r_idx[:, None], r_idx[:, None], r_idx[:, None] - (d + 1))
         keys = rem0[:, None, :d] + canon[r_idx[None, :, None], rank[:, None, :d]]  # (P0, d+1, d)
-        batch_id = torch.arange(B, device=dev).repeat_interleave(n)
         keys = torch.cat([batch_id[:, None, None].expand(-1, d + 1, 1), keys], dim=2).reshape(-1, d + 1)
         codes = _encode_rows(keys)
         ucodes, inverse = torch.unique(codes, return_inverse=True)
@@ -222,7 +255,14 @@ class PermutohedralLattice:
         found = svc[pos] == qcodes
         nbr = torch.where(found, perm[pos], torch.full_like(pos, m)).reshape(d + 1, m, 2)
         self.num_vertices = m
-        self._offsets_t = inverse.reshape(B * n, d + 1)
+        offsets = inverse.reshape(-1, d + 1)
+        if keep is not None:  # left-out points: weight 0 on vertex 0
+            full_off = torch.zeros(B * n, d + 1, dtype=torch.int64, device=dev)
+            full_bary = torch.zeros(B * n, d + 1, dtype=torch.float64, device=dev)
+            full_off[keep] = offsets
+            full_bary[keep] = bary
+            offsets, bary = full_off, full_bary
+        self._offsets_t = offsets
         self._bary64_t = bary.contiguous()
         self._nbr_t = nbr  # index m = the all-zero row
 
@@ -403,9 +443,7 @@ def dense_gaussian_filter(
     v = values.reshape(B, C, n).transpose(1, 2).to(dtype)  # (B, N, C)
     outs, norms = [], []
     for s in range(0, n, block_size):
-        fb = f[:, s : s + block_size]
-        sq = _sqdist(fb, f)
-        k = torch.exp(-0.5 * sq)  # (B, b, N)
+        k = torch.exp(-0.5 * _sqdist(f[:, s : s + block_size], f))  # (B, b, N)
         outs.append(k @ v)
         if normalize:
             norms.append(k.sum(-1, keepdim=True))
@@ -413,6 +451,14 @@ def dense_gaussian_filter(
     if normalize:
         out = out / torch.cat(norms, 1)
     return out.transpose(1, 2).reshape(values.shape).to(values.dtype)
+
+
+def dense_gaussian_kernel(features: torch.Tensor) -> torch.Tensor:
+    """The exact kernel matrix ``K[b, i, j] = exp(-|f_i - f_j|^2 / 2)``, ``(B, N, N)`` (small inputs only)."""
+    _check_features(features)
+    B, D = features.shape[:2]
+    f = features.reshape(B, D, -1).transpose(1, 2)
+    return torch.exp(-0.5 * _sqdist(f, f))
 
 
 def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

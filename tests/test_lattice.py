@@ -250,3 +250,28 @@ def test_bad_values():
     _raises(ValueError, r"values is on meta but the lattice \(features\) is on cpu", lambda: lat.filter(meta))
     _raises(ValueError, "values is on meta but features is on cpu",
             lambda: permutohedral_filter(meta, torch.zeros(2, 2, 3, 4)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_makes_padding_invisible(backend):
+    _, img, _ = voc_pairs(count=1, start=2)[0]
+    im = torch.from_numpy(crop(img, 40, 50).copy()).permute(2, 0, 1).double()
+    f = grid_features(im, 10.0, 13.0)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(1, 3, 40, 50, dtype=torch.float64, generator=g)
+    ref = permutohedral_filter(v, f, backend=backend)
+    # pad to 48 x 64 with garbage features/values in the padding; the mask removes them
+    fp = torch.randn(1, 5, 48, 64, dtype=torch.float64, generator=g) * 5
+    vp = torch.rand(1, 3, 48, 64, dtype=torch.float64, generator=g) * 9
+    fp[..., 3:43, 7:57] = f
+    vp[..., 3:43, 7:57] = v
+    mask = torch.zeros(1, 1, 48, 64, dtype=torch.bool)
+    mask[..., 3:43, 7:57] = True
+    lat = PermutohedralLattice(fp, backend=backend, mask=mask)
+    out = lat.filter(vp)
+    torch.testing.assert_close(out[..., 3:43, 7:57], ref, rtol=1e-10, atol=1e-12)
+    assert float(out[~mask.expand_as(out)].abs().max()) == 0.0
+    _raises(ValueError, r"mask must have shape \(B, 1, \*spatial\) = \(1, 1, 48, 64\), got \(1, 1, 48, 63\)",
+            lambda: PermutohedralLattice(fp, mask=mask[..., :63]))
+    _raises(ValueError, r"mask excludes every pixel of image\(s\) \[0\]",
+            lambda: PermutohedralLattice(fp, mask=torch.zeros_like(mask)))

@@ -1,0 +1,397 @@
+r"""Mean-field inference in a fully connected CRF, unrolled as an RNN (CRF-RNN, Zheng et al. 2015).
+
+The energy of a labelling :math:`x` is :math:`E(x) = \sum_i \psi_u(x_i) + \sum_{i<j} \psi_p(x_i, x_j)` with
+:math:`\psi_p(x_i, x_j) = \mu(x_i, x_j) \sum_m w^{(m)} k^{(m)}(f_i, f_j)` and two Gaussian kernels:
+
+* spatial (the paper's "smoothness" kernel), std :math:`\theta_\gamma` on positions;
+* bilateral ("appearance") kernel, stds :math:`\theta_\alpha` on positions and :math:`\theta_\beta` on colour.
+
+Conventions (the paper's and the official Caffe/Keras code's):
+
+* ``unary`` is **logits** :math:`U = -\psi_u` (e.g. the CNN's scores), shape ``(B, L, *spatial)``; the
+  output is refined logits of the same shape (apply ``softmax`` for marginals, ``argmax`` for labels).
+* One iteration (Algorithm 1 of the paper)::
+
+      Q   = softmax(logits)                                    # logits = unary at t = 0
+      m_s = filter_spatial(Q) / filter_spatial(1)              # message passing, pixel itself included,
+      m_b = filter_bilateral(Q) / filter_bilateral(1)          #   normalised by the response to ones
+      msg = W_s @ m_s + W_b @ m_b                              # per-class kernel weights (L x L)
+      logits = unary - compatibility @ msg                     # compatibility transform, add unary
+
+  ``@`` acts on the label axis. This is exactly the official code's message passing (which divides
+  by the lattice's response to ones, pixel included).
+* ``compatibility`` is the label compatibility :math:`\mu(l, l')`, a *penalty*: Potts is
+  ``1 - I`` in the paper's energy and ``-I`` in the official code; the two differ by a constant per
+  pixel that softmax removes, so they give identical outputs. We initialise to ``-I`` as the official
+  code does, so its ``compatibility_matrix`` loads unchanged. The official *PyTorch* port (and
+  anything that computes ``logits + C @ msg``) stores ``C = -compatibility``.
+* pydensecrf: ``addPairwiseGaussian(sxy=θγ, compat=w)`` / ``addPairwiseBilateral(sxy=θα, srgb=θβ,
+  compat=w)`` with a number ``w`` correspond to kernel weight ``w`` and Potts compatibility here (its
+  default normalisation, ``NORMALIZE_SYMMETRIC``, differs slightly; see :mod:`crfrnn.densecrf` for an
+  exact drop-in).
+* Colour scale: ``image`` is used as given; for RGB pass 0..255 values, the scale θβ = 3 (VOC) and
+  pydensecrf's ``srgb`` assume.
+
+Both kernels' lattices are built once per call and reused by every iteration and the backward pass.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .lattice import PermutohedralLattice, _check_mask, dense_gaussian_kernel
+
+__all__ = ["mean_field", "CrfRnn", "crf_features"]
+
+Weight = Union[float, torch.Tensor]
+_METHODS = ("permutohedral", "exact")
+
+
+# ----------------------------------------------------------------------------- validation
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}"
+
+
+def _check_inputs(unary, image, valid_mask) -> None:
+    if not isinstance(unary, torch.Tensor):
+        raise TypeError(f"unary must be a torch.Tensor of logits (B, L, *spatial), got {type(unary).__name__}")
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor (B, K, *spatial), got {type(image).__name__}")
+    if not unary.is_floating_point():
+        raise TypeError(f"unary must be floating-point logits, got {_describe(unary)}")
+    if image.dtype == torch.bool or image.is_complex():
+        raise TypeError(f"image must be a real-valued tensor (float, or uint8 for RGB 0..255), got {_describe(image)}")
+    if unary.dim() < 3:
+        raise ValueError(f"unary must have shape (B, L, *spatial), got {tuple(unary.shape)}")
+    if unary.shape[1] < 2:
+        raise ValueError(f"unary must have L >= 2 labels on axis 1, got L={unary.shape[1]} ({tuple(unary.shape)})")
+    if unary.numel() == 0:
+        raise ValueError(f"unary is empty: {tuple(unary.shape)}")
+    if image.dim() != unary.dim() or image.shape[0] != unary.shape[0] or image.shape[2:] != unary.shape[2:]:
+        raise ValueError(
+            f"image (B, K, *spatial) must match unary (B, L, *spatial) in B and spatial shape: "
+            f"image {tuple(image.shape)} vs unary {tuple(unary.shape)}"
+        )
+    if image.shape[1] == 0:
+        raise ValueError(f"image must have K >= 1 channels, got {tuple(image.shape)}")
+    if image.device != unary.device:
+        raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
+    if not bool(torch.isfinite(unary).all()):
+        raise ValueError(f"unary contains NaN or infinite values ({_describe(unary)})")
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError(f"image contains NaN or infinite values ({_describe(image)})")
+    if valid_mask is not None:
+        _check_mask(valid_mask, unary, name="valid_mask")
+
+
+def _positive(name: str, value) -> None:
+    vals = value if isinstance(value, (list, tuple)) else [value]
+    for v in vals:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a positive number, got {value!r}")
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be positive and finite, got {value!r}")
+
+
+def _as_weight(name: str, w: Weight, L: int, ref: torch.Tensor) -> torch.Tensor:
+    """A kernel weight / compatibility as a tensor of shape (), (L,) or (L, L) on ``ref``'s device."""
+    if isinstance(w, torch.Tensor):
+        if not w.is_floating_point():
+            raise TypeError(f"{name} must be a float scalar or tensor, got {_describe(w)}")
+        t = w
+    elif isinstance(w, numbers.Real) and not isinstance(w, bool):
+        t = torch.tensor(float(w))
+    else:
+        raise TypeError(f"{name} must be a number or a float tensor, got {type(w).__name__}")
+    if tuple(t.shape) not in ((), (L,), (L, L)):
+        raise ValueError(f"{name} must be a scalar, an (L,) vector or an (L, L) matrix with L={L}, got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return t.to(device=ref.device, dtype=ref.dtype)
+
+
+def _apply_labels(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Apply a weight on the label axis of ``x (B, L, *spatial)``: scalar, diagonal (L,) or matrix (L, L)."""
+    if w.dim() == 0:
+        return w * x
+    if w.dim() == 1:
+        return w.view((1, -1) + (1,) * (x.dim() - 2)) * x
+    B, L = x.shape[:2]
+    return torch.matmul(w.to(x.dtype), x.reshape(B, L, -1)).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- features
+def crf_features(
+    image: torch.Tensor,
+    theta_alpha: float,
+    theta_beta: Union[float, Sequence[float]],
+    theta_gamma: float,
+    spacing: Optional[Sequence[float]] = None,
+    dtype: Optional[torch.dtype] = None,
+    valid_mask: Optional[torch.Tensor] = None,
+):
+    """Features of the two kernels: ``(bilateral (B, S+K, *spatial), spatial (B, S, *spatial))``.
+
+    Positions are pixel indices along each of the ``S`` spatial axes (times ``spacing``, for anisotropic
+    volumes), divided by θα (bilateral) or θγ (spatial); the ``K`` image channels are divided by θβ
+    (a number or one value per channel). With a ``valid_mask (B, 1, *spatial)`` positions count from
+    the first valid index of each image along each axis, so padding on any side leaves the features
+    of the valid pixels (and hence the lattice, which is not translation invariant) unchanged.
+    """
+    B, K = image.shape[:2]
+    spatial = tuple(image.shape[2:])
+    dtype = dtype or (image.dtype if image.is_floating_point() else torch.float32)
+    if spacing is None:
+        spacing = (1.0,) * len(spatial)
+    spacing = tuple(spacing)
+    if len(spacing) != len(spatial):
+        raise ValueError(f"spacing must have one entry per spatial axis ({len(spatial)}), got {spacing}")
+    _positive("spacing", spacing)
+    axes = [torch.arange(s, dtype=dtype, device=image.device) * sp for s, sp in zip(spatial, spacing)]
+    pos = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(B, -1, *spatial)
+    if valid_mask is not None:
+        v = (valid_mask != 0).reshape(B, *spatial)
+        origin = []
+        for a, (s, sp) in enumerate(zip(spatial, spacing)):
+            other = tuple(i for i in range(1, len(spatial) + 1) if i != a + 1)
+            hit = v.any(dim=other) if other else v  # (B, s)
+            first = torch.where(hit, torch.arange(s, device=image.device), s).amin(1)
+            origin.append(first.to(dtype) * sp)
+        pos = pos - torch.stack(origin, 1).view(B, len(spatial), *([1] * len(spatial)))
+    tb = torch.as_tensor(theta_beta, dtype=dtype, device=image.device).reshape(-1)
+    if tb.numel() not in (1, K):
+        raise ValueError(f"theta_beta must be a number or have one value per image channel (K={K}), got {theta_beta!r}")
+    colour = image.to(dtype) / tb.view(1, -1, *([1] * len(spatial)))
+    return torch.cat([pos / theta_alpha, colour], 1), pos / theta_gamma
+
+
+class _Kernel:
+    """One Gaussian kernel, built once: ``__call__(Q)`` returns the normalised message (B, L, *spatial)."""
+
+    def __init__(self, features, method, backend, valid_mask, dtype):
+        B = features.shape[0]
+        ones = torch.ones((B, 1) + tuple(features.shape[2:]), dtype=dtype, device=features.device)
+        if valid_mask is not None:
+            ones = (valid_mask != 0).to(dtype)
+        if method == "permutohedral":
+            self.lattice = PermutohedralLattice(features, backend=backend, mask=valid_mask)
+            self.matrix = None
+            norm = self.lattice.filter(ones)
+        else:  # the exact O(N^2) kernel matrix, masked rows and columns removed
+            w = ones.reshape(B, 1, -1)
+            self.matrix = dense_gaussian_kernel(features).to(dtype) * w * w.transpose(1, 2)
+            norm = self.matrix.sum(-1).reshape(ones.shape)
+        if valid_mask is not None:
+            norm = torch.where(valid_mask != 0, norm, torch.ones((), dtype=dtype, device=norm.device))
+        self.inv_norm = 1.0 / norm
+
+    def __call__(self, q):
+        if self.matrix is None:
+            out = self.lattice.filter(q)
+        else:
+            B, L = q.shape[:2]
+            out = torch.matmul(q.reshape(B, L, -1), self.matrix.transpose(1, 2)).reshape(q.shape)
+        return out * self.inv_norm
+
+
+def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations, valid_mask):
+    """The RNN: ``spatial_w``, ``bilateral_w``, ``compat`` are per-iteration lists of weights."""
+    k_spatial, k_bilateral = kernels
+    logits = unary
+    for t in range(num_iterations):
+        q = torch.softmax(logits, dim=1)
+        msg = _apply_labels(spatial_w[t], k_spatial(q)) + _apply_labels(bilateral_w[t], k_bilateral(q))
+        logits = unary - _apply_labels(compat[t], msg)
+    if valid_mask is not None and num_iterations > 0:
+        logits = torch.where(valid_mask != 0, logits, unary)
+    return logits
+
+
+def _build_kernels(image, theta_alpha, theta_beta, theta_gamma, spacing, method, backend, valid_mask, dtype):
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    _positive("theta_alpha", theta_alpha)
+    _positive("theta_gamma", theta_gamma)
+    _positive("theta_beta", list(theta_beta) if isinstance(theta_beta, (list, tuple)) else theta_beta)
+    with torch.no_grad():
+        bil, spa = crf_features(image.detach(), theta_alpha, theta_beta, theta_gamma, spacing, valid_mask=valid_mask)
+    return (
+        _Kernel(spa, method, backend, valid_mask, dtype),
+        _Kernel(bil, method, backend, valid_mask, dtype),
+    )
+
+
+def mean_field(
+    unary: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    theta_alpha: float = 160.0,
+    theta_beta: Union[float, Sequence[float]] = 3.0,
+    theta_gamma: float = 3.0,
+    spatial_weight: Weight = 3.0,
+    bilateral_weight: Weight = 5.0,
+    compatibility: Optional[torch.Tensor] = None,
+    num_iterations: int = 10,
+    valid_mask: Optional[torch.Tensor] = None,
+    spacing: Optional[Sequence[float]] = None,
+    method: str = "permutohedral",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    r"""Dense-CRF mean-field inference (CRF-RNN, Algorithm 1), differentiable end to end.
+
+    Args:
+        unary: logits :math:`U = -\psi_u`, ``(B, L, *spatial)``, L >= 2, float32/float64.
+        image: reference image ``(B, K, *spatial)``, any K >= 1 (RGB, grey, multi-spectral, CT...).
+            For RGB use the 0..255 scale, as θβ assumes. Treated as a constant (no gradient).
+        theta_alpha, theta_beta, theta_gamma: kernel stds θα (bilateral, positions, in pixels),
+            θβ (bilateral, colour; a number or one per channel), θγ (spatial, positions). VOC: 160, 3, 3.
+        spatial_weight, bilateral_weight: kernel weights :math:`w^{(m)}`: a scalar (shared), an
+            ``(L,)`` vector (per class) or an ``(L, L)`` matrix (as the official code). May require grad.
+        compatibility: ``(L, L)`` label compatibility :math:`\mu` (a penalty; asymmetric allowed);
+            ``None`` = Potts (``-I``, equivalently ``1 - I``). May require grad.
+        num_iterations: mean-field iterations T (the paper: 5 in training, 10 at test).
+        valid_mask: optional ``(B, 1, *spatial)``; pixels where it is False (padding) neither send nor
+            receive messages and are returned as their unary, so a padded canvas gives the same result
+            inside as the unpadded image.
+        spacing: per-axis pixel spacing (anisotropic volumes); positions are ``index * spacing``.
+        method: ``"permutohedral"`` (O(N)) or ``"exact"`` (O(N²) dense kernels; small inputs, tests).
+        backend: lattice backend (``None``, ``"numba"``, ``"torch"``).
+
+    Returns:
+        refined logits ``(B, L, *spatial)``, dtype and device of ``unary``.
+    """
+    _check_inputs(unary, image, valid_mask)
+    if not isinstance(num_iterations, numbers.Integral) or num_iterations < 0:
+        raise ValueError(f"num_iterations must be a non-negative integer, got {num_iterations!r}")
+    L = unary.shape[1]
+    ws = _as_weight("spatial_weight", spatial_weight, L, unary)
+    wb = _as_weight("bilateral_weight", bilateral_weight, L, unary)
+    if compatibility is None:
+        c = -torch.ones((), dtype=unary.dtype, device=unary.device)
+    else:
+        if not isinstance(compatibility, torch.Tensor) or tuple(compatibility.shape) != (L, L):
+            shape = tuple(compatibility.shape) if isinstance(compatibility, torch.Tensor) else type(compatibility).__name__
+            raise ValueError(f"compatibility must be an (L, L) = ({L}, {L}) tensor or None, got {shape}")
+        c = _as_weight("compatibility", compatibility, L, unary)
+    kernels = _build_kernels(
+        image, theta_alpha, theta_beta, theta_gamma, spacing, method, backend, valid_mask, unary.dtype
+    )
+    T = int(num_iterations)
+    return _mean_field_loop(unary, kernels, [ws] * T, [wb] * T, [c] * T, T, valid_mask)
+
+
+class CrfRnn(nn.Module):
+    r"""The CRF-RNN layer: mean-field iterations with learnable kernel weights and compatibility.
+
+    ``forward(unary (B, L, *spatial) logits, image (B, K, *spatial), valid_mask=None) -> logits``.
+    Runs ``num_iterations`` (5) in training mode and ``num_test_iterations`` (10) in eval mode.
+
+    Parameters (the official code's names and initialisation):
+
+    * ``spatial_ker_weights`` — ``(L, L)``, ``spatial_weight * I``;
+    * ``bilateral_ker_weights`` — ``(L, L)``, ``bilateral_weight * I``;
+    * ``compatibility_matrix`` — ``(L, L)``, Potts ``-I``; output = ``unary - compatibility @ messages``.
+
+    Ablations of the paper's Section 7.1:
+
+    * ``kernel_weights="matrix"`` (official, L x L), ``"diagonal"`` (per class, ``(L,)``) or ``"shared"``
+      (one scalar per kernel);
+    * ``learn_compatibility=False`` keeps Potts fixed (a buffer);
+    * ``untied=True`` gives every iteration its own parameters (leading axis ``num_iterations``); at test,
+      iterations beyond ``num_iterations`` reuse the last set.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        theta_alpha: float = 160.0,
+        theta_beta: Union[float, Sequence[float]] = 3.0,
+        theta_gamma: float = 3.0,
+        spatial_weight: float = 3.0,
+        bilateral_weight: float = 5.0,
+        num_iterations: int = 5,
+        num_test_iterations: int = 10,
+        kernel_weights: str = "matrix",
+        learn_compatibility: bool = True,
+        untied: bool = False,
+        spacing: Optional[Sequence[float]] = None,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if kernel_weights not in ("matrix", "diagonal", "shared"):
+            raise ValueError(f"kernel_weights must be 'matrix', 'diagonal' or 'shared', got {kernel_weights!r}")
+        for name, v in (("num_iterations", num_iterations), ("num_test_iterations", num_test_iterations)):
+            if not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        _positive("theta_alpha", theta_alpha)
+        _positive("theta_gamma", theta_gamma)
+        _positive("theta_beta", list(theta_beta) if isinstance(theta_beta, (list, tuple)) else theta_beta)
+        L = int(num_classes)
+        self.num_classes = L
+        self.theta_alpha, self.theta_beta, self.theta_gamma = theta_alpha, theta_beta, theta_gamma
+        self.num_iterations, self.num_test_iterations = int(num_iterations), int(num_test_iterations)
+        self.kernel_weights, self.untied, self.spacing, self.backend = kernel_weights, untied, spacing, backend
+        lead = (self.num_iterations,) if untied else ()
+
+        def init(w):
+            base = {"matrix": w * torch.eye(L), "diagonal": torch.full((L,), float(w)), "shared": torch.tensor(float(w))}
+            t = base[kernel_weights]
+            return t.expand(lead + t.shape).clone()
+
+        self.spatial_ker_weights = nn.Parameter(init(spatial_weight))
+        self.bilateral_ker_weights = nn.Parameter(init(bilateral_weight))
+        potts = (-torch.eye(L)).expand(lead + (L, L)).clone()
+        if learn_compatibility:
+            self.compatibility_matrix = nn.Parameter(potts)
+        else:
+            self.register_buffer("compatibility_matrix", potts)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha}, theta_beta={self.theta_beta}, "
+            f"theta_gamma={self.theta_gamma}, num_iterations={self.num_iterations}, "
+            f"num_test_iterations={self.num_test_iterations}, kernel_weights={self.kernel_weights!r}, "
+            f"untied={self.untied}"
+        )
+
+    def _per_iteration(self, p: torch.Tensor, T: int):
+        if not self.untied:
+            return [p] * T
+        return [p[min(t, p.shape[0] - 1)] for t in range(T)]
+
+    def forward(
+        self,
+        unary: torch.Tensor,
+        image: torch.Tensor,
+        valid_mask: Optional[torch.Tensor] = None,
+        *,
+        method: str = "permutohedral",
+    ) -> torch.Tensor:
+        _check_inputs(unary, image, valid_mask)
+        if unary.shape[1] != self.num_classes:
+            raise ValueError(
+                f"unary has L={unary.shape[1]} labels but this CrfRnn was built for num_classes={self.num_classes} "
+                f"(unary {tuple(unary.shape)})"
+            )
+        T = self.num_iterations if self.training else self.num_test_iterations
+        kernels = _build_kernels(
+            image, self.theta_alpha, self.theta_beta, self.theta_gamma, self.spacing, method, self.backend,
+            valid_mask, unary.dtype,
+        )
+        cast = lambda p: p.to(unary.dtype)  # noqa: E731  (float64 unaries with float32 parameters)
+        return _mean_field_loop(
+            unary,
+            kernels,
+            self._per_iteration(cast(self.spatial_ker_weights), T),
+            self._per_iteration(cast(self.bilateral_ker_weights), T),
+            self._per_iteration(cast(self.compatibility_matrix), T),
+            T,
+            valid_mask,
+        )

@@ -197,30 +197,50 @@ def splat_csr(offsets, m):  # pragma: no cover - compiled
     return ptr, idx
 
 
+_BLOCK = 64  # points per work item in the transposes and the slice
+_CHUNKS = 64  # work items of the splat, balanced by number of contributions
+
+
 @njit(parallel=True, cache=True)
 def filter_values(vals, ptr, idx, bary, offsets, nbr, reverse, consts):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
-    ``vals (B, C, N)`` (the caller's layout: no transposes), ``bary``/``offsets`` flat
-    ``(B*N*(d+1),)``, ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``'
-    dtype. Returns ``out (B, C, N)``.
+    ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
+    ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``' dtype.
+    Returns ``out (B, C, N)``. Values are moved to a channel-last copy so that every lattice
+    operation reads and writes contiguous rows of C values.
     """
     nb, c, n = vals.shape
+    p = nb * n
     d1 = nbr.shape[0]
     m = nbr.shape[1]
-    lat = np.empty((m, c), dtype=vals.dtype)
-    tmp = np.empty((m, c), dtype=vals.dtype)
-    for v in prange(m):
+    nblk = (p + _BLOCK - 1) // _BLOCK
+    vt = np.empty((p, c), dtype=vals.dtype)
+    for blk in prange(nblk):
+        k0 = blk * _BLOCK
+        k1 = min(k0 + _BLOCK, p)
         for ch in range(c):
-            lat[v, ch] = 0
-        for q in range(ptr[v], ptr[v + 1]):
-            f = idx[q]
-            w = bary[f]
-            pt = f // d1
-            b = pt // n
-            i = pt - b * n
+            for k in range(k0, k1):
+                b = k // n
+                vt[k, ch] = vals[b, ch, k - b * n]
+    # splat: gather per vertex; vertices are cut into chunks of about equal numbers of contributions
+    total = ptr[m]
+    lat = np.empty((m, c), dtype=vals.dtype)
+    for ck in prange(_CHUNKS):
+        v0 = np.searchsorted(ptr, total * ck // _CHUNKS)
+        v1 = np.searchsorted(ptr, total * (ck + 1) // _CHUNKS) if ck + 1 < _CHUNKS else m
+        v0 = min(v0, m)
+        v1 = min(v1, m)
+        for v in range(v0, v1):
             for ch in range(c):
-                lat[v, ch] += w * vals[b, ch, i]
+                lat[v, ch] = 0
+            for q in range(ptr[v], ptr[v + 1]):
+                f = idx[q]
+                w = bary[f]
+                pt = f // d1
+                for ch in range(c):
+                    lat[v, ch] += w * vt[pt, ch]
+    tmp = np.empty((m, c), dtype=vals.dtype)
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
@@ -242,13 +262,19 @@ def filter_values(vals, ptr, idx, bary, offsets, nbr, reverse, consts):  # pragm
         lat, tmp = tmp, lat
     out = np.empty((nb, c, n), dtype=vals.dtype)
     al = consts[1]
-    for k in prange(nb * n):
-        b = k // n
-        i = k - b * n
-        base = k * d1
-        for ch in range(c):
-            acc = lat[0, 0] * 0
+    for blk in prange(nblk):
+        k0 = blk * _BLOCK
+        k1 = min(k0 + _BLOCK, p)
+        buf = np.zeros((k1 - k0, c), dtype=vals.dtype)
+        for k in range(k0, k1):
             for r in range(d1):
-                acc += bary[base + r] * lat[offsets[base + r], ch]
-            out[b, ch, i] = acc * al
+                f = k * d1 + r
+                w = bary[f] * al
+                o = offsets[f]
+                for ch in range(c):
+                    buf[k - k0, ch] += w * lat[o, ch]
+        for ch in range(c):
+            for k in range(k0, k1):
+                b = k // n
+                out[b, ch, k - b * n] = buf[k - k0, ch]
     return out

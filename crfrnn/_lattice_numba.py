@@ -9,13 +9,14 @@ Parallel layout (all loops that write disjoint memory are ``prange``):
 * elevation, simplex search and barycentric weights: parallel over points;
 * hash-table insertion: sequential (one open-addressing table per image);
 * neighbour search: parallel over lattice vertices (read-only table look-ups);
-* splat: parallel over vertices, *gathering* from a CSR list of the points that touch each
-  vertex (built once with the lattice), so no atomics are needed;
+* splat: parallel over blocks of points, each thread scattering into its own copy of the lattice
+  (summed afterwards), so no atomics are needed and the input is read in memory order;
 * blur: parallel over vertices, one pass per lattice direction;
 * slice: parallel over points.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -178,68 +179,62 @@ def neighbours(vkeys, table, base):  # pragma: no cover - compiled
     return nbr
 
 
-@njit(cache=True)
-def splat_csr(offsets, m):  # pragma: no cover - compiled
-    """Transpose of the point→vertex map: for vertex ``v``, ``idx[ptr[v]:ptr[v+1]]`` lists the
-    flat indices ``point * (d+1) + r`` that splat onto it (counting sort, sequential)."""
-    p = offsets.shape[0]
-    ptr = np.zeros(m + 1, dtype=np.int64)
-    for q in range(p):
-        ptr[offsets[q] + 1] += 1
-    for v in range(m):
-        ptr[v + 1] += ptr[v]
-    fill = ptr[:-1].copy()
-    idx = np.empty(p, dtype=np.int32)
-    for q in range(p):
-        v = offsets[q]
-        idx[fill[v]] = q
-        fill[v] += 1
-    return ptr, idx
+_BLOCK = 64  # points per work item: values are moved through a (_BLOCK, C) buffer
 
 
-_BLOCK = 64  # points per work item in the transposes and the slice
-_CHUNKS = 64  # work items of the splat, balanced by number of contributions
+@njit(inline="always")
+def _block_range(blk, nblk_img, n):  # pragma: no cover - compiled
+    b = blk // nblk_img
+    i0 = (blk - b * nblk_img) * _BLOCK
+    return b, i0, min(i0 + _BLOCK, n)
 
 
 @njit(parallel=True, cache=True)
-def filter_values(vals, ptr, idx, bary, offsets, nbr, reverse, consts):  # pragma: no cover
+def filter_values(vals, bary, offsets, nbr, reverse, consts, parts):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
-    ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``' dtype.
-    Returns ``out (B, C, N)``. Values are moved to a channel-last copy so that every lattice
-    operation reads and writes contiguous rows of C values.
+    ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``' dtype; ``parts``
+    private lattice copies for the splat (about the number of threads). Returns ``out (B, C, N)``.
+
+    Points are processed in blocks of ``_BLOCK`` consecutive pixels of one image, moved through a
+    small channel-last buffer so that every lattice row access reads or writes ``C`` contiguous
+    values. The splat walks the points in memory order (streaming the input) and scatters into
+    per-thread copies of the lattice, summed afterwards: no atomics, no random reads of the input.
     """
     nb, c, n = vals.shape
-    p = nb * n
     d1 = nbr.shape[0]
     m = nbr.shape[1]
-    nblk = (p + _BLOCK - 1) // _BLOCK
-    vt = np.empty((p, c), dtype=vals.dtype)
-    for blk in prange(nblk):
-        k0 = blk * _BLOCK
-        k1 = min(k0 + _BLOCK, p)
-        for ch in range(c):
-            for k in range(k0, k1):
-                b = k // n
-                vt[k, ch] = vals[b, ch, k - b * n]
-    # splat: gather per vertex; vertices are cut into chunks of about equal numbers of contributions
-    total = ptr[m]
-    lat = np.empty((m, c), dtype=vals.dtype)
-    for ck in prange(_CHUNKS):
-        v0 = np.searchsorted(ptr, total * ck // _CHUNKS)
-        v1 = np.searchsorted(ptr, total * (ck + 1) // _CHUNKS) if ck + 1 < _CHUNKS else m
-        v0 = min(v0, m)
-        v1 = min(v1, m)
-        for v in range(v0, v1):
+    nblk_img = (n + _BLOCK - 1) // _BLOCK
+    nblk = nb * nblk_img
+    parts = max(1, min(parts, nblk))
+    partial = np.zeros((parts, m, c), dtype=vals.dtype)
+    for t in prange(parts):
+        acc = partial[t]
+        buf = np.empty((_BLOCK, c), dtype=vals.dtype)
+        for blk in range(nblk * t // parts, nblk * (t + 1) // parts):
+            b, i0, i1 = _block_range(blk, nblk_img, n)
             for ch in range(c):
-                lat[v, ch] = 0
-            for q in range(ptr[v], ptr[v + 1]):
-                f = idx[q]
-                w = bary[f]
-                pt = f // d1
+                for i in range(i0, i1):
+                    buf[i - i0, ch] = vals[b, ch, i]
+            for i in range(i0, i1):
+                src = buf[i - i0]
+                base = (b * n + i) * d1
+                for r in range(d1):
+                    w = bary[base + r]
+                    dst = acc[offsets[base + r]]
+                    for ch in range(c):
+                        dst[ch] += w * src[ch]
+    if parts == 1:
+        lat = partial[0]
+    else:
+        lat = np.empty((m, c), dtype=vals.dtype)
+        for v in prange(m):
+            for ch in range(c):
+                lat[v, ch] = partial[0, v, ch]
+            for t in range(1, parts):
                 for ch in range(c):
-                    lat[v, ch] += w * vt[pt, ch]
+                    lat[v, ch] += partial[t, v, ch]
     tmp = np.empty((m, c), dtype=vals.dtype)
     half = consts[0]
     for jj in range(d1):
@@ -247,34 +242,39 @@ def filter_values(vals, ptr, idx, bary, offsets, nbr, reverse, consts):  # pragm
         for v in prange(m):
             a = nbr[j, v, 0]
             b = nbr[j, v, 1]
+            dst = tmp[v]
+            s = lat[v]
             if a >= 0 and b >= 0:
+                sa = lat[a]
+                sb = lat[b]
                 for ch in range(c):
-                    tmp[v, ch] = lat[v, ch] + half * (lat[a, ch] + lat[b, ch])
+                    dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
             elif a >= 0:
+                sa = lat[a]
                 for ch in range(c):
-                    tmp[v, ch] = lat[v, ch] + half * lat[a, ch]
+                    dst[ch] = s[ch] + half * sa[ch]
             elif b >= 0:
+                sb = lat[b]
                 for ch in range(c):
-                    tmp[v, ch] = lat[v, ch] + half * lat[b, ch]
+                    dst[ch] = s[ch] + half * sb[ch]
             else:
                 for ch in range(c):
-                    tmp[v, ch] = lat[v, ch]
+                    dst[ch] = s[ch]
         lat, tmp = tmp, lat
     out = np.empty((nb, c, n), dtype=vals.dtype)
     al = consts[1]
     for blk in prange(nblk):
-        k0 = blk * _BLOCK
-        k1 = min(k0 + _BLOCK, p)
-        buf = np.zeros((k1 - k0, c), dtype=vals.dtype)
-        for k in range(k0, k1):
+        b, i0, i1 = _block_range(blk, nblk_img, n)
+        buf = np.zeros((_BLOCK, c), dtype=vals.dtype)
+        for i in range(i0, i1):
+            dst = buf[i - i0]
+            base = (b * n + i) * d1
             for r in range(d1):
-                f = k * d1 + r
-                w = bary[f] * al
-                o = offsets[f]
+                w = bary[base + r] * al
+                src = lat[offsets[base + r]]
                 for ch in range(c):
-                    buf[k - k0, ch] += w * lat[o, ch]
+                    dst[ch] += w * src[ch]
         for ch in range(c):
-            for k in range(k0, k1):
-                b = k // n
-                out[b, ch, k - b * n] = buf[k - k0, ch]
+            for i in range(i0, i1):
+                out[b, ch, i] = buf[i - i0, ch]
     return out

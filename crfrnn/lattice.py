@@ -51,6 +51,8 @@ except Exception:  # pragma: no cover - exercised only without numba
     _HAVE_NUMBA = False
 
 _BACKENDS = ("numba", "torch")
+# the compiled splat scatters into at most this many per-thread copies of the lattice
+_MAX_SPLAT_COPIES = 8
 # keys are int32; this bound keeps every lattice coordinate (and its neighbours) representable
 _MAX_ELEVATED = 2.0**30
 
@@ -192,7 +194,6 @@ class PermutohedralLattice:
         self._offsets = np.concatenate(offsets)
         self._bary64 = np.concatenate(barys)
         self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
-        self._ptr, self._idx = _nb.splat_csr(self._offsets, base)
 
     def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
         d, B, n = self.dim, self.batch_size, self.num_points
@@ -318,9 +319,8 @@ class PermutohedralLattice:
             work = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
             x = values.reshape(B, C, n).to(work).contiguous().numpy()
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
-            out = _nb.filter_values(
-                x, self._ptr, self._idx, self._bary(work), self._offsets, self._nbr, reverse, consts
-            )
+            parts = min(_nb.numba.get_num_threads(), _MAX_SPLAT_COPIES)
+            out = _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts)
             return torch.from_numpy(out).to(values.dtype).reshape(values.shape)
         flat = values.reshape(B, C, n).permute(0, 2, 1).reshape(B * n, C)
         out = self._filter_torch(flat, reverse)

@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lattice.py
+	$(PY) benchmarks/bench_meanfield.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -96,16 +96,28 @@ def _hash(keys, row, d):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
+def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
+    d = vkeys.shape[1]
+    mask = np.uint64(cap - 1)
+    table = np.full(cap, _EMPTY, dtype=np.int32)
+    for v in range(m):
+        h = _hash(vkeys, v, d) & mask
+        while table[h] != _EMPTY:
+            h = (h + np.uint64(1)) & mask
+        table[h] = v
+    return table
+
+
+@njit(cache=True)
 def insert(keys):  # pragma: no cover - compiled
     """Insert ``keys (P, d)`` into a fresh hash table (sequential).
 
     Returns ``offsets (P,)`` int32 vertex index of every key, ``vkeys (M, d)`` the distinct keys in
-    order of first appearance, and the table (``int32``, size a power of two, ``-1`` = empty).
+    order of first appearance, and the table (``int32``, size a power of two, ``-1`` = empty). The
+    table grows with the number of distinct keys (load factor <= 1/2), so it stays cache-sized.
     """
     p, d = keys.shape
-    cap = 1
-    while cap < 2 * p:
-        cap *= 2
+    cap = 1024
     mask = np.uint64(cap - 1)
     table = np.full(cap, _EMPTY, dtype=np.int32)
     vkeys = np.empty((p, d), dtype=np.int32)
@@ -121,6 +133,10 @@ def insert(keys):  # pragma: no cover - compiled
                     vkeys[m, i] = keys[q, i]
                 offsets[q] = m
                 m += 1
+                if 2 * m > cap:
+                    cap *= 2
+                    mask = np.uint64(cap - 1)
+                    table = _rehash(vkeys, m, cap)
                 break
             same = True
             for i in range(d):

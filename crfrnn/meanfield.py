@@ -80,12 +80,18 @@ def _check_inputs(unary, image, valid_mask) -> None:
         raise ValueError(f"image must have K >= 1 channels, got {tuple(image.shape)}")
     if image.device != unary.device:
         raise ValueError(f"image is on {image.device} but unary is on {unary.device}")
-    if not bool(torch.isfinite(unary).all()):
+    if not _all_finite(unary):
         raise ValueError(f"unary contains NaN or infinite values ({_describe(unary)})")
-    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+    if image.is_floating_point() and not _all_finite(image):
         raise ValueError(f"image contains NaN or infinite values ({_describe(image)})")
     if valid_mask is not None:
         _check_mask(valid_mask, unary, name="valid_mask")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # one reduction pass, no (B, L, *spatial) boolean temporary; NaN propagates through min/max
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _positive(name: str, value) -> None:
@@ -198,14 +204,39 @@ class _Kernel:
         return out * self.inv_norm
 
 
+def _label_matrix(w: torch.Tensor, L: int) -> torch.Tensor:
+    """A scalar / (L,) / (L, L) label weight as an (L, L) matrix (differentiably)."""
+    if w.dim() == 2:
+        return w
+    eye = torch.eye(L, dtype=w.dtype, device=w.device)
+    return eye * w if w.dim() == 0 else torch.diag(w)
+
+
+def _pairwise(ws, wb, c, m_spatial, m_bilateral):
+    """``compatibility @ (W_s @ m_s + W_b @ m_b)`` on the label axis of ``(B, L, *spatial)`` messages.
+
+    The L x L products are formed first (cheap), so a pixel-sized GEMM is done once per kernel;
+    all-scalar/diagonal weights stay elementwise.
+    """
+    if ws.dim() < 2 and wb.dim() < 2 and c.dim() < 2:
+        return _apply_labels(c * ws, m_spatial) + _apply_labels(c * wb, m_bilateral)
+    B, L = m_spatial.shape[:2]
+    cm = _label_matrix(c, L)
+    a = (cm @ _label_matrix(ws, L)).to(m_spatial.dtype)
+    b = (cm @ _label_matrix(wb, L)).to(m_spatial.dtype)
+    out = torch.baddbmm(
+        torch.matmul(a, m_spatial.reshape(B, L, -1)), b.expand(B, L, L), m_bilateral.reshape(B, L, -1)
+    )
+    return out.reshape(m_spatial.shape)
+
+
 def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations, valid_mask):
     """The RNN: ``spatial_w``, ``bilateral_w``, ``compat`` are per-iteration lists of weights."""
     k_spatial, k_bilateral = kernels
     logits = unary
     for t in range(num_iterations):
         q = torch.softmax(logits, dim=1)
-        msg = _apply_labels(spatial_w[t], k_spatial(q)) + _apply_labels(bilateral_w[t], k_bilateral(q))
-        logits = unary - _apply_labels(compat[t], msg)
+        logits = unary - _pairwise(spatial_w[t], bilateral_w[t], compat[t], k_spatial(q), k_bilateral(q))
     if valid_mask is not None and num_iterations > 0:
         logits = torch.where(valid_mask != 0, logits, unary)
     return logits

@@ -268,24 +268,32 @@ def bench_crfrnn(repeats: int = 3, image: Optional[str] = None, size=(375, 500),
 
 
 _MEMORY_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 import crfrnn
 from crfrnn.bench import load_image
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024  # MB
 h, w, L, T = map(int, sys.argv[1:5])
 img = load_image(None, (h, w))
 layer = crfrnn.CrfRnn(L, num_iterations=T).train()
 unary = torch.randn(1, L, h, w, requires_grad=True)
-crfrnn.PermutohedralLattice(img[:, :2]).filter(img[:, :1])  # load the compiled kernels
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+small = crfrnn.CrfRnn(L, num_iterations=1).train()
+small(unary[..., :16, :16], img[..., :16, :16]).sum().backward()  # load/compile the kernels first
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
 out = layer(unary, img)
 out.square().mean().backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"baseline_rss_mb": base / 1024, "peak_rss_mb": peak / 1024}))
+print(json.dumps({"rss_before_mb": base, "peak_rss_mb": status("VmHWM"), "forward_backward_extra_mb": status("VmHWM") - base}))
 """
 
 
 def bench_memory(size=(375, 500), labels: int = 21, iterations: int = 5) -> Dict[str, object]:
-    """Peak RSS (MB) of a fresh process: CrfRnn forward + backward. ``baseline`` = after imports."""
+    """Peak RSS (MB, Linux ``VmHWM``) of a fresh process during CrfRnn forward + backward, the peak
+    reset after imports and kernel loading; ``rss_before_mb`` is the process's RSS at that point."""
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, str(size[0]), str(size[1]), str(labels), str(iterations)],
         capture_output=True, text=True, check=True,

@@ -24,15 +24,14 @@ _EMPTY = -1
 
 
 @njit(parallel=True, cache=True)
-def elevate(feat, scale):  # pragma: no cover - compiled
+def elevate(feat, scale, keys, bary):  # pragma: no cover - compiled
     """Embed ``feat (N, d)`` float64 in the lattice.
 
-    Returns ``keys (N, d+1, d)`` int32: the first ``d`` coordinates of the ``d+1`` enclosing
-    simplex vertices, and ``bary (N, d+1)`` float64: the barycentric weights of the point.
+    Writes ``keys (N, d+1, d)`` int32: the first ``d`` coordinates of the ``d+1`` enclosing
+    simplex vertices, and ``bary (N, d+1)`` float64: the barycentric weights of the point
+    (both allocated by the caller with NumPy, which asks for huge pages).
     """
     n, d = feat.shape
-    keys = np.empty((n, d + 1, d), dtype=np.int32)
-    bary = np.empty((n, d + 1), dtype=np.float64)
     down = 1.0 / (d + 1)
     for k in prange(n):
         elevated = np.empty(d + 1, dtype=np.float64)
@@ -82,7 +81,6 @@ def elevate(feat, scale):  # pragma: no cover - compiled
                 # canonical simplex vertex r: coordinate = r, or r - (d+1) past position d - r
                 c = r if rank[i] <= d - r else r - (d + 1)
                 keys[k, r, i] = rem0[i] + c
-    return keys, bary
 
 
 @njit(inline="always")
@@ -109,19 +107,19 @@ def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def insert(keys):  # pragma: no cover - compiled
+def insert(keys, offsets, base):  # pragma: no cover - compiled
     """Insert ``keys (P, d)`` into a fresh hash table (sequential).
 
-    Returns ``offsets (P,)`` int32 vertex index of every key, ``vkeys (M, d)`` the distinct keys in
-    order of first appearance, and the table (``int32``, size a power of two, ``-1`` = empty). The
-    table grows with the number of distinct keys (load factor <= 1/2), so it stays cache-sized.
+    Writes ``offsets (P,)`` int32, ``base`` + the vertex index of every key; returns ``vkeys (M, d)``
+    the distinct keys in order of first appearance and the table (``int32``, size a power of two,
+    ``-1`` = empty). Table and key store grow with the number of distinct keys (load factor <= 1/2),
+    so they stay cache-sized.
     """
     p, d = keys.shape
     cap = 1024
     mask = np.uint64(cap - 1)
     table = np.full(cap, _EMPTY, dtype=np.int32)
-    vkeys = np.empty((p, d), dtype=np.int32)
-    offsets = np.empty(p, dtype=np.int32)
+    vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
     for q in range(p):
         h = _hash(keys, q, d) & mask
@@ -131,12 +129,15 @@ def insert(keys):  # pragma: no cover - compiled
                 table[h] = m
                 for i in range(d):
                     vkeys[m, i] = keys[q, i]
-                offsets[q] = m
+                offsets[q] = m + base
                 m += 1
-                if 2 * m > cap:
+                if 2 * m >= cap:
                     cap *= 2
                     mask = np.uint64(cap - 1)
                     table = _rehash(vkeys, m, cap)
+                    grown = np.empty((cap // 2, d), dtype=np.int32)
+                    grown[:m] = vkeys[:m]
+                    vkeys = grown
                 break
             same = True
             for i in range(d):
@@ -144,10 +145,10 @@ def insert(keys):  # pragma: no cover - compiled
                     same = False
                     break
             if same:
-                offsets[q] = v
+                offsets[q] = v + base
                 break
             h = (h + np.uint64(1)) & mask
-    return offsets, vkeys[:m].copy(), table
+    return vkeys[:m].copy(), table
 
 
 @njit(inline="always")
@@ -206,12 +207,13 @@ def _block_range(blk, nblk_img, n):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def filter_values(vals, bary, offsets, nbr, reverse, consts, parts):  # pragma: no cover
+def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
     ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``' dtype; ``parts``
-    private lattice copies for the splat (about the number of threads). Returns ``out (B, C, N)``.
+    private lattice copies for the splat (about the number of threads). Writes ``out (B, C, N)``
+    (allocated by the caller: NumPy asks the kernel for huge pages, which matters above ~32 MB).
 
     Points are processed in blocks of ``_BLOCK`` consecutive pixels of one image, moved through a
     small channel-last buffer so that every lattice row access reads or writes ``C`` contiguous
@@ -277,7 +279,6 @@ def filter_values(vals, bary, offsets, nbr, reverse, consts, parts):  # pragma: 
                 for ch in range(c):
                     dst[ch] = s[ch]
         lat, tmp = tmp, lat
-    out = np.empty((nb, c, n), dtype=vals.dtype)
     al = consts[1]
     for blk in prange(nblk):
         b, i0, i1 = _block_range(blk, nblk_img, n)
@@ -293,4 +294,3 @@ def filter_values(vals, bary, offsets, nbr, reverse, consts, parts):  # pragma: 
         for ch in range(c):
             for i in range(i0, i1):
                 out[b, ch, i] = buf[i - i0, ch]
-    return out

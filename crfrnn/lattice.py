@@ -170,29 +170,34 @@ class PermutohedralLattice:
     def _build_numba(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
         import numpy as np
 
-        d, n = self.dim, self.num_points
+        d, n, B = self.dim, self.num_points, self.batch_size
         sc = scale.numpy()
-        offsets, barys, nbrs = [], [], []
+        # every large array is allocated here with NumPy (huge pages for big images)
+        self._offsets = np.empty(B * n * (d + 1), dtype=np.int32)
+        self._bary64 = np.zeros(B * n * (d + 1), dtype=np.float64)
+        offsets = self._offsets.reshape(B, n, d + 1)
+        bary_all = self._bary64.reshape(B, n, d + 1)
+        nbrs = []
         base = 0
-        for b in range(self.batch_size):
+        for b in range(B):
             pts = np.ascontiguousarray(f[b].T.numpy())  # (N, d)
             keep = None if valid is None or bool(valid[b].all()) else valid[b].numpy().nonzero()[0]
-            keys, bary = _nb.elevate(pts if keep is None else pts[keep], sc)
-            off, vkeys, table = _nb.insert(keys.reshape(-1, d))
+            if keep is not None:
+                pts = pts[keep]
+            k = pts.shape[0]
+            keys = np.empty((k, d + 1, d), dtype=np.int32)
+            bary = bary_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float64)
+            _nb.elevate(pts, sc, keys, bary)
+            off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
+            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base)
+            del keys
             nbrs.append(_nb.neighbours(vkeys, table, base))
-            off = off + np.int32(base)
             if keep is not None:  # left-out points: weight 0 on this image's first vertex
-                full_off = np.full((n, d + 1), base, dtype=np.int32)
-                full_bary = np.zeros((n, d + 1), dtype=np.float64)
-                full_off[keep] = off.reshape(-1, d + 1)
-                full_bary[keep] = bary
-                off, bary = full_off.reshape(-1), full_bary
-            offsets.append(off)
-            barys.append(bary.reshape(-1))
+                offsets[b] = base
+                offsets[b][keep] = off.reshape(-1, d + 1)
+                bary_all[b][keep] = bary
             base += vkeys.shape[0]
         self.num_vertices = base
-        self._offsets = np.concatenate(offsets)
-        self._bary64 = np.concatenate(barys)
         self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
 
     def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
@@ -320,7 +325,8 @@ class PermutohedralLattice:
             x = values.reshape(B, C, n).to(work).contiguous().numpy()
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
             parts = min(_nb.numba.get_num_threads(), _MAX_SPLAT_COPIES)
-            out = _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts)
+            out = np.empty(x.shape, dtype=x.dtype)  # NumPy advises huge pages for large arrays
+            _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, out)
             return torch.from_numpy(out).to(values.dtype).reshape(values.shape)
         flat = values.reshape(B, C, n).permute(0, 2, 1).reshape(B * n, C)
         out = self._filter_torch(flat, reverse)

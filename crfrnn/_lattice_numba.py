@@ -207,13 +207,16 @@ def _block_range(blk, nblk_img, n):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out):  # pragma: no cover
+def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
     ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``' dtype; ``parts``
     private lattice copies for the splat (about the number of threads). Writes ``out (B, C, N)``
     (allocated by the caller: NumPy asks the kernel for huge pages, which matters above ~32 MB).
+    Optional per-point scales fused into the passes: ``pre (B*N,)`` multiplies the input, ``post
+    (B*N,)`` the output (empty arrays = none); ``accumulate`` adds into ``out`` instead of writing:
+    ``out (+)= post * F(pre * vals)``, for pydensecrf's normalisations without extra passes.
 
     Points are processed in blocks of ``_BLOCK`` consecutive pixels of one image, moved through a
     small channel-last buffer so that every lattice row access reads or writes ``C`` contiguous
@@ -235,6 +238,11 @@ def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out):  # pra
             for ch in range(c):
                 for i in range(i0, i1):
                     buf[i - i0, ch] = vals[b, ch, i]
+            if pre.shape[0] > 0:
+                for i in range(i0, i1):
+                    sp = pre[b * n + i]
+                    for ch in range(c):
+                        buf[i - i0, ch] *= sp
             for i in range(i0, i1):
                 src = buf[i - i0]
                 base = (b * n + i) * d1
@@ -291,6 +299,16 @@ def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out):  # pra
                 src = lat[offsets[base + r]]
                 for ch in range(c):
                     dst[ch] += w * src[ch]
-        for ch in range(c):
+        if post.shape[0] > 0:
             for i in range(i0, i1):
-                out[b, ch, i] = buf[i - i0, ch]
+                sp = post[b * n + i]
+                for ch in range(c):
+                    buf[i - i0, ch] *= sp
+        if accumulate:
+            for ch in range(c):
+                for i in range(i0, i1):
+                    out[b, ch, i] += buf[i - i0, ch]
+        else:
+            for ch in range(c):
+                for i in range(i0, i1):
+                    out[b, ch, i] = buf[i - i0, ch]

@@ -255,18 +255,16 @@ class _Pairwise:
         # pydensecrf's DenseKernel::filter: scale by `pre` (N,), filter, scale by `post` (N,)
         self.pre = norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_BEFORE) else None
         self.post = norm if normalization in (NORMALIZE_SYMMETRIC, NORMALIZE_AFTER) else None
-        # Potts fast path: logits -= -w * post * K(pre q)  <=>  logits += potts_scale * K(pre q)
+        # Potts fast path: logits -= -w * post * K(pre q)  <=>  logits += (w * post) * K(pre q), with the
+        # scales and the accumulation fused into the lattice passes
         if compat.kind == "potts":
-            self.potts_scale = compat.weight if self.post is None else self.post * compat.weight
-
-    def _raw(self, q: torch.Tensor) -> torch.Tensor:
-        x = q if self.pre is None else q * self.pre
-        return self.lattice.filter(x[None])[0]
+            w = compat.weight
+            self.potts_post = torch.full((n,), w, dtype=torch.float32, device=features.device) if self.post is None \
+                else self.post * w
 
     def filtered(self, q: torch.Tensor) -> torch.Tensor:
         """Normalised Gaussian filter of ``q (L, N)`` -> ``(L, N)`` (pydensecrf's ``DenseKernel::apply``)."""
-        out = self._raw(q)
-        return out if self.post is None else out * self.post
+        return self.lattice.filter_scaled(q[None], pre=self.pre, post=self.post)[0]
 
     def energy(self, q: torch.Tensor) -> torch.Tensor:
         """Pairwise energies ``mu(K~ q)``, ``(L, N)`` (pydensecrf's ``PairwisePotential::apply``)."""
@@ -275,11 +273,7 @@ class _Pairwise:
     def subtract_from(self, logits: torch.Tensor, q: torch.Tensor) -> None:
         """``logits -= mu(K~ q)`` in place (one filter call for all labels)."""
         if self.compat.kind == "potts":
-            scale = self.potts_scale
-            if isinstance(scale, torch.Tensor):
-                logits.addcmul_(self._raw(q), scale)
-            else:
-                logits.add_(self._raw(q), alpha=scale)
+            self.lattice.filter_scaled(q[None], pre=self.pre, post=self.potts_post, out=logits[None])
         else:
             logits.sub_(self.energy(q))
 

@@ -316,21 +316,56 @@ class PermutohedralLattice:
         return _LatticeFilter.apply(values, self, bool(reverse))
 
     def _filter_raw(self, values: torch.Tensor, reverse: bool) -> torch.Tensor:
+        return self.filter_scaled(values, reverse=reverse)
+
+    def filter_scaled(
+        self,
+        values: torch.Tensor,
+        *,
+        reverse: bool = False,
+        pre: Optional[torch.Tensor] = None,
+        post: Optional[torch.Tensor] = None,
+        out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``post * F(pre * values)`` without gradients, optionally added into ``out`` in place.
+
+        ``pre``/``post``: per-point scales ``(B, 1, *spatial)`` (or anything of ``B * N`` elements in
+        that order); ``out``: a contiguous tensor of the values' shape and dtype to accumulate into.
+        The scales and the accumulation are fused into the compiled passes (used by
+        :mod:`crfrnn.densecrf` for pydensecrf's kernel normalisations). Not differentiable.
+        """
         B, C = values.shape[0], values.shape[1]
         n = self.num_points
-        if self.backend == "numba":
+        if out is not None and (out.shape != values.shape or out.dtype != values.dtype or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {values.dtype} tensor of shape {tuple(values.shape)}")
+        if self.backend == "numba" and (out is None or values.dtype in (torch.float32, torch.float64)):
             import numpy as np
 
             work = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
-            x = values.reshape(B, C, n).to(work).contiguous().numpy()
+            x = values.detach().reshape(B, C, n).to(work).contiguous().numpy()
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
             parts = min(_nb.numba.get_num_threads(), _MAX_SPLAT_COPIES)
-            out = np.empty(x.shape, dtype=x.dtype)  # NumPy advises huge pages for large arrays
-            _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, out)
-            return torch.from_numpy(out).to(values.dtype).reshape(values.shape)
-        flat = values.reshape(B, C, n).permute(0, 2, 1).reshape(B * n, C)
-        out = self._filter_torch(flat, reverse)
-        return out.reshape(B, n, C).permute(0, 2, 1).reshape(values.shape).contiguous()
+            empty = np.empty(0, dtype=x.dtype)
+            sc = [empty if t is None else t.detach().reshape(-1).to(work).contiguous().numpy() for t in (pre, post)]
+            if out is None:
+                res = np.empty(x.shape, dtype=x.dtype)  # NumPy advises huge pages for large arrays
+                _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, res,
+                                  sc[0], sc[1], False)
+                return torch.from_numpy(res).to(values.dtype).reshape(values.shape)
+            _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts,
+                              out.detach().reshape(B, C, n).numpy(), sc[0], sc[1], True)
+            return out
+        shape = (B, 1) + tuple(values.shape[2:])
+        v = values if pre is None else values * pre.reshape(shape)
+        flat = v.reshape(B, C, n).permute(0, 2, 1).reshape(B * n, C)
+        res = self._filter_torch(flat, reverse).reshape(B, n, C).permute(0, 2, 1).reshape(values.shape)
+        if post is not None:
+            res = res * post.reshape(shape)
+        if out is None:
+            return res.contiguous()
+        with torch.no_grad():
+            out.add_(res)
+        return out
 
     def _filter_torch(self, flat: torch.Tensor, reverse: bool) -> torch.Tensor:
         d1 = self.dim + 1

@@ -275,3 +275,22 @@ def test_mask_makes_padding_invisible(backend):
             lambda: PermutohedralLattice(fp, mask=mask[..., :63]))
     _raises(ValueError, r"mask excludes every pixel of image\(s\) \[0\]",
             lambda: PermutohedralLattice(fp, mask=torch.zeros_like(mask)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_filter_scaled_fuses_scales_and_accumulation(backend):
+    g = torch.Generator().manual_seed(7)
+    f = torch.randn(2, 3, 10, 12, dtype=torch.float64, generator=g)
+    lat = PermutohedralLattice(f, backend=backend)
+    v = torch.randn(2, 4, 10, 12, dtype=torch.float64, generator=g)
+    pre = torch.rand(2, 1, 10, 12, dtype=torch.float64, generator=g)
+    post = torch.rand(2, 1, 10, 12, dtype=torch.float64, generator=g)
+    for rev in (False, True):
+        ref = post * lat.filter(pre * v, reverse=rev)
+        torch.testing.assert_close(lat.filter_scaled(v, reverse=rev, pre=pre, post=post), ref, rtol=1e-12, atol=1e-12)
+        acc = torch.full_like(v, 2.0)
+        returned = lat.filter_scaled(v, reverse=rev, pre=pre, post=post, out=acc)
+        assert returned is acc
+        torch.testing.assert_close(acc, ref + 2.0, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float64 tensor of shape \(2, 4, 10, 12\)"):
+        lat.filter_scaled(v, out=torch.zeros(2, 4, 12, 10, dtype=torch.float64))

@@ -42,3 +42,19 @@ def grid_features(image_chw: torch.Tensor, sxy: float, srgb=None) -> torch.Tenso
     if srgb is not None:
         parts.append(image_chw / srgb)
     return torch.cat(parts, 0)[None]
+
+
+@pytest.fixture
+def lattice_builds(monkeypatch):
+    """A list that grows by one each time a PermutohedralLattice is built (for build-once checks)."""
+    from crfrnn import PermutohedralLattice
+
+    builds = []
+    orig = PermutohedralLattice.__init__
+
+    def counting(self, *a, **k):
+        builds.append(1)
+        orig(self, *a, **k)
+
+    monkeypatch.setattr(PermutohedralLattice, "__init__", counting)
+    return builds

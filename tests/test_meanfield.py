@@ -226,15 +226,8 @@ def test_volume_grey_and_anisotropic_spacing():
     assert not torch.allclose(ex, other)
 
 
-def test_lattices_built_once_per_forward(monkeypatch):
-    builds = []
-    orig = PermutohedralLattice.__init__
-
-    def counting(self, *a, **k):
-        builds.append(1)
-        orig(self, *a, **k)
-
-    monkeypatch.setattr(PermutohedralLattice, "__init__", counting)
+def test_lattices_built_once_per_forward(lattice_builds):
+    builds = lattice_builds
     m = CrfRnn(3)
     u = torch.randn(2, 3, 12, 14, requires_grad=True)
     out = m(u, torch.rand(2, 3, 12, 14) * 255)

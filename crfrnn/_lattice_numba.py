@@ -206,8 +206,7 @@ def _block_range(blk, nblk_img, n):  # pragma: no cover - compiled
     return b, i0, min(i0 + _BLOCK, n)
 
 
-@njit(parallel=True, cache=True)
-def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
+def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
@@ -312,3 +311,10 @@ def filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, po
             for ch in range(c):
                 for i in range(i0, i1):
                     out[b, ch, i] = buf[i - i0, ch]
+
+
+# one algorithm, two compilations: multi-threaded, and serial for small inputs (where waking threads
+# costs more than the work, badly so on an oversubscribed machine). Both give identical results: the
+# splat's ``parts`` is fixed by the caller, not by the thread count.
+filter_values = njit(parallel=True, cache=True)(_filter_values)
+filter_values_serial = njit(parallel=False, cache=True)(_filter_values)

@@ -51,8 +51,11 @@ except Exception:  # pragma: no cover - exercised only without numba
     _HAVE_NUMBA = False
 
 _BACKENDS = ("numba", "torch")
-# the compiled splat scatters into at most this many per-thread copies of the lattice
-_MAX_SPLAT_COPIES = 8
+# the compiled splat scatters into this many private copies of the lattice, summed in a fixed order:
+# a constant (not the thread count) so that results are bit-identical whatever the number of threads
+_SPLAT_COPIES = 4
+# below this many multiply-adds per filter (B*N*(D+1)*C) the serial compilation is used
+_SERIAL_WORK = 1 << 18
 # keys are int32; this bound keeps every lattice coordinate (and its neighbours) representable
 _MAX_ELEVATED = 2.0**30
 
@@ -344,15 +347,16 @@ class PermutohedralLattice:
             work = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
             x = values.detach().reshape(B, C, n).to(work).contiguous().numpy()
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
-            parts = min(_nb.numba.get_num_threads(), _MAX_SPLAT_COPIES)
+            parts = _SPLAT_COPIES
+            kernel = _nb.filter_values if x.size * (self.dim + 1) >= _SERIAL_WORK else _nb.filter_values_serial
             empty = np.empty(0, dtype=x.dtype)
             sc = [empty if t is None else t.detach().reshape(-1).to(work).contiguous().numpy() for t in (pre, post)]
             if out is None:
                 res = np.empty(x.shape, dtype=x.dtype)  # NumPy advises huge pages for large arrays
-                _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, res,
+                kernel(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, res,
                                   sc[0], sc[1], False)
                 return torch.from_numpy(res).to(values.dtype).reshape(values.shape)
-            _nb.filter_values(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts,
+            kernel(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts,
                               out.detach().reshape(B, C, n).numpy(), sc[0], sc[1], True)
             return out
         shape = (B, 1) + tuple(values.shape[2:])

@@ -287,3 +287,33 @@ def test_filter_scaled_fuses_scales_and_accumulation(backend):
         torch.testing.assert_close(acc, ref + 2.0, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"out must be a contiguous torch.float64 tensor of shape \(2, 4, 10, 12\)"):
         lat.filter_scaled(v, out=torch.zeros(2, 4, 12, 10, dtype=torch.float64))
+
+
+def test_compiled_results_do_not_depend_on_threads_or_serial_path():
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not available")
+    import numba
+
+    from crfrnn import _lattice_numba as nb
+
+    _, img, _ = voc_pairs(count=1, start=3)[0]
+    im = torch.from_numpy(crop(img, 120, 160).copy()).permute(2, 0, 1).float()
+    lat = PermutohedralLattice(grid_features(im, 20.0, 13.0), backend="numba")
+    v = torch.rand(1, 21, 120, 160, generator=torch.Generator().manual_seed(0))
+    before = numba.get_num_threads()
+    try:
+        outs = []
+        for nt in sorted({1, before}):
+            numba.set_num_threads(nt)
+            outs.append(lat.filter(v))
+    finally:
+        numba.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    x = v.reshape(1, 21, -1).numpy()
+    consts = np.array([0.5, lat._alpha], dtype=np.float32)
+    empty = np.empty(0, dtype=np.float32)
+    res = [np.empty_like(x), np.empty_like(x)]
+    for kernel, r in zip((nb.filter_values, nb.filter_values_serial), res):
+        kernel(x, lat._bary(torch.float32), lat._offsets, lat._nbr, False, consts, 4, r, empty, empty, False)
+    assert np.array_equal(res[0], res[1])
+    assert np.array_equal(res[0], outs[0].reshape(1, 21, -1).numpy())

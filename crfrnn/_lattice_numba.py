@@ -33,59 +33,54 @@ def elevate(feat, scale, keys, bary):  # pragma: no cover - compiled
     """
     n, d = feat.shape
     down = 1.0 / (d + 1)
-    nblk = (n + 255) // 256
-    for blk in prange(nblk):
-        # scratch allocated once per block of 256 points, not per point
+    for k in prange(n):
         elevated = np.empty(d + 1, dtype=np.float64)
         rem0 = np.empty(d + 1, dtype=np.int64)
-        rank = np.empty(d + 1, dtype=np.int64)
-        b = np.empty(d + 2, dtype=np.float64)
-        for k in range(blk * 256, min(blk * 256 + 256, n)):
-            rank[:] = 0
-            b[:] = 0.0
-            sm = 0.0
-            for j in range(d, 0, -1):
-                cf = feat[k, j - 1] * scale[j - 1]
-                elevated[j] = sm - j * cf
-                sm += cf
-            elevated[0] = sm
-            total = 0
-            for i in range(d + 1):
-                v = down * elevated[i]
-                up = np.ceil(v) * (d + 1)
-                dn = np.floor(v) * (d + 1)
-                if up - elevated[i] < elevated[i] - dn:
-                    rem0[i] = np.int64(up)
+        rank = np.zeros(d + 1, dtype=np.int64)
+        b = np.zeros(d + 2, dtype=np.float64)
+        sm = 0.0
+        for j in range(d, 0, -1):
+            cf = feat[k, j - 1] * scale[j - 1]
+            elevated[j] = sm - j * cf
+            sm += cf
+        elevated[0] = sm
+        total = 0
+        for i in range(d + 1):
+            v = down * elevated[i]
+            up = np.ceil(v) * (d + 1)
+            dn = np.floor(v) * (d + 1)
+            if up - elevated[i] < elevated[i] - dn:
+                rem0[i] = np.int64(up)
+            else:
+                rem0[i] = np.int64(dn)
+            total += rem0[i]
+        total = total // (d + 1)
+        for i in range(d):
+            di = elevated[i] - rem0[i]
+            for j in range(i + 1, d + 1):
+                if di < elevated[j] - rem0[j]:
+                    rank[i] += 1
                 else:
-                    rem0[i] = np.int64(dn)
-                total += rem0[i]
-            total = total // (d + 1)
+                    rank[j] += 1
+        for i in range(d + 1):
+            rank[i] += total
+            if rank[i] < 0:
+                rank[i] += d + 1
+                rem0[i] += d + 1
+            elif rank[i] > d:
+                rank[i] -= d + 1
+                rem0[i] -= d + 1
+        for i in range(d + 1):
+            v = (elevated[i] - rem0[i]) * down
+            b[d - rank[i]] += v
+            b[d - rank[i] + 1] -= v
+        b[0] += 1.0 + b[d + 1]
+        for r in range(d + 1):
+            bary[k, r] = b[r]
             for i in range(d):
-                di = elevated[i] - rem0[i]
-                for j in range(i + 1, d + 1):
-                    if di < elevated[j] - rem0[j]:
-                        rank[i] += 1
-                    else:
-                        rank[j] += 1
-            for i in range(d + 1):
-                rank[i] += total
-                if rank[i] < 0:
-                    rank[i] += d + 1
-                    rem0[i] += d + 1
-                elif rank[i] > d:
-                    rank[i] -= d + 1
-                    rem0[i] -= d + 1
-            for i in range(d + 1):
-                v = (elevated[i] - rem0[i]) * down
-                b[d - rank[i]] += v
-                b[d - rank[i] + 1] -= v
-            b[0] += 1.0 + b[d + 1]
-            for r in range(d + 1):
-                bary[k, r] = b[r]
-                for i in range(d):
-                    # canonical simplex vertex r: coordinate = r, or r - (d+1) past position d - r
-                    c = r if rank[i] <= d - r else r - (d + 1)
-                    keys[k, r, i] = rem0[i] + c
+                # canonical simplex vertex r: coordinate = r, or r - (d+1) past position d - r
+                c = r if rank[i] <= d - r else r - (d + 1)
+                keys[k, r, i] = rem0[i] + c
 
 
 @njit(inline="always")
@@ -111,24 +106,21 @@ def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
     return table
 
 
-def new_table(d):
-    """An empty hash table state ``(table, vkeys, m)`` for :func:`insert`."""
-    return np.full(1024, _EMPTY, dtype=np.int32), np.empty((512, d), dtype=np.int32), 0
-
-
 @njit(cache=True)
-def insert(keys, offsets, base, table, vkeys, m):  # pragma: no cover - compiled
-    """Insert ``keys (P, d)`` into the hash table ``(table, vkeys, m)`` (sequential).
+def insert(keys, offsets, base):  # pragma: no cover - compiled
+    """Insert ``keys (P, d)`` into a fresh hash table (sequential).
 
-    Writes ``offsets (P,)`` int32, ``base`` + the vertex index of every key, and returns the grown
-    state ``(table, vkeys, m)``: ``vkeys[:m]`` are the distinct keys in order of first appearance, the
-    table is ``int32`` of a power-of-two size (``-1`` = empty). Table and key store grow with the number
-    of distinct keys (load factor <= 1/2), so they stay cache-sized; the caller feeds the keys in
-    chunks so that they never leave the cache either.
+    Writes ``offsets (P,)`` int32, ``base`` + the vertex index of every key; returns ``vkeys (M, d)``
+    the distinct keys in order of first appearance and the table (``int32``, size a power of two,
+    ``-1`` = empty). Table and key store grow with the number of distinct keys (load factor <= 1/2),
+    so they stay cache-sized.
     """
     p, d = keys.shape
-    cap = table.shape[0]
+    cap = 1024
     mask = np.uint64(cap - 1)
+    table = np.full(cap, _EMPTY, dtype=np.int32)
+    vkeys = np.empty((cap // 2, d), dtype=np.int32)
+    m = 0
     for q in range(p):
         h = _hash(keys, q, d) & mask
         while True:
@@ -156,7 +148,7 @@ def insert(keys, offsets, base, table, vkeys, m):  # pragma: no cover - compiled
                 offsets[q] = v + base
                 break
             h = (h + np.uint64(1)) & mask
-    return table, vkeys, m
+    return vkeys[:m].copy(), table
 
 
 @njit(inline="always")

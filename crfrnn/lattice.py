@@ -54,8 +54,6 @@ _BACKENDS = ("numba", "torch")
 # the compiled splat scatters into this many private copies of the lattice, summed in a fixed order:
 # a constant (not the thread count) so that results are bit-identical whatever the number of threads
 _SPLAT_COPIES = 4
-# points elevated and inserted per chunk when building (keys of one chunk: ~1-2 MB)
-_BUILD_CHUNK = 16384
 # below this many multiply-adds per filter (B*N*(D+1)*C) the serial compilation is used
 _SERIAL_WORK = 1 << 18
 # keys are int32; this bound keeps every lattice coordinate (and its neighbours) representable
@@ -190,18 +188,11 @@ class PermutohedralLattice:
             if keep is not None:
                 pts = pts[keep]
             k = pts.shape[0]
+            keys = np.empty((k, d + 1, d), dtype=np.int32)
             bary = bary_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float64)
+            _nb.elevate(pts, sc, keys, bary)
             off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
-            # elevate (parallel) and insert (sequential) chunk by chunk: the keys stay in cache
-            keys = np.empty((min(k, _BUILD_CHUNK), d + 1, d), dtype=np.int32)
-            table, vkeys, m = _nb.new_table(d)
-            for c0 in range(0, k, _BUILD_CHUNK):
-                c1 = min(c0 + _BUILD_CHUNK, k)
-                kc = keys[: c1 - c0]
-                _nb.elevate(pts[c0:c1], sc, kc, bary[c0:c1])
-                chunk_off = off[c0 * (d + 1) : c1 * (d + 1)]
-                table, vkeys, m = _nb.insert(kc.reshape(-1, d), chunk_off, base, table, vkeys, m)
-            vkeys = vkeys[:m]
+            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base)
             del keys
             nbrs.append(_nb.neighbours(vkeys, table, base))
             if keep is not None:  # left-out points: weight 0 on this image's first vertex

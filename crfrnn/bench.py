@@ -42,16 +42,16 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
 
 def load_image(path: Optional[str] = None, size=(375, 500)) -> torch.Tensor:
     """A real RGB image ``(1, 3, H, W)`` float32 0..255 at ``size`` (the VOC sample when present, else
-    the built-in demo scene), resized bilinearly when needed."""
+    the scene of :mod:`crfrnn.demo`), resized bilinearly when needed."""
     p = Path(path) if path else _SAMPLE
     if p.exists():
         from PIL import Image
 
         img = torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float()[None]
     else:
-        from .cli import _demo_image
+        from .demo import make_scene
 
-        img = _demo_image()
+        img = make_scene(*size)[0][None].float()  # (1, 3, H, W), 0..255
     if tuple(img.shape[-2:]) != tuple(size):
         img = torch.nn.functional.interpolate(img, size=size, mode="bilinear", align_corners=False).clamp(0, 255)
     return img

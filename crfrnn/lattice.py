@@ -316,10 +316,15 @@ class PermutohedralLattice:
         Differentiable w.r.t. ``values``: the backward pass is the reverse filter on this lattice.
         """
         self._check_values(values)
-        return _LatticeFilter.apply(values, self, bool(reverse))
+        return _LatticeFilter.apply(values, self, bool(reverse), None, None)
 
-    def _filter_raw(self, values: torch.Tensor, reverse: bool) -> torch.Tensor:
-        return self.filter_scaled(values, reverse=reverse)
+    def _filter_diff(self, values, *, pre=None, post=None) -> torch.Tensor:
+        """Differentiable ``post * F(values * pre)`` with the scales fused into the compiled passes.
+
+        ``pre``/``post`` ``(B, 1, *spatial)`` are constants (no gradient); used by the mean-field
+        loop for the normalisation by the response to ones, which then costs no extra pass.
+        """
+        return _LatticeFilter.apply(values, self, False, pre, post)
 
     def filter_scaled(
         self,
@@ -414,16 +419,19 @@ def _encode_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _LatticeFilter(torch.autograd.Function):
+    """``post * F(pre * values)``; ``pre``/``post`` are constant per-point scales or None."""
+
     @staticmethod
-    def forward(ctx, values, lattice, reverse):
-        ctx.lattice = lattice
-        ctx.reverse = reverse
-        return lattice._filter_raw(values, reverse)
+    def forward(ctx, values, lattice, reverse, pre, post):
+        ctx.lattice, ctx.reverse, ctx.pre, ctx.post = lattice, reverse, pre, post
+        return lattice.filter_scaled(values, reverse=reverse, pre=pre, post=post)
 
     @staticmethod
     def backward(ctx, grad):
-        # the filter is linear, its adjoint is the same lattice blurred in the opposite order
-        return _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse), None, None
+        # linear: the adjoint is pre * F^T(post * grad), and F^T is the same lattice blurred in the
+        # opposite order -- the same Function with the scales swapped (so double backward works too)
+        g = _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse, ctx.post, ctx.pre)
+        return g, None, None, None, None
 
 
 def _check_pair(values, features) -> None:

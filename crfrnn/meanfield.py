@@ -197,10 +197,9 @@ class _Kernel:
 
     def __call__(self, q):
         if self.matrix is None:
-            out = self.lattice.filter(q)
-        else:
-            B, L = q.shape[:2]
-            out = torch.matmul(q.reshape(B, L, -1), self.matrix.transpose(1, 2)).reshape(q.shape)
+            return self.lattice._filter_diff(q, post=self.inv_norm)  # normalisation fused into the slice
+        B, L = q.shape[:2]
+        out = torch.matmul(q.reshape(B, L, -1), self.matrix.transpose(1, 2)).reshape(q.shape)
         return out * self.inv_norm
 
 
@@ -212,18 +211,25 @@ def _label_matrix(w: torch.Tensor, L: int) -> torch.Tensor:
     return eye * w if w.dim() == 0 else torch.diag(w)
 
 
-def _pairwise(ws, wb, c, m_spatial, m_bilateral):
-    """``compatibility @ (W_s @ m_s + W_b @ m_b)`` on the label axis of ``(B, L, *spatial)`` messages.
+def _compose(ws, wb, c):
+    """The label-axis weights of one iteration, ``compatibility @ W_s`` and ``compatibility @ W_b``.
 
-    The L x L products are formed first (cheap), so a pixel-sized GEMM is done once per kernel;
-    all-scalar/diagonal weights stay elementwise.
+    All-scalar/diagonal weights stay elementwise (scalars or ``(L,)``); otherwise ``(L, L)`` matrices,
+    so a pixel-sized GEMM is done once per kernel.
     """
     if ws.dim() < 2 and wb.dim() < 2 and c.dim() < 2:
-        return _apply_labels(c * ws, m_spatial) + _apply_labels(c * wb, m_bilateral)
-    B, L = m_spatial.shape[:2]
+        return c * ws, c * wb
+    L = max(t.shape[-1] for t in (ws, wb, c) if t.dim() > 0)
     cm = _label_matrix(c, L)
-    a = (cm @ _label_matrix(ws, L)).to(m_spatial.dtype)
-    b = (cm @ _label_matrix(wb, L)).to(m_spatial.dtype)
+    return cm @ _label_matrix(ws, L), cm @ _label_matrix(wb, L)
+
+
+def _pairwise(a, b, m_spatial, m_bilateral):
+    """``a @ m_s + b @ m_b`` on the label axis of ``(B, L, *spatial)`` messages (weights from :func:`_compose`)."""
+    if a.dim() < 2:
+        return _apply_labels(a, m_spatial) + _apply_labels(b, m_bilateral)
+    B, L = m_spatial.shape[:2]
+    a, b = a.to(m_spatial.dtype), b.to(m_spatial.dtype)
     out = torch.baddbmm(
         torch.matmul(a, m_spatial.reshape(B, L, -1)), b.expand(B, L, L), m_bilateral.reshape(B, L, -1)
     )
@@ -233,10 +239,15 @@ def _pairwise(ws, wb, c, m_spatial, m_bilateral):
 def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations, valid_mask):
     """The RNN: ``spatial_w``, ``bilateral_w``, ``compat`` are per-iteration lists of weights."""
     k_spatial, k_bilateral = kernels
+    composed = {}  # tied iterations share one composition (computed once, not per iteration)
     logits = unary
     for t in range(num_iterations):
+        key = (id(spatial_w[t]), id(bilateral_w[t]), id(compat[t]))
+        if key not in composed:
+            composed[key] = _compose(spatial_w[t], bilateral_w[t], compat[t])
+        a, b = composed[key]
         q = torch.softmax(logits, dim=1)
-        logits = unary - _pairwise(spatial_w[t], bilateral_w[t], compat[t], k_spatial(q), k_bilateral(q))
+        logits = unary - _pairwise(a, b, k_spatial(q), k_bilateral(q))
     if valid_mask is not None and num_iterations > 0:
         logits = torch.where(valid_mask != 0, logits, unary)
     return logits
@@ -395,7 +406,8 @@ class CrfRnn(nn.Module):
     def _per_iteration(self, p: torch.Tensor, T: int):
         if not self.untied:
             return [p] * T
-        return [p[min(t, p.shape[0] - 1)] for t in range(T)]
+        sets = p.unbind(0)  # iterations past num_iterations reuse the last set (the same tensor)
+        return [sets[min(t, len(sets) - 1)] for t in range(T)]
 
     def forward(
         self,

@@ -21,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 _EMPTY = -1
+_ELEVATE_CHUNK = 1024  # points per work item of the elevation
 
 
 @njit(parallel=True, cache=True)
@@ -33,64 +34,94 @@ def elevate(feat, scale, keys, bary):  # pragma: no cover - compiled
     """
     n, d = feat.shape
     down = 1.0 / (d + 1)
-    for k in prange(n):
+    nchunk = (n + _ELEVATE_CHUNK - 1) // _ELEVATE_CHUNK
+    for ck in prange(nchunk):
+        # scratch allocated once per chunk of points, not per point
         elevated = np.empty(d + 1, dtype=np.float64)
         rem0 = np.empty(d + 1, dtype=np.int64)
-        rank = np.zeros(d + 1, dtype=np.int64)
-        b = np.zeros(d + 2, dtype=np.float64)
-        sm = 0.0
-        for j in range(d, 0, -1):
-            cf = feat[k, j - 1] * scale[j - 1]
-            elevated[j] = sm - j * cf
-            sm += cf
-        elevated[0] = sm
-        total = 0
-        for i in range(d + 1):
-            v = down * elevated[i]
-            up = np.ceil(v) * (d + 1)
-            dn = np.floor(v) * (d + 1)
-            if up - elevated[i] < elevated[i] - dn:
-                rem0[i] = np.int64(up)
-            else:
-                rem0[i] = np.int64(dn)
-            total += rem0[i]
-        total = total // (d + 1)
+        rank = np.empty(d + 1, dtype=np.int64)
+        b = np.empty(d + 2, dtype=np.float64)
+        for k in range(ck * _ELEVATE_CHUNK, min(n, (ck + 1) * _ELEVATE_CHUNK)):
+            _elevate_point(feat, scale, keys, bary, k, d, down, elevated, rem0, rank, b)
+
+
+@njit(inline="always")
+def _elevate_point(feat, scale, keys, bary, k, d, down, elevated, rem0, rank, b):  # pragma: no cover - compiled
+    """One point of :func:`elevate` (scratch arrays from the caller)."""
+    for i in range(d + 1):
+        rank[i] = 0
+    sm = 0.0
+    for j in range(d, 0, -1):
+        cf = feat[k, j - 1] * scale[j - 1]
+        elevated[j] = sm - j * cf
+        sm += cf
+    elevated[0] = sm
+    total = 0
+    for i in range(d + 1):
+        v = down * elevated[i]
+        up = np.ceil(v) * (d + 1)
+        dn = np.floor(v) * (d + 1)
+        if up - elevated[i] < elevated[i] - dn:
+            rem0[i] = np.int64(up)
+        else:
+            rem0[i] = np.int64(dn)
+        total += rem0[i]
+    total = total // (d + 1)
+    for i in range(d + 1):
+        b[i] = elevated[i] - rem0[i]  # (b is scratch here)
+    for i in range(d):
+        di = b[i]
+        for j in range(i + 1, d + 1):
+            lt = np.int64(di < b[j])  # branch-free: the comparisons are unpredictable
+            rank[i] += lt
+            rank[j] += 1 - lt
+    for i in range(d + 2):
+        b[i] = 0.0
+    for i in range(d + 1):
+        rank[i] += total
+        if rank[i] < 0:
+            rank[i] += d + 1
+            rem0[i] += d + 1
+        elif rank[i] > d:
+            rank[i] -= d + 1
+            rem0[i] -= d + 1
+    for i in range(d + 1):
+        v = (elevated[i] - rem0[i]) * down
+        b[d - rank[i]] += v
+        b[d - rank[i] + 1] -= v
+    b[0] += 1.0 + b[d + 1]
+    for r in range(d + 1):
+        bary[k, r] = b[r]
         for i in range(d):
-            di = elevated[i] - rem0[i]
-            for j in range(i + 1, d + 1):
-                if di < elevated[j] - rem0[j]:
-                    rank[i] += 1
-                else:
-                    rank[j] += 1
-        for i in range(d + 1):
-            rank[i] += total
-            if rank[i] < 0:
-                rank[i] += d + 1
-                rem0[i] += d + 1
-            elif rank[i] > d:
-                rank[i] -= d + 1
-                rem0[i] -= d + 1
-        for i in range(d + 1):
-            v = (elevated[i] - rem0[i]) * down
-            b[d - rank[i]] += v
-            b[d - rank[i] + 1] -= v
-        b[0] += 1.0 + b[d + 1]
-        for r in range(d + 1):
-            bary[k, r] = b[r]
-            for i in range(d):
-                # canonical simplex vertex r: coordinate = r, or r - (d+1) past position d - r
-                c = r if rank[i] <= d - r else r - (d + 1)
-                keys[k, r, i] = rem0[i] + c
+            # canonical simplex vertex r: coordinate = r, or r - (d+1) past position d - r
+            c = r if rank[i] <= d - r else r - (d + 1)
+            keys[k, r, i] = rem0[i] + c
+
+
+@njit(inline="always")
+def _hash_term(c, i):  # pragma: no cover - compiled
+    # coordinate i's contribution, a non-linear scramble of (i, c); the terms are summed, so the
+    # coordinates are hashed independently (instruction-level parallelism, no FNV-style serial chain)
+    x = (np.uint64(np.int64(c) & 0xFFFFFFFF) << np.uint64(8)) + np.uint64(i)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+@njit(inline="always")
+def _hash_mix(h):  # pragma: no cover - compiled
+    h ^= h >> np.uint64(32)
+    h *= np.uint64(0xD6E8FEB86659FD93)
+    h ^= h >> np.uint64(32)
+    return h
 
 
 @njit(inline="always")
 def _hash(keys, row, d):  # pragma: no cover - compiled
-    h = np.uint64(14695981039346656037)
+    h = np.uint64(0)
     for i in range(d):
-        h ^= np.uint64(np.int64(keys[row, i]) & 0xFFFFFFFF)
-        h *= np.uint64(1099511628211)
-    h ^= h >> np.uint64(29)
-    return h
+        h += _hash_term(keys[row, i], i)
+    return _hash_mix(h)
 
 
 @njit(cache=True)
@@ -107,13 +138,14 @@ def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def insert(keys, offsets, base):  # pragma: no cover - compiled
+def insert(keys, offsets, base, stride):  # pragma: no cover - compiled
     """Insert ``keys (P, d)`` into a fresh hash table (sequential).
 
     Writes ``offsets (P,)`` int32, ``base`` + the vertex index of every key; returns ``vkeys (M, d)``
     the distinct keys in order of first appearance and the table (``int32``, size a power of two,
     ``-1`` = empty). Table and key store grow with the number of distinct keys (load factor <= 1/2),
-    so they stay cache-sized.
+    so they stay cache-sized. Neighbouring points mostly share their simplex: a key equal to the one
+    ``stride`` (= d+1) rows earlier (the previous point's same vertex) takes its offset without hashing.
     """
     p, d = keys.shape
     cap = 1024
@@ -122,6 +154,15 @@ def insert(keys, offsets, base):  # pragma: no cover - compiled
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
     for q in range(p):
+        if q >= stride:
+            same = True
+            for i in range(d):
+                if keys[q, i] != keys[q - stride, i]:
+                    same = False
+                    break
+            if same:
+                offsets[q] = offsets[q - stride]
+                continue
         h = _hash(keys, q, d) & mask
         while True:
             v = table[h]
@@ -160,13 +201,11 @@ def _find_neighbour(vkeys, table, v, j, sign, d):  # pragma: no cover - compiled
     """
     cap = table.shape[0]
     mask = np.uint64(cap - 1)
-    h = np.uint64(14695981039346656037)
+    h = np.uint64(0)
     for i in range(d):
         c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
-        h ^= np.uint64(np.int64(c) & 0xFFFFFFFF)
-        h *= np.uint64(1099511628211)
-    h ^= h >> np.uint64(29)
-    h &= mask
+        h += _hash_term(c, i)
+    h = _hash_mix(h) & mask
     while True:
         u = table[h]
         if u == _EMPTY:
@@ -318,3 +357,193 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
 # splat's ``parts`` is fixed by the caller, not by the thread count.
 filter_values = njit(parallel=True, cache=True)(_filter_values)
 filter_values_serial = njit(parallel=False, cache=True)(_filter_values)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused dense-CRF mean field (pydensecrf's inference) over several lattices at once.
+#
+# One iteration of Krähenbühl's mean field is: for every pairwise term t, filter Q on lattice t with
+# per-point scales (pydensecrf's normalisations) and a label compatibility; add everything to the
+# negative unary; softmax over labels. Done as separate filter calls, every call streams Q, its
+# output and the lattice's weights/offsets through memory. Here one parallel pass over the points
+# per iteration does, for each point: slice every term's (already blurred) lattice, add the
+# negative unary, softmax, and splat the new Q straight into every term's lattice for the next
+# iteration. Q never goes through memory between iterations (only at the end), and the per-point
+# arrays are read once per iteration instead of four times.
+
+_F32 = np.float32
+_LOG2E = _F32(1.4426950408889634)
+_LN2_HI = _F32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, the first with few significant bits
+_LN2_LO = _F32(-2.12194440e-4)
+_EXP_FLOOR = _F32(-60 * 0.6931471805599453)  # exp() >= 2^-60 ~ 8.7e-19: Q > 0 and far from denormals
+_E1, _E2, _E3, _E4, _E5, _E6 = _F32(1.0), _F32(0.5), _F32(1 / 6), _F32(1 / 24), _F32(1 / 120), _F32(1 / 720)
+_LANES = 8  # the fused mean field pads the labels to a multiple of this (whole SIMD registers)
+
+
+@njit(inline="always")
+def _softmax_row(row, c, bits, scale):  # pragma: no cover - compiled
+    """In-place softmax of ``row[:c]`` (float32); ``row[c:]`` (padding) is set to 0.
+
+    ``exp(x) = 2^k e^f`` by range reduction: ``2^k`` from the exponent bits (``bits`` int32 viewed as
+    ``scale`` float32), ``e^f`` (``|f| <= ln2/2``) by its series to 6th order (relative error ~1e-7),
+    with arguments below ``-60 ln 2`` raised to it (smaller values would head for denormals: slow).
+    Written as fixed-trip loops over the whole padded row so that they compile to SIMD code.
+    """
+    cp = row.shape[0]
+    mx = row[0]
+    for ch in range(1, c):
+        mx = max(mx, row[ch])
+    for ch in range(cp):
+        x = max(row[ch] - mx, _EXP_FLOOR)
+        k = np.int32(x * _LOG2E - _F32(0.5))  # round(x / ln 2) for x <= 0 (truncation toward zero)
+        kf = _F32(k)
+        f = (x - kf * _LN2_HI) - kf * _LN2_LO  # Cody-Waite: exact k ln2 in two parts, |f| <= ln2 / 2
+        row[ch] = _E1 + f * (_E1 + f * (_E2 + f * (_E3 + f * (_E4 + f * (_E5 + f * _E6)))))
+        bits[ch] = (k + 127) << 23
+    tot = _F32(0.0)
+    for ch in range(c):
+        e = row[ch] * scale[ch]
+        row[ch] = e
+        tot += e
+    inv = _F32(1.0) / tot
+    for ch in range(c):
+        row[ch] *= inv
+    for ch in range(c, cp):
+        row[ch] = _F32(0.0)
+
+
+def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
+                     pre, post, wdiag, wmat, ismat, n_iter, parts):  # pragma: no cover - compiled
+    """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
+
+    ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
+    multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
+    ``softmax(-U)``). Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
+    ``bary[tstart[t] : tstart[t] + N * td1[t]]`` and the same slice of ``offsets`` (global vertex
+    rows), vertex rows ``vstart[t] ... vstart[t] + vcount[t]`` and blur neighbours ``nbr[nstart[t] :
+    ...]`` laid out ``(td1, vcount, 2)`` (global rows, -1 = missing). ``pre (T, N)``/``post (T, N)``:
+    per-point scales (``post`` includes the lattice's output factor). The messages ``m = post *
+    F(pre * Q)`` enter the logits as ``+ wdiag[t] * m`` (``wdiag (T, Cp)``), or as ``- wmat[t] @ m``
+    where ``ismat[t]`` (``wmat (T, L, L)``); being linear, the compatibility is applied to the
+    blurred vertices (``M`` rows) rather than to the sliced points (``N`` rows). ``parts``: private
+    lattice copies for the splat (fixed by the caller: results do not depend on the thread count).
+    """
+    n, cp = neg_unary.shape
+    c = q.shape[0]
+    nt = td1.shape[0]
+    mtot = 0
+    for t in range(nt):
+        mtot += vcount[t]
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    parts = max(1, min(parts, nblk))
+    partial = np.zeros((parts, mtot, cp), dtype=np.float32)
+    lat = np.empty((mtot, cp), dtype=np.float32)
+    tmp = np.empty((mtot, cp), dtype=np.float32)
+    msg_lat = np.empty((mtot, cp), dtype=np.float32)  # blurred vertices times the compatibility
+    for it in range(n_iter + 1):
+        if it > 0:
+            # sum the private copies (and clear them for this iteration's splat), then blur each term
+            for v in prange(mtot):
+                dst = lat[v]
+                s0 = partial[0, v]
+                for ch in range(cp):
+                    dst[ch] = s0[ch]
+                    s0[ch] = 0.0
+                for p in range(1, parts):
+                    sp = partial[p, v]
+                    for ch in range(cp):
+                        dst[ch] += sp[ch]
+                        sp[ch] = 0.0
+            for t in range(nt):
+                d1 = td1[t]
+                mt = vcount[t]
+                v0 = vstart[t]
+                for j in range(d1):
+                    src_a = lat if j % 2 == 0 else tmp
+                    dst_a = tmp if j % 2 == 0 else lat
+                    nb0 = nstart[t] + j * mt * 2
+                    for v in prange(mt):
+                        a = nbr[nb0 + 2 * v]
+                        b = nbr[nb0 + 2 * v + 1]
+                        dst = dst_a[v0 + v]
+                        s = src_a[v0 + v]
+                        if a >= 0 and b >= 0:
+                            sa = src_a[a]
+                            sb = src_a[b]
+                            for ch in range(cp):
+                                dst[ch] = s[ch] + _F32(0.5) * (sa[ch] + sb[ch])
+                        elif a >= 0:
+                            sa = src_a[a]
+                            for ch in range(cp):
+                                dst[ch] = s[ch] + _F32(0.5) * sa[ch]
+                        elif b >= 0:
+                            sb = src_a[b]
+                            for ch in range(cp):
+                                dst[ch] = s[ch] + _F32(0.5) * sb[ch]
+                        else:
+                            for ch in range(cp):
+                                dst[ch] = s[ch]
+                # the compatibility applied to the blurred vertices, not to every point (the slice
+                # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
+                fin = lat if d1 % 2 == 0 else tmp
+                if ismat[t]:
+                    wm = wmat[t]
+                    for v in prange(mt):
+                        s = fin[v0 + v]
+                        dst = msg_lat[v0 + v]
+                        for ch in range(c):
+                            a = _F32(0.0)
+                            for k in range(c):
+                                a += wm[ch, k] * s[k]
+                            dst[ch] = -a
+                        for ch in range(c, cp):
+                            dst[ch] = _F32(0.0)
+                else:
+                    wd = wdiag[t]
+                    for v in prange(mt):
+                        s = fin[v0 + v]
+                        dst = msg_lat[v0 + v]
+                        for ch in range(cp):
+                            dst[ch] = wd[ch] * s[ch]
+        last = it == n_iter
+        for p in prange(parts):
+            acc = partial[p]
+            buf = np.empty((_BLOCK, cp), dtype=np.float32)
+            bits = np.empty(cp, dtype=np.int32)
+            scale = bits.view(np.float32)
+            for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
+                i0 = blk * _BLOCK
+                i1 = min(i0 + _BLOCK, n)
+                for i in range(i0, i1):
+                    row = buf[i - i0]
+                    un = neg_unary[i]
+                    for ch in range(cp):
+                        row[ch] = un[ch]
+                    if it > 0:
+                        for t in range(nt):
+                            d1 = td1[t]
+                            base = tstart[t] + i * d1
+                            sc = post[t, i]
+                            for r in range(d1):
+                                w = bary[base + r] * sc
+                                src = msg_lat[offsets[base + r]]
+                                for ch in range(cp):
+                                    row[ch] += w * src[ch]
+                    _softmax_row(row, c, bits, scale)
+                    if not last:
+                        for t in range(nt):
+                            d1 = td1[t]
+                            base = tstart[t] + i * d1
+                            s = pre[t, i]
+                            for r in range(d1):
+                                w = bary[base + r] * s
+                                dst = acc[offsets[base + r]]
+                                for ch in range(cp):
+                                    dst[ch] += w * row[ch]
+                if last:
+                    for ch in range(c):
+                        for i in range(i0, i1):
+                            q[ch, i] = buf[i - i0, ch]
+
+
+dense_meanfield = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(_dense_meanfield)

@@ -36,7 +36,14 @@ The model and its conventions are pydensecrf's (read from its C++ sources, ``den
 * ``klDivergence(Q)`` is pydensecrf's objective: :math:`\sum Q\log Q + \sum U Q + \sum_k \sum Q\,\mu_k(\tilde K_k Q)`.
 
 Implementation: every pairwise term builds its :class:`~crfrnn.lattice.PermutohedralLattice` once, when
-it is added (as pydensecrf does), and each iteration filters all labels in one call per term. Arrays are
+it is added (as pydensecrf does). On the CPU, ``inference`` runs all terms and the softmax fused in one
+compiled pass over the pixels per iteration (:func:`crfrnn._lattice_numba.dense_meanfield`: slice every
+term's blurred lattice, add the unary, softmax, splat the new marginals into every lattice), with
+pydensecrf's maths; elsewhere, and in ``stepInference``/``klDivergence``, each iteration filters all
+labels in one call per term (the fused path's test oracle). The fused softmax computes ``exp`` to float32
+accuracy but raises arguments below ``-60 ln 2`` to it, so marginals are never below ``2^-60 / n_labels``
+(~1e-19; pydensecrf's go down to ~1e-38 before they underflow to 0); otherwise marginals agree with
+pydensecrf's to float32 rounding. Arrays are
 stored as float32 torch tensors (on ``device``, CPU by default); what is returned to the caller is a
 float32 numpy array ``(n_labels, n_pixels)`` like pydensecrf's (``np.array(Q)``, ``np.argmax(Q, 0)`` work).
 
@@ -54,7 +61,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from crfrnn.lattice import PermutohedralLattice
+from crfrnn.lattice import _SPLAT_COPIES, PermutohedralLattice, _all_finite
+from crfrnn.lattice import _nb
 
 __all__ = [
     "DenseCRF",
@@ -137,7 +145,7 @@ def _float32_array(x, name: str, ndim: int, *, contiguous: bool = True) -> torch
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise ValueError(f"{name} (shape {_shape(t)}) contains NaN or infinite values")
 
 
@@ -278,6 +286,58 @@ class _Pairwise:
             logits.sub_(self.energy(q))
 
 
+def _fused_meanfield(unary: torch.Tensor, stacked: tuple, n_iterations: int) -> torch.Tensor:
+    """Mean field on CPU lattices with every term and the softmax fused into one compiled pass per
+    iteration (:func:`crfrnn._lattice_numba.dense_meanfield`): the maths of
+    :meth:`DenseCRF._infer_by_terms` (its slow twin) in a third of the memory traffic.
+    ``unary (L, N)``; returns ``Q (L, N)``."""
+    L, n = unary.shape
+    lanes = _nb._LANES
+    un = np.zeros((n, -(-L // lanes) * lanes), dtype=np.float32)  # (N, Cp): a point's labels side by side
+    np.negative(unary.numpy().T, out=un[:, :L])
+    q = np.empty((L, n), dtype=np.float32)
+    _nb.dense_meanfield(un, q, *stacked, n_iterations, _SPLAT_COPIES)
+    return torch.from_numpy(q)
+
+
+def _stack_terms(terms: list, n_labels: int) -> tuple:
+    """The terms' lattices, scales and compatibilities laid end to end, as
+    :func:`crfrnn._lattice_numba.dense_meanfield` takes them (made once per set of terms)."""
+    bary, offsets, nbr, tstart, td1, nstart, vstart, vcount = [], [], [], [], [], [], [], []
+    pre, post, wdiag, wmat, ismat = [], [], [], [], []
+    pos = npos = vpos = 0
+    zeros_mat = np.zeros((n_labels, n_labels), np.float32)
+    for t in terms:
+        lat = t.lattice
+        bary.append(lat._bary(torch.float32))
+        offsets.append(lat._offsets + np.int32(vpos) if vpos else lat._offsets)
+        nb = lat._nbr.reshape(-1)
+        nbr.append(np.where(nb >= 0, nb + np.int32(vpos), nb) if vpos else nb)
+        tstart.append(pos)
+        td1.append(lat.dim + 1)
+        nstart.append(npos)
+        vstart.append(vpos)
+        vcount.append(lat.num_vertices)
+        pos += bary[-1].shape[0]
+        npos += nb.shape[0]
+        vpos += lat.num_vertices
+        n = lat.num_points
+        alpha = np.float32(lat._alpha)
+        pre.append(np.ones(n, np.float32) if t.pre is None else t.pre.numpy())
+        post.append(np.full(n, alpha, np.float32) if t.post is None else t.post.numpy() * alpha)
+        kind, w = t.compat.kind, t.compat.weight
+        # messages m enter the logits as + wdiag * m, or - wmat @ m
+        wd = np.zeros(-(-n_labels // _nb._LANES) * _nb._LANES, np.float32)  # padded as the labels
+        wd[:n_labels] = w if kind == "potts" else -w[:, 0].numpy() if kind == "diag" else 0.0
+        wdiag.append(wd)
+        wmat.append(w.numpy() if kind == "matrix" else zeros_mat)
+        ismat.append(kind == "matrix")
+    i64 = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
+    return (np.concatenate(bary), np.concatenate(offsets), i64(tstart), i64(td1), np.concatenate(nbr),
+            i64(nstart), i64(vstart), i64(vcount), np.stack(pre), np.stack(post), np.stack(wdiag),
+            np.ascontiguousarray(np.stack(wmat)), np.array(ismat, dtype=np.bool_))
+
+
 # ------------------------------------------------------------------------------------------------ unary
 class Unary:
     """Base of the unary-energy objects accepted by :meth:`DenseCRF.setUnary` (as pydensecrf)."""
@@ -329,6 +389,7 @@ class DenseCRF:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self._unary: Optional[torch.Tensor] = None  # (L, N) float32
         self._pairwise: list = []
+        self._stacked: Optional[tuple] = None  # the terms laid out for the fused CPU mean field
 
     @property
     def n_pixels(self) -> int:
@@ -396,6 +457,7 @@ class DenseCRF:
         comp = _Compatibility(compat, self._nlabel, self.device)
         _check_finite(features, "features")
         self._pairwise.append(_Pairwise(features.to(self.device), comp, kernel, normalization))
+        self._stacked = None
 
     # ---------------------------------------------------------------------------------- inference
     def _unary_or_zero(self) -> torch.Tensor:
@@ -405,8 +467,16 @@ class DenseCRF:
 
     @torch.no_grad()
     def _infer(self, n_iterations: int) -> torch.Tensor:
-        """Mean field as tensors: ``(L, N)`` float32 on ``self.device``."""
-        neg_unary = -self._unary_or_zero()
+        """Mean field as tensors: ``(L, N)`` float32 on ``self.device`` (fused on CPU lattices)."""
+        if self._pairwise and all(t.lattice.backend == "numba" for t in self._pairwise):
+            if self._stacked is None:
+                self._stacked = _stack_terms(self._pairwise, self._nlabel)
+            return _fused_meanfield(self._unary_or_zero(), self._stacked, n_iterations)
+        return self._infer_by_terms(-self._unary_or_zero(), n_iterations)
+
+    @torch.no_grad()
+    def _infer_by_terms(self, neg_unary: torch.Tensor, n_iterations: int) -> torch.Tensor:
+        """Mean field one filter call per term and iteration (any device; the fused path's twin)."""
         q = torch.softmax(neg_unary, dim=0)
         for _ in range(n_iterations):
             logits = neg_unary.clone()

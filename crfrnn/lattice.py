@@ -74,6 +74,14 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``: one reduction pass and no boolean temporary (NaN propagates through min/max)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _check_features(features) -> None:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor of shape (B, D, *spatial), got {type(features).__name__}")
@@ -87,7 +95,7 @@ def _check_features(features) -> None:
         raise ValueError(f"features must have D >= 1 feature channels, got D=0 ({_describe(features)})")
     if features.numel() == 0:
         raise ValueError(f"features is empty: {_describe(features)}")
-    if not bool(torch.isfinite(features).all()):
+    if not _all_finite(features):
         raise ValueError(f"features contains NaN or infinite values ({_describe(features)})")
 
 
@@ -192,7 +200,7 @@ class PermutohedralLattice:
             bary = bary_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float64)
             _nb.elevate(pts, sc, keys, bary)
             off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
-            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base)
+            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base, d + 1)
             del keys
             nbrs.append(_nb.neighbours(vkeys, table, base))
             if keep is not None:  # left-out points: weight 0 on this image's first vertex

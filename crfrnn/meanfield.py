@@ -43,7 +43,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .lattice import PermutohedralLattice, _check_mask, dense_gaussian_kernel
+from .lattice import PermutohedralLattice, _all_finite, _check_mask, dense_gaussian_kernel
 
 __all__ = ["mean_field", "CrfRnn", "crf_features"]
 
@@ -86,12 +86,6 @@ def _check_inputs(unary, image, valid_mask) -> None:
         raise ValueError(f"image contains NaN or infinite values ({_describe(image)})")
     if valid_mask is not None:
         _check_mask(valid_mask, unary, name="valid_mask")
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    # one reduction pass, no (B, L, *spatial) boolean temporary; NaN propagates through min/max
-    lo, hi = torch.aminmax(t.detach())
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _positive(name: str, value) -> None:

@@ -433,3 +433,72 @@ def test_utils_bad_input():
         cu.create_pairwise_gaussian((1, 2), (4, 5, 6))
     with pytest.raises(ValueError, match="schan has 4 entries"):
         cu.create_pairwise_bilateral((1, 2), (1, 2, 3, 4), np.zeros((4, 5, 3), np.uint8), chdim=2)
+
+
+# ------------------------------------------------------------------------- fused CPU path vs its twin
+@pytest.mark.parametrize("n_labels", [1, 2, 9, 21, 30])
+def test_fused_inference_matches_per_term_loop(n_labels):
+    """The fused CPU mean field (all terms + softmax in one compiled pass per iteration) equals the
+    per-term loop (one lattice filter call per term, torch softmax) for every compatibility kind,
+    normalisation, feature dimension and label count (padding to whole SIMD registers included)."""
+    _, img, mask, _ = _voc_problem((45, 70), start=5)
+    h, w = mask.shape
+    rng = np.random.default_rng(n_labels)
+    U = np.ascontiguousarray(rng.normal(0, 2, (n_labels, h * w)), dtype=np.float32)
+    d = cd.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(U)
+    d.addPairwiseGaussian(3, 3.0)
+    d.addPairwiseBilateral(30, 13, img, np.linspace(-6, 1, n_labels).astype(np.float32),
+                           normalization=cd.NORMALIZE_BEFORE)
+    d.addPairwiseEnergy(np.ascontiguousarray(img[..., :1].reshape(1, -1).astype(np.float32) / 20), 2.0,
+                        normalization=cd.NORMALIZE_AFTER)  # D = 1
+    m = rng.normal(0, 1, (n_labels, n_labels)).astype(np.float32)
+    d.addPairwiseBilateral(60, 20, img, m, normalization=cd.NO_NORMALIZATION)
+    fused = d.inference(6)
+    assert d._stacked is not None  # the fused path ran
+    twin = d._infer_by_terms(-torch.from_numpy(U), 6).numpy()
+    np.testing.assert_allclose(fused, twin, atol=3e-6, rtol=0)
+    if n_labels > 1:
+        assert np.abs(twin - d._infer_by_terms(-torch.from_numpy(U), 0).numpy()).max() > 0.05  # the terms act
+    np.testing.assert_allclose(fused.sum(0), 1.0, atol=1e-5)
+
+
+def test_fused_inference_is_independent_of_thread_count():
+    """Fixed splat copies summed in a fixed order: bit-identical marginals for 1 and 2 threads."""
+    import numba
+
+    _, img, mask, probs = _voc_problem((60, 80), start=2)
+    h, w = mask.shape
+    d = cd.DenseCRF2D(w, h, 21)
+    d.setUnaryEnergy(cu.unary_from_softmax(probs))
+    d.addPairwiseGaussian(3, 3)
+    d.addPairwiseBilateral(80, 13, img, 10)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = d.inference(5)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        two = d.inference(5)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_fused_softmax_accuracy_and_floor():
+    """Zero iterations = softmax(-U) by the fused pass's own exp: float32 accuracy against float64, and
+    tiny marginals stay positive (floored at 2^-60 / L) instead of underflowing to 0."""
+    rng = np.random.default_rng(3)
+    n, L = 5000, 21
+    U = np.ascontiguousarray(rng.uniform(0, 120, (L, n)), dtype=np.float32)
+    d = cd.DenseCRF(n, L)
+    d.setUnaryEnergy(U)
+    d.addPairwiseEnergy(np.ascontiguousarray(rng.normal(size=(2, n)), dtype=np.float32), 0.0)
+    q = d.inference(0)
+    e = np.exp(-(U.astype(np.float64) - U.min(0)))
+    ref = e / e.sum(0)
+    big = ref > 1e-17
+    # float32 arguments as large as -120 carry ~1e-5 absolute rounding: compare with torch's float32 softmax
+    f32 = torch.softmax(-torch.from_numpy(U), 0).numpy()
+    assert np.abs(q[big] / ref[big] - 1).max() <= 2 * np.abs(f32[big] / ref[big] - 1).max() + 1e-6
+    assert q.min() >= 0.99 * 2.0**-60 / L  # exp() floored at 2^-60, divided by a sum of at most L
+    np.testing.assert_array_equal(q.argmax(0), ref.argmax(0))

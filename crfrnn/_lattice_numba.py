@@ -440,20 +440,37 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     lat = np.empty((mtot, cp), dtype=np.float32)
     tmp = np.empty((mtot, cp), dtype=np.float32)
     msg_lat = np.empty((mtot, cp), dtype=np.float32)  # blurred vertices times the compatibility
+    # the vertex rows of term t that part p's points touch, [lo, hi): neighbouring pixels share
+    # vertices and rows are numbered in order of first appearance, so they are a band of the lattice,
+    # and the reduction reads (and clears) only the copies whose band holds the row
+    lo = np.empty((parts, nt), dtype=np.int64)
+    hi = np.empty((parts, nt), dtype=np.int64)
+    for p in prange(parts):
+        i0 = nblk * p // parts * _BLOCK
+        i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
+        for t in range(nt):
+            d1 = td1[t]
+            a = mtot
+            b = 0
+            for k in range(tstart[t] + i0 * d1, tstart[t] + i1 * d1):
+                a = min(a, np.int64(offsets[k]))
+                b = max(b, np.int64(offsets[k]) + 1)
+            lo[p, t] = a
+            hi[p, t] = max(a, b)
     for it in range(n_iter + 1):
         if it > 0:
             # sum the private copies (and clear them for this iteration's splat), then blur each term
-            for v in prange(mtot):
-                dst = lat[v]
-                s0 = partial[0, v]
-                for ch in range(cp):
-                    dst[ch] = s0[ch]
-                    s0[ch] = 0.0
-                for p in range(1, parts):
-                    sp = partial[p, v]
+            for t in range(nt):
+                for v in prange(vstart[t], vstart[t] + vcount[t]):
+                    dst = lat[v]
                     for ch in range(cp):
-                        dst[ch] += sp[ch]
-                        sp[ch] = 0.0
+                        dst[ch] = _F32(0.0)
+                    for p in range(parts):
+                        if lo[p, t] <= v < hi[p, t]:
+                            sp = partial[p, v]
+                            for ch in range(cp):
+                                dst[ch] += sp[ch]
+                                sp[ch] = _F32(0.0)
             for t in range(nt):
                 d1 = td1[t]
                 mt = vcount[t]

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _EMPTY = -1
 _ELEVATE_CHUNK = 1024  # points per work item of the elevation
@@ -138,23 +141,25 @@ def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def insert(keys, offsets, base, stride):  # pragma: no cover - compiled
-    """Insert ``keys (P, d)`` into a fresh hash table (sequential).
+def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no cover - compiled
+    """Insert rows ``q0 <= q < q1`` of ``keys (P, d)`` into a fresh hash table (sequential).
 
-    Writes ``offsets (P,)`` int32, ``base`` + the vertex index of every key; returns ``vkeys (M, d)``
-    the distinct keys in order of first appearance and the table (``int32``, size a power of two,
-    ``-1`` = empty). Table and key store grow with the number of distinct keys (load factor <= 1/2),
-    so they stay cache-sized. Neighbouring points mostly share their simplex: a key equal to the one
-    ``stride`` (= d+1) rows earlier (the previous point's same vertex) takes its offset without hashing.
+    Writes ``offsets[q]`` int32 = ``base`` + the vertex index of key ``q`` (vertices numbered in order
+    of first appearance) and, if ``firsts`` is not empty, ``firsts[q0 + v]`` = the row where vertex
+    ``v`` first appears. Returns ``vkeys (M, d)`` and the table (``int32``, size a power of two, ``-1``
+    = empty). Table and key store grow with the number of distinct keys (load factor <= 1/2), so
+    they stay cache-sized. Neighbouring points mostly share their simplex: a key equal to the one
+    ``stride`` (= d+1) rows earlier (the previous point's same vertex) takes its offset unhashed.
     """
-    p, d = keys.shape
+    d = keys.shape[1]
+    record = firsts.shape[0] > 0
     cap = 1024
     mask = np.uint64(cap - 1)
     table = np.full(cap, _EMPTY, dtype=np.int32)
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
-    for q in range(p):
-        if q >= stride:
+    for q in range(q0, q1):
+        if q - q0 >= stride:
             same = True
             for i in range(d):
                 if keys[q, i] != keys[q - stride, i]:
@@ -170,6 +175,8 @@ def insert(keys, offsets, base, stride):  # pragma: no cover - compiled
                 table[h] = m
                 for i in range(d):
                     vkeys[m, i] = keys[q, i]
+                if record:
+                    firsts[q0 + m] = q
                 offsets[q] = m + base
                 m += 1
                 if 2 * m >= cap:
@@ -190,6 +197,55 @@ def insert(keys, offsets, base, stride):  # pragma: no cover - compiled
                 break
             h = (h + np.uint64(1)) & mask
     return vkeys[:m].copy(), table
+
+
+@njit(parallel=True, cache=True)
+def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
+    """Insert ``keys (P, d)`` (``stride`` = d+1 rows per point) into a fresh hash table.
+
+    Writes ``offsets (P,)`` int32 = ``base`` + vertex index (vertices numbered in order of first
+    appearance); returns ``vkeys (M, d)`` and the table (see :func:`_insert_range`). With ``threads``
+    > 1 the points are cut into contiguous chunks, each inserted into its own table in parallel;
+    the chunks' distinct keys are then merged in chunk order (a small sequential insert) and the
+    offsets renumbered: the numbering is exactly the sequential one, whatever the thread count.
+    """
+    p = keys.shape[0]
+    npts = p // stride
+    nch = min(threads, max(1, npts // 8192))
+    if nch <= 1:
+        return _insert_range(keys, 0, p, offsets, base, stride, np.empty(0, dtype=np.int64))
+    firsts = np.empty(p, dtype=np.int64)
+    counts = np.zeros(nch, dtype=np.int64)
+    for c in prange(nch):
+        q0 = npts * c // nch * stride
+        q1 = npts * (c + 1) // nch * stride
+        vk, _ = _insert_range(keys, q0, q1, offsets, 0, stride, firsts)
+        counts[c] = vk.shape[0]
+    # merge: every chunk's distinct keys, in chunk order, then in order of first appearance
+    total = 0
+    for c in range(nch):
+        total += counts[c]
+    cand = np.empty(total, dtype=np.int64)
+    pos = 0
+    for c in range(nch):
+        q0 = npts * c // nch * stride
+        for j in range(counts[c]):
+            cand[pos + j] = firsts[q0 + j]
+        pos += counts[c]
+    merged_keys = np.empty((total, keys.shape[1]), dtype=np.int32)
+    for j in range(total):
+        merged_keys[j] = keys[cand[j]]
+    remap = np.empty(total, dtype=np.int32)
+    vkeys, table = _insert_range(merged_keys, 0, total, remap, base, total + 1, np.empty(0, dtype=np.int64))
+    start = np.zeros(nch, dtype=np.int64)
+    for c in range(1, nch):
+        start[c] = start[c - 1] + counts[c - 1]
+    for c in prange(nch):
+        q0 = npts * c // nch * stride
+        q1 = npts * (c + 1) // nch * stride
+        for q in range(q0, q1):
+            offsets[q] = remap[start[c] + offsets[q]]
+    return vkeys, table
 
 
 @njit(inline="always")
@@ -380,6 +436,95 @@ _E1, _E2, _E3, _E4, _E5, _E6 = _F32(1.0), _F32(0.5), _F32(1 / 6), _F32(1 / 24), 
 _LANES = 8  # the fused mean field pads the labels to a multiple of this (whole SIMD registers)
 
 
+# Two explicit-SIMD kernels (LLVM ``<8 x float>`` fused multiply-adds), for the rows of ``_LANES``-padded
+# float32 lattices: LLVM's own vectorisation of a ``for ch in range(cp)`` loop re-checks aliasing and
+# peels a remainder for every 24-float row, which costs more than the arithmetic. Same operations in
+# the same order as the plain loops (``w = bary * scale`` rounded to float32, then one FMA per value).
+_V8 = ir.VectorType(ir.FloatType(), 8)
+
+
+def _v8_fma(builder):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fma.v8f32")
+
+
+def _v8_broadcast(builder, x):
+    v = cgutils.get_null_value(_V8)
+    for k in range(8):
+        v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), k))
+    return v
+
+
+def _is_f32_array(t, ndim):
+    return isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == ndim and t.layout == "C"
+
+
+def _is_i32_vector(t):
+    return isinstance(t, types.Array) and t.dtype == types.int32 and t.ndim == 1
+
+
+@intrinsic
+def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma: no cover - compiled
+    """``row[:] += sum_{r < d1} (bary[base + r] * scale) * lat[offsets[base + r], :]`` (``len(row)`` a
+    multiple of 8, ``lat (M, len(row))``), the sum held in registers."""
+    if not (_is_f32_array(row, 1) and _is_f32_array(lat, 2) and _is_i32_vector(offsets) and _is_f32_array(bary, 1)):
+        return None
+    sig = types.void(row, lat, offsets, bary, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        rowa, lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
+        base, d1, scale = args[4], args[5], args[6]
+        fma = _v8_fma(builder)
+        intp = base.type
+        width = builder.extract_value(lata.shape, 1)
+        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), ir.Constant(intp, 3))
+        with cgutils.for_range(builder, nchunk) as lc:
+            c0 = builder.shl(lc.index, ir.Constant(intp, 3))
+            rp = builder.bitcast(builder.gep(rowa.data, [c0]), _V8.as_pointer())
+            accp = cgutils.alloca_once_value(builder, builder.load(rp, align=4))
+            with cgutils.for_range(builder, d1) as lr:
+                k = builder.add(base, lr.index)
+                off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
+                w = _v8_broadcast(builder, builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
+                sp = builder.gep(lata.data, [builder.add(builder.mul(off, width), c0)])
+                sv = builder.load(builder.bitcast(sp, _V8.as_pointer()), align=4)
+                builder.store(builder.call(fma, [w, sv, builder.load(accp)]), accp)
+            builder.store(builder.load(accp), rp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma: no cover - compiled
+    """``lat[offsets[base + r], :] += (bary[base + r] * scale) * row[:]`` for ``r < d1`` (``len(row)`` a
+    multiple of 8, ``lat (M, len(row))``)."""
+    if not (_is_f32_array(lat, 2) and _is_i32_vector(offsets) and _is_f32_array(bary, 1) and _is_f32_array(row, 1)):
+        return None
+    sig = types.void(lat, offsets, bary, types.intp, types.intp, types.float32, row)
+
+    def codegen(context, builder, signature, args):
+        lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
+        rowa = context.make_array(signature.args[6])(context, builder, args[6])
+        base, d1, scale = args[3], args[4], args[5]
+        fma = _v8_fma(builder)
+        intp = base.type
+        width = builder.extract_value(lata.shape, 1)
+        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), ir.Constant(intp, 3))
+        with cgutils.for_range(builder, d1) as lr:
+            k = builder.add(base, lr.index)
+            off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
+            w = _v8_broadcast(builder, builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
+            dbase = builder.mul(off, width)
+            with cgutils.for_range(builder, nchunk) as lc:
+                c0 = builder.shl(lc.index, ir.Constant(intp, 3))
+                rv = builder.load(builder.bitcast(builder.gep(rowa.data, [c0]), _V8.as_pointer()), align=4)
+                dp = builder.bitcast(builder.gep(lata.data, [builder.add(dbase, c0)]), _V8.as_pointer())
+                builder.store(builder.call(fma, [w, rv, builder.load(dp, align=4)]), dp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def _softmax_row(row, c, bits, scale):  # pragma: no cover - compiled
     """In-place softmax of ``row[:c]`` (float32); ``row[c:]`` (padding) is set to 0.
@@ -539,24 +684,12 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     if it > 0:
                         for t in range(nt):
                             d1 = td1[t]
-                            base = tstart[t] + i * d1
-                            sc = post[t, i]
-                            for r in range(d1):
-                                w = bary[base + r] * sc
-                                src = msg_lat[offsets[base + r]]
-                                for ch in range(cp):
-                                    row[ch] += w * src[ch]
+                            _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
                     _softmax_row(row, c, bits, scale)
                     if not last:
                         for t in range(nt):
                             d1 = td1[t]
-                            base = tstart[t] + i * d1
-                            s = pre[t, i]
-                            for r in range(d1):
-                                w = bary[base + r] * s
-                                dst = acc[offsets[base + r]]
-                                for ch in range(cp):
-                                    dst[ch] += w * row[ch]
+                            _splat_rows(acc, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row)
                 if last:
                     for ch in range(c):
                         for i in range(i0, i1):

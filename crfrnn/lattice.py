@@ -179,6 +179,7 @@ class PermutohedralLattice:
 
     # ------------------------------------------------------------------ builds
     def _build_numba(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+        import numba
         import numpy as np
 
         d, n, B = self.dim, self.num_points, self.batch_size
@@ -200,7 +201,7 @@ class PermutohedralLattice:
             bary = bary_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float64)
             _nb.elevate(pts, sc, keys, bary)
             off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
-            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base, d + 1)
+            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base, d + 1, numba.get_num_threads())
             del keys
             nbrs.append(_nb.neighbours(vkeys, table, base))
             if keep is not None:  # left-out points: weight 0 on this image's first vertex

@@ -317,3 +317,45 @@ def test_compiled_results_do_not_depend_on_threads_or_serial_path():
         kernel(x, lat._bary(torch.float32), lat._offsets, lat._nbr, False, consts, 4, r, empty, empty, False)
     assert np.array_equal(res[0], res[1])
     assert np.array_equal(res[0], outs[0].reshape(1, 21, -1).numpy())
+
+
+def test_parallel_build_numbers_vertices_as_the_sequential_insert():
+    """The chunked parallel hash insert (per-chunk tables merged in chunk order) gives exactly the
+    sequential first-appearance numbering: same offsets, keys, neighbours for 1, 2 and 3 threads."""
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not available")
+    import numba
+
+    from crfrnn import _lattice_numba as nb
+
+    _, img, _ = voc_pairs(count=1, start=4)[0]
+    im = torch.from_numpy(crop(img, 200, 240).copy()).permute(2, 0, 1).float()
+    feats = grid_features(im, 15.0, 11.0)  # (1, 5, 200, 240): 48000 points, several chunks
+    d = feats.shape[1]
+    pts = np.ascontiguousarray(feats[0].reshape(d, -1).T.double().numpy())
+    from crfrnn.lattice import _scale_factors
+
+    keys = np.empty((pts.shape[0], d + 1, d), dtype=np.int32)
+    bary = np.empty((pts.shape[0], d + 1), dtype=np.float64)
+    nb.elevate(pts, _scale_factors(d).numpy(), keys, bary)
+    flat = keys.reshape(-1, d)
+    ref_off = np.empty(flat.shape[0], dtype=np.int32)
+    ref_keys, _ = nb._insert_range(flat, 0, flat.shape[0], ref_off, 5, d + 1, np.empty(0, dtype=np.int64))
+    # independent check of the numbering: vertex v is the v-th distinct key in order of appearance
+    _, first = np.unique(flat, axis=0, return_index=True)
+    np.testing.assert_array_equal(ref_keys, flat[np.sort(first)])
+    for chunks in (2, 3, 5):
+        off = np.empty_like(ref_off)
+        vkeys, table = nb.insert(flat, off, 5, d + 1, chunks)
+        np.testing.assert_array_equal(off, ref_off)
+        np.testing.assert_array_equal(vkeys, ref_keys)
+    before = numba.get_num_threads()
+    try:
+        lats = []
+        for nt in sorted({1, before}):
+            numba.set_num_threads(nt)
+            lats.append(PermutohedralLattice(feats, backend="numba"))
+    finally:
+        numba.set_num_threads(before)
+    for lat in lats[1:]:
+        assert np.array_equal(lat._offsets, lats[0]._offsets) and np.array_equal(lat._nbr, lats[0]._nbr)

@@ -408,6 +408,67 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     out[b, ch, i] = buf[i - i0, ch]
 
 
+def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
+    """:func:`_filter_values` for ``C = 1`` (normalisers: the filter of ones), same arguments and
+    the same operations in the same order, written with scalars (no per-row channel loops)."""
+    nb, c, n = vals.shape
+    d1 = nbr.shape[0]
+    m = nbr.shape[1]
+    nblk_img = (n + _BLOCK - 1) // _BLOCK
+    nblk = nb * nblk_img
+    parts = max(1, min(parts, nblk))
+    partial = np.zeros((parts, m), dtype=vals.dtype)
+    has_pre = pre.shape[0] > 0
+    has_post = post.shape[0] > 0
+    for t in prange(parts):
+        acc = partial[t]
+        for blk in range(nblk * t // parts, nblk * (t + 1) // parts):
+            b, i0, i1 = _block_range(blk, nblk_img, n)
+            for i in range(i0, i1):
+                x = vals[b, 0, i]
+                if has_pre:
+                    x *= pre[b * n + i]
+                base = (b * n + i) * d1
+                for r in range(d1):
+                    acc[offsets[base + r]] += bary[base + r] * x
+    lat = np.empty(m, dtype=vals.dtype)
+    for v in prange(m):
+        a = partial[0, v]
+        for t in range(1, parts):
+            a += partial[t, v]
+        lat[v] = a
+    tmp = np.empty(m, dtype=vals.dtype)
+    half = consts[0]
+    for jj in range(d1):
+        j = d1 - 1 - jj if reverse else jj
+        for v in prange(m):
+            a = nbr[j, v, 0]
+            b = nbr[j, v, 1]
+            s = lat[v]
+            if a >= 0 and b >= 0:
+                s = s + half * (lat[a] + lat[b])
+            elif a >= 0:
+                s = s + half * lat[a]
+            elif b >= 0:
+                s = s + half * lat[b]
+            tmp[v] = s
+        lat, tmp = tmp, lat
+    al = consts[1]
+    for blk in prange(nblk):
+        b, i0, i1 = _block_range(blk, nblk_img, n)
+        for i in range(i0, i1):
+            base = (b * n + i) * d1
+            y = half - half  # zero in the values' dtype
+            for r in range(d1):
+                y += (bary[base + r] * al) * lat[offsets[base + r]]
+            if has_post:
+                y *= post[b * n + i]
+            if accumulate:
+                out[b, 0, i] += y
+            else:
+                out[b, 0, i] = y
+
+
 # one algorithm, two compilations: multi-threaded, and serial for small inputs (where waking threads
 # costs more than the work, badly so on an oversubscribed machine). Both give identical results: the
 # splat's ``parts`` is fixed by the caller, not by the thread count.
@@ -697,3 +758,4 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
 
 
 dense_meanfield = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(_dense_meanfield)
+filter_one_channel = njit(parallel=True, cache=True)(_filter_one_channel)

@@ -186,7 +186,7 @@ class PermutohedralLattice:
         sc = scale.numpy()
         # every large array is allocated here with NumPy (huge pages for big images)
         self._offsets = np.empty(B * n * (d + 1), dtype=np.int32)
-        self._bary64 = np.zeros(B * n * (d + 1), dtype=np.float64)
+        self._bary64 = (np.zeros if valid is not None else np.empty)(B * n * (d + 1), dtype=np.float64)
         offsets = self._offsets.reshape(B, n, d + 1)
         bary_all = self._bary64.reshape(B, n, d + 1)
         nbrs = []
@@ -362,7 +362,12 @@ class PermutohedralLattice:
             x = values.detach().reshape(B, C, n).to(work).contiguous().numpy()
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
             parts = _SPLAT_COPIES
-            kernel = _nb.filter_values if x.size * (self.dim + 1) >= _SERIAL_WORK else _nb.filter_values_serial
+            if C == 1:
+                kernel = _nb.filter_one_channel
+            elif x.size * (self.dim + 1) >= _SERIAL_WORK:
+                kernel = _nb.filter_values
+            else:
+                kernel = _nb.filter_values_serial
             empty = np.empty(0, dtype=x.dtype)
             sc = [empty if t is None else t.detach().reshape(-1).to(work).contiguous().numpy() for t in (pre, post)]
             if out is None:

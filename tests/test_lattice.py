@@ -359,3 +359,38 @@ def test_parallel_build_numbers_vertices_as_the_sequential_insert():
         numba.set_num_threads(before)
     for lat in lats[1:]:
         assert np.array_equal(lat._offsets, lats[0]._offsets) and np.array_equal(lat._nbr, lats[0]._nbr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_channel_kernel_equals_general_kernel(dtype):
+    """C = 1 (normalisers) takes a scalar compiled kernel: bit-identical to the general one, with scales,
+    accumulation and the reverse order."""
+    if "numba" not in BACKENDS:
+        pytest.skip("numba not available")
+    from crfrnn import _lattice_numba as nb
+
+    g = torch.Generator().manual_seed(0)
+    lat = PermutohedralLattice(torch.randn(2, 5, 40, 50, dtype=torch.float64, generator=g) * 3, backend="numba")
+    v, pre, post = (torch.rand(2, 1, 40, 50, dtype=dtype, generator=g) for _ in range(3))
+    x = v.reshape(2, 1, -1).numpy()
+    consts = np.array([0.5, lat._alpha], dtype=x.dtype)
+    for reverse in (False, True):
+        for accumulate in (False, True):
+            ref = np.full_like(x, 0.25)
+            got = np.full_like(x, 0.25)
+            args = (lat._bary(dtype), lat._offsets, lat._nbr, reverse, consts, 4)
+            sc = (pre.reshape(-1).numpy(), post.reshape(-1).numpy(), accumulate)
+            nb.filter_values(x, *args, ref, *sc)
+            nb.filter_one_channel(x, *args, got, *sc)
+            assert np.array_equal(ref, got)
+            assert np.abs(ref - 0.25).max() > 0.1
+    torch.testing.assert_close(lat.filter(v), torch.from_numpy(
+        _general(nb, lat, x, consts)).reshape(v.shape), rtol=0, atol=0)
+
+
+def _general(nb, lat, x, consts):
+    out = np.empty_like(x)
+    empty = np.empty(0, dtype=x.dtype)
+    nb.filter_values(x, lat._bary(torch.float32 if x.dtype == np.float32 else torch.float64), lat._offsets,
+                     lat._nbr, False, consts, 4, out, empty, empty, False)
+    return out

@@ -13,6 +13,10 @@ Parallel layout (all loops that write disjoint memory are ``prange``):
   (summed afterwards), so no atomics are needed and the input is read in memory order;
 * blur: parallel over vertices, one pass per lattice direction;
 * slice: parallel over points.
+
+Lattice rows are padded to whole SIMD registers and the per-point row updates of the splat and the
+slice are explicit vector FMAs (:func:`_splat_rows`, :func:`_slice_rows`, Numba intrinsics). The
+dense-CRF mean field of :mod:`crfrnn.densecrf` has its own fused kernel, :func:`dense_meanfield`.
 """
 from __future__ import annotations
 
@@ -291,7 +295,126 @@ def neighbours(vkeys, table, base):  # pragma: no cover - compiled
     return nbr
 
 
+# Explicit-SIMD row kernels (LLVM vector fused multiply-adds: 8 float32 or 4 float64 per register) for
+# lattices whose rows are padded to a multiple of ``_LANES`` values: LLVM's own vectorisation of a
+# ``for ch in range(c)`` loop re-checks aliasing and peels a remainder for every short row, which costs
+# more than the arithmetic. ``w = bary * scale`` is rounded to the dtype, then one FMA per value.
+def _float_kind(t):
+    """(llvm element type, lanes, fma name) for a float32/float64 array type, else None."""
+    if isinstance(t, types.Array) and t.dtype == types.float32:
+        return ir.FloatType(), 8, "llvm.fma.v8f32"
+    if isinstance(t, types.Array) and t.dtype == types.float64:
+        return ir.DoubleType(), 4, "llvm.fma.v4f64"
+    return None
+
+
+def _vector_ops(builder, kind):
+    elem, lanes, name = kind
+    vec = ir.VectorType(elem, lanes)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), name)
+
+    def broadcast(x):
+        v = cgutils.get_null_value(vec)
+        for k in range(lanes):
+            v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), k))
+        return v
+
+    return vec, lanes, fma, broadcast
+
+
+def _same_float_arrays(*ts):
+    kinds = [_float_kind(t) for t in ts]
+    return kinds[0] is not None and all(k == kinds[0] for k in kinds) and all(t.layout == "C" for t in ts)
+
+
+def _is_i32_vector(t):
+    return isinstance(t, types.Array) and t.dtype == types.int32 and t.ndim == 1
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
+    """Scalar ``a * b + c`` with one rounding (as the vector kernels), float32 or float64."""
+    if not (a == b == c and a in (types.float32, types.float64)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = ir.FloatType() if signature.args[0] == types.float32 else ir.DoubleType()
+        name = "llvm.fma.f32" if signature.args[0] == types.float32 else "llvm.fma.f64"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), name)
+        return builder.call(fn, list(args))
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma: no cover - compiled
+    """``row[:] += sum_{r < d1} (bary[base + r] * scale) * lat[offsets[base + r], :]`` (``len(row)`` a
+    multiple of the vector width, ``lat (M, len(row))``), the sum held in registers."""
+    if not (_same_float_arrays(row, lat, bary) and row.ndim == 1 and lat.ndim == 2 and _is_i32_vector(offsets)):
+        return None
+    kind = _float_kind(row)
+    sig = types.void(row, lat, offsets, bary, types.intp, types.intp, row.dtype)
+
+    def codegen(context, builder, signature, args):
+        rowa, lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
+        base, d1, scale = args[4], args[5], args[6]
+        vec, lanes, fma, broadcast = _vector_ops(builder, kind)
+        intp = base.type
+        shift = ir.Constant(intp, lanes.bit_length() - 1)
+        width = builder.extract_value(lata.shape, 1)
+        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), shift)
+        with cgutils.for_range(builder, nchunk) as lc:
+            c0 = builder.shl(lc.index, shift)
+            rp = builder.bitcast(builder.gep(rowa.data, [c0]), vec.as_pointer())
+            accp = cgutils.alloca_once_value(builder, builder.load(rp, align=4))
+            with cgutils.for_range(builder, d1) as lr:
+                k = builder.add(base, lr.index)
+                off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
+                w = broadcast(builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
+                sp = builder.gep(lata.data, [builder.add(builder.mul(off, width), c0)])
+                sv = builder.load(builder.bitcast(sp, vec.as_pointer()), align=4)
+                builder.store(builder.call(fma, [w, sv, builder.load(accp)]), accp)
+            builder.store(builder.load(accp), rp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma: no cover - compiled
+    """``lat[offsets[base + r], :] += (bary[base + r] * scale) * row[:]`` for ``r < d1`` (``len(row)`` a
+    multiple of the vector width, ``lat (M, len(row))``)."""
+    if not (_same_float_arrays(lat, bary, row) and row.ndim == 1 and lat.ndim == 2 and _is_i32_vector(offsets)):
+        return None
+    kind = _float_kind(row)
+    sig = types.void(lat, offsets, bary, types.intp, types.intp, row.dtype, row)
+
+    def codegen(context, builder, signature, args):
+        lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
+        rowa = context.make_array(signature.args[6])(context, builder, args[6])
+        base, d1, scale = args[3], args[4], args[5]
+        vec, lanes, fma, broadcast = _vector_ops(builder, kind)
+        intp = base.type
+        shift = ir.Constant(intp, lanes.bit_length() - 1)
+        width = builder.extract_value(lata.shape, 1)
+        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), shift)
+        with cgutils.for_range(builder, d1) as lr:
+            k = builder.add(base, lr.index)
+            off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
+            w = broadcast(builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
+            dbase = builder.mul(off, width)
+            with cgutils.for_range(builder, nchunk) as lc:
+                c0 = builder.shl(lc.index, shift)
+                rv = builder.load(builder.bitcast(builder.gep(rowa.data, [c0]), vec.as_pointer()), align=4)
+                dp = builder.bitcast(builder.gep(lata.data, [builder.add(dbase, c0)]), vec.as_pointer())
+                builder.store(builder.call(fma, [w, rv, builder.load(dp, align=4)]), dp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 _BLOCK = 64  # points per work item: values are moved through a (_BLOCK, C) buffer
+_LANES = 8  # lattice rows are padded to a multiple of this many values (whole SIMD registers)
 
 
 @njit(inline="always")
@@ -306,27 +429,30 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
     ``nbr (d+1, M, 2)``, ``consts = [0.5, alpha]`` and ``bary`` in ``vals``' dtype; ``parts``
-    private lattice copies for the splat (about the number of threads). Writes ``out (B, C, N)``
-    (allocated by the caller: NumPy asks the kernel for huge pages, which matters above ~32 MB).
-    Optional per-point scales fused into the passes: ``pre (B*N,)`` multiplies the input, ``post
-    (B*N,)`` the output (empty arrays = none); ``accumulate`` adds into ``out`` instead of writing:
-    ``out (+)= post * F(pre * vals)``, for pydensecrf's normalisations without extra passes.
+    private lattice copies for the splat (fixed by the caller: results do not depend on the thread
+    count). Writes ``out (B, C, N)`` (allocated by the caller: NumPy asks the kernel for huge pages,
+    which matters above ~32 MB). Optional per-point scales fused into the passes: ``pre (B*N,)``
+    multiplies the input, ``post (B*N,)`` the output (empty arrays = none); ``accumulate`` adds into
+    ``out`` instead of writing: ``out (+)= post * F(pre * vals)``.
 
     Points are processed in blocks of ``_BLOCK`` consecutive pixels of one image, moved through a
-    small channel-last buffer so that every lattice row access reads or writes ``C`` contiguous
-    values. The splat walks the points in memory order (streaming the input) and scatters into
-    per-thread copies of the lattice, summed afterwards: no atomics, no random reads of the input.
+    small channel-last buffer so that every lattice row access reads or writes contiguous values;
+    lattice rows are padded to a multiple of ``_LANES`` channels for the vector row kernels. The splat
+    walks the points in memory order (streaming the input) and scatters into per-thread copies of
+    the lattice, summed afterwards: no atomics, no random reads of the input.
     """
     nb, c, n = vals.shape
+    cp = (c + _LANES - 1) // _LANES * _LANES
     d1 = nbr.shape[0]
     m = nbr.shape[1]
     nblk_img = (n + _BLOCK - 1) // _BLOCK
     nblk = nb * nblk_img
     parts = max(1, min(parts, nblk))
-    partial = np.zeros((parts, m, c), dtype=vals.dtype)
+    one = consts[0] + consts[0]
+    partial = np.zeros((parts, m, cp), dtype=vals.dtype)
     for t in prange(parts):
         acc = partial[t]
-        buf = np.empty((_BLOCK, c), dtype=vals.dtype)
+        buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)  # padding channels stay 0
         for blk in range(nblk * t // parts, nblk * (t + 1) // parts):
             b, i0, i1 = _block_range(blk, nblk_img, n)
             for ch in range(c):
@@ -338,24 +464,18 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     for ch in range(c):
                         buf[i - i0, ch] *= sp
             for i in range(i0, i1):
-                src = buf[i - i0]
-                base = (b * n + i) * d1
-                for r in range(d1):
-                    w = bary[base + r]
-                    dst = acc[offsets[base + r]]
-                    for ch in range(c):
-                        dst[ch] += w * src[ch]
+                _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0])
     if parts == 1:
         lat = partial[0]
     else:
-        lat = np.empty((m, c), dtype=vals.dtype)
+        lat = np.empty((m, cp), dtype=vals.dtype)
         for v in prange(m):
-            for ch in range(c):
+            for ch in range(cp):
                 lat[v, ch] = partial[0, v, ch]
             for t in range(1, parts):
-                for ch in range(c):
+                for ch in range(cp):
                     lat[v, ch] += partial[t, v, ch]
-    tmp = np.empty((m, c), dtype=vals.dtype)
+    tmp = np.empty((m, cp), dtype=vals.dtype)
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
@@ -367,32 +487,26 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
             if a >= 0 and b >= 0:
                 sa = lat[a]
                 sb = lat[b]
-                for ch in range(c):
+                for ch in range(cp):
                     dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
             elif a >= 0:
                 sa = lat[a]
-                for ch in range(c):
+                for ch in range(cp):
                     dst[ch] = s[ch] + half * sa[ch]
             elif b >= 0:
                 sb = lat[b]
-                for ch in range(c):
+                for ch in range(cp):
                     dst[ch] = s[ch] + half * sb[ch]
             else:
-                for ch in range(c):
+                for ch in range(cp):
                     dst[ch] = s[ch]
         lat, tmp = tmp, lat
     al = consts[1]
     for blk in prange(nblk):
         b, i0, i1 = _block_range(blk, nblk_img, n)
-        buf = np.zeros((_BLOCK, c), dtype=vals.dtype)
+        buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)
         for i in range(i0, i1):
-            dst = buf[i - i0]
-            base = (b * n + i) * d1
-            for r in range(d1):
-                w = bary[base + r] * al
-                src = lat[offsets[base + r]]
-                for ch in range(c):
-                    dst[ch] += w * src[ch]
+            _slice_rows(buf[i - i0], lat, offsets, bary, (b * n + i) * d1, d1, al)
         if post.shape[0] > 0:
             for i in range(i0, i1):
                 sp = post[b * n + i]
@@ -418,6 +532,7 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
     nblk = nb * nblk_img
     parts = max(1, min(parts, nblk))
     partial = np.zeros((parts, m), dtype=vals.dtype)
+    one = consts[0] + consts[0]
     has_pre = pre.shape[0] > 0
     has_post = post.shape[0] > 0
     for t in prange(parts):
@@ -430,7 +545,8 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
                     x *= pre[b * n + i]
                 base = (b * n + i) * d1
                 for r in range(d1):
-                    acc[offsets[base + r]] += bary[base + r] * x
+                    o = offsets[base + r]
+                    acc[o] = _fma(bary[base + r] * one, x, acc[o])
     lat = np.empty(m, dtype=vals.dtype)
     for v in prange(m):
         a = partial[0, v]
@@ -460,7 +576,7 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
             base = (b * n + i) * d1
             y = half - half  # zero in the values' dtype
             for r in range(d1):
-                y += (bary[base + r] * al) * lat[offsets[base + r]]
+                y = _fma(bary[base + r] * al, lat[offsets[base + r]], y)
             if has_post:
                 y *= post[b * n + i]
             if accumulate:
@@ -494,96 +610,6 @@ _LN2_HI = _F32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, the first with few sign
 _LN2_LO = _F32(-2.12194440e-4)
 _EXP_FLOOR = _F32(-60 * 0.6931471805599453)  # exp() >= 2^-60 ~ 8.7e-19: Q > 0 and far from denormals
 _E1, _E2, _E3, _E4, _E5, _E6 = _F32(1.0), _F32(0.5), _F32(1 / 6), _F32(1 / 24), _F32(1 / 120), _F32(1 / 720)
-_LANES = 8  # the fused mean field pads the labels to a multiple of this (whole SIMD registers)
-
-
-# Two explicit-SIMD kernels (LLVM ``<8 x float>`` fused multiply-adds), for the rows of ``_LANES``-padded
-# float32 lattices: LLVM's own vectorisation of a ``for ch in range(cp)`` loop re-checks aliasing and
-# peels a remainder for every 24-float row, which costs more than the arithmetic. Same operations in
-# the same order as the plain loops (``w = bary * scale`` rounded to float32, then one FMA per value).
-_V8 = ir.VectorType(ir.FloatType(), 8)
-
-
-def _v8_fma(builder):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8, [_V8, _V8, _V8]), "llvm.fma.v8f32")
-
-
-def _v8_broadcast(builder, x):
-    v = cgutils.get_null_value(_V8)
-    for k in range(8):
-        v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), k))
-    return v
-
-
-def _is_f32_array(t, ndim):
-    return isinstance(t, types.Array) and t.dtype == types.float32 and t.ndim == ndim and t.layout == "C"
-
-
-def _is_i32_vector(t):
-    return isinstance(t, types.Array) and t.dtype == types.int32 and t.ndim == 1
-
-
-@intrinsic
-def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma: no cover - compiled
-    """``row[:] += sum_{r < d1} (bary[base + r] * scale) * lat[offsets[base + r], :]`` (``len(row)`` a
-    multiple of 8, ``lat (M, len(row))``), the sum held in registers."""
-    if not (_is_f32_array(row, 1) and _is_f32_array(lat, 2) and _is_i32_vector(offsets) and _is_f32_array(bary, 1)):
-        return None
-    sig = types.void(row, lat, offsets, bary, types.intp, types.intp, types.float32)
-
-    def codegen(context, builder, signature, args):
-        rowa, lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
-        base, d1, scale = args[4], args[5], args[6]
-        fma = _v8_fma(builder)
-        intp = base.type
-        width = builder.extract_value(lata.shape, 1)
-        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), ir.Constant(intp, 3))
-        with cgutils.for_range(builder, nchunk) as lc:
-            c0 = builder.shl(lc.index, ir.Constant(intp, 3))
-            rp = builder.bitcast(builder.gep(rowa.data, [c0]), _V8.as_pointer())
-            accp = cgutils.alloca_once_value(builder, builder.load(rp, align=4))
-            with cgutils.for_range(builder, d1) as lr:
-                k = builder.add(base, lr.index)
-                off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
-                w = _v8_broadcast(builder, builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
-                sp = builder.gep(lata.data, [builder.add(builder.mul(off, width), c0)])
-                sv = builder.load(builder.bitcast(sp, _V8.as_pointer()), align=4)
-                builder.store(builder.call(fma, [w, sv, builder.load(accp)]), accp)
-            builder.store(builder.load(accp), rp, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma: no cover - compiled
-    """``lat[offsets[base + r], :] += (bary[base + r] * scale) * row[:]`` for ``r < d1`` (``len(row)`` a
-    multiple of 8, ``lat (M, len(row))``)."""
-    if not (_is_f32_array(lat, 2) and _is_i32_vector(offsets) and _is_f32_array(bary, 1) and _is_f32_array(row, 1)):
-        return None
-    sig = types.void(lat, offsets, bary, types.intp, types.intp, types.float32, row)
-
-    def codegen(context, builder, signature, args):
-        lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
-        rowa = context.make_array(signature.args[6])(context, builder, args[6])
-        base, d1, scale = args[3], args[4], args[5]
-        fma = _v8_fma(builder)
-        intp = base.type
-        width = builder.extract_value(lata.shape, 1)
-        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), ir.Constant(intp, 3))
-        with cgutils.for_range(builder, d1) as lr:
-            k = builder.add(base, lr.index)
-            off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
-            w = _v8_broadcast(builder, builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
-            dbase = builder.mul(off, width)
-            with cgutils.for_range(builder, nchunk) as lc:
-                c0 = builder.shl(lc.index, ir.Constant(intp, 3))
-                rv = builder.load(builder.bitcast(builder.gep(rowa.data, [c0]), _V8.as_pointer()), align=4)
-                dp = builder.bitcast(builder.gep(lata.data, [builder.add(dbase, c0)]), _V8.as_pointer())
-                builder.store(builder.call(fma, [w, rv, builder.load(dp, align=4)]), dp, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @njit(inline="always")

@@ -218,16 +218,18 @@ def _compose(ws, wb, c):
     return cm @ _label_matrix(ws, L), cm @ _label_matrix(wb, L)
 
 
-def _pairwise(a, b, m_spatial, m_bilateral):
-    """``a @ m_s + b @ m_b`` on the label axis of ``(B, L, *spatial)`` messages (weights from :func:`_compose`)."""
+def _subtract_pairwise(unary, a, b, m_spatial, m_bilateral):
+    """``unary - (a @ m_s + b @ m_b)`` on the label axis of ``(B, L, *spatial)`` messages (weights from
+    :func:`_compose`). Matrices go through two ``baddbmm`` accumulating onto the unary with the
+    (L, L) weights negated, so neither pass nor its backward touches a pixel-sized tensor more than
+    the products themselves need (no separate subtraction, negation or sum)."""
     if a.dim() < 2:
-        return _apply_labels(a, m_spatial) + _apply_labels(b, m_bilateral)
+        return unary - (_apply_labels(a, m_spatial) + _apply_labels(b, m_bilateral))
     B, L = m_spatial.shape[:2]
-    a, b = a.to(m_spatial.dtype), b.to(m_spatial.dtype)
-    out = torch.baddbmm(
-        torch.matmul(a, m_spatial.reshape(B, L, -1)), b.expand(B, L, L), m_bilateral.reshape(B, L, -1)
-    )
-    return out.reshape(m_spatial.shape)
+    dt = m_spatial.dtype
+    out = torch.baddbmm(unary.reshape(B, L, -1), (-a).to(dt).expand(B, L, L), m_spatial.reshape(B, L, -1))
+    out = torch.baddbmm(out, (-b).to(dt).expand(B, L, L), m_bilateral.reshape(B, L, -1))
+    return out.reshape(unary.shape)
 
 
 def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations, valid_mask):
@@ -241,7 +243,7 @@ def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterati
             composed[key] = _compose(spatial_w[t], bilateral_w[t], compat[t])
         a, b = composed[key]
         q = torch.softmax(logits, dim=1)
-        logits = unary - _pairwise(a, b, k_spatial(q), k_bilateral(q))
+        logits = _subtract_pairwise(unary, a, b, k_spatial(q), k_bilateral(q))
     if valid_mask is not None and num_iterations > 0:
         logits = torch.where(valid_mask != 0, logits, unary)
     return logits

@@ -449,10 +449,15 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     nblk = nb * nblk_img
     parts = max(1, min(parts, nblk))
     one = consts[0] + consts[0]
-    partial = np.zeros((parts, m, cp), dtype=vals.dtype)
+    zero = consts[0] - consts[0]
+    partial = np.zeros((parts, m, cp), dtype=vals.dtype)  # pages of a copy never written stay unmapped
+    lo = np.empty(parts, dtype=np.int64)  # the band of vertex rows each copy's points touch
+    hi = np.empty(parts, dtype=np.int64)
     for t in prange(parts):
         acc = partial[t]
         buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)  # padding channels stay 0
+        vlo = m
+        vhi = 0
         for blk in range(nblk * t // parts, nblk * (t + 1) // parts):
             b, i0, i1 = _block_range(blk, nblk_img, n)
             for ch in range(c):
@@ -463,18 +468,33 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     sp = pre[b * n + i]
                     for ch in range(c):
                         buf[i - i0, ch] *= sp
+            for k in range((b * n + i0) * d1, (b * n + i1) * d1):
+                vlo = min(vlo, np.int64(offsets[k]))
+                vhi = max(vhi, np.int64(offsets[k]) + 1)
             for i in range(i0, i1):
                 _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0])
+        lo[t] = vlo
+        hi[t] = vhi
     if parts == 1:
         lat = partial[0]
     else:
+        # summed in copy order (fixed: results do not depend on the thread count); a copy adds only
+        # inside the band its points touched (neighbouring pixels share vertices, numbered in order
+        # of first appearance, so the bands are narrow and mostly disjoint)
         lat = np.empty((m, cp), dtype=vals.dtype)
         for v in prange(m):
-            for ch in range(cp):
-                lat[v, ch] = partial[0, v, ch]
-            for t in range(1, parts):
+            dst = lat[v]
+            if lo[0] <= v < hi[0]:
                 for ch in range(cp):
-                    lat[v, ch] += partial[t, v, ch]
+                    dst[ch] = partial[0, v, ch]
+            else:
+                for ch in range(cp):
+                    dst[ch] = zero
+            for t in range(1, parts):
+                if lo[t] <= v < hi[t]:
+                    src = partial[t, v]
+                    for ch in range(cp):
+                        dst[ch] += src[ch]
     tmp = np.empty((m, cp), dtype=vals.dtype)
     half = consts[0]
     for jj in range(d1):

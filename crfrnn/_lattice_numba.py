@@ -218,36 +218,26 @@ def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
     nch = min(threads, max(1, npts // 8192))
     if nch <= 1:
         return _insert_range(keys, 0, p, offsets, base, stride, np.empty(0, dtype=np.int64))
+    bounds = np.empty(nch + 1, dtype=np.int64)  # chunk c = key rows bounds[c] ... bounds[c + 1]
+    for c in range(nch + 1):
+        bounds[c] = npts * c // nch * stride
     firsts = np.empty(p, dtype=np.int64)
     counts = np.zeros(nch, dtype=np.int64)
     for c in prange(nch):
-        q0 = npts * c // nch * stride
-        q1 = npts * (c + 1) // nch * stride
-        vk, _ = _insert_range(keys, q0, q1, offsets, 0, stride, firsts)
+        vk, _ = _insert_range(keys, bounds[c], bounds[c + 1], offsets, 0, stride, firsts)
         counts[c] = vk.shape[0]
     # merge: every chunk's distinct keys, in chunk order, then in order of first appearance
-    total = 0
+    start = np.zeros(nch + 1, dtype=np.int64)  # chunk c's vertices are merged rows start[c] ...
     for c in range(nch):
-        total += counts[c]
-    cand = np.empty(total, dtype=np.int64)
-    pos = 0
+        start[c + 1] = start[c] + counts[c]
+    merged_keys = np.empty((start[nch], keys.shape[1]), dtype=np.int32)
     for c in range(nch):
-        q0 = npts * c // nch * stride
         for j in range(counts[c]):
-            cand[pos + j] = firsts[q0 + j]
-        pos += counts[c]
-    merged_keys = np.empty((total, keys.shape[1]), dtype=np.int32)
-    for j in range(total):
-        merged_keys[j] = keys[cand[j]]
-    remap = np.empty(total, dtype=np.int32)
-    vkeys, table = _insert_range(merged_keys, 0, total, remap, base, total + 1, np.empty(0, dtype=np.int64))
-    start = np.zeros(nch, dtype=np.int64)
-    for c in range(1, nch):
-        start[c] = start[c - 1] + counts[c - 1]
+            merged_keys[start[c] + j] = keys[firsts[bounds[c] + j]]
+    remap = np.empty(start[nch], dtype=np.int32)
+    vkeys, table = _insert_range(merged_keys, 0, start[nch], remap, base, start[nch] + 1, np.empty(0, dtype=np.int64))
     for c in prange(nch):
-        q0 = npts * c // nch * stride
-        q1 = npts * (c + 1) // nch * stride
-        for q in range(q0, q1):
+        for q in range(bounds[c], bounds[c + 1]):
             offsets[q] = remap[start[c] + offsets[q]]
     return vkeys, table
 
@@ -308,18 +298,34 @@ def _float_kind(t):
     return None
 
 
-def _vector_ops(builder, kind):
-    elem, lanes, name = kind
-    vec = ir.VectorType(elem, lanes)
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), name)
+class _RowKernel:
+    """IR helpers shared by :func:`_slice_rows` and :func:`_splat_rows`: the vector type and FMA of the
+    arrays' dtype, the number of vector chunks in a (padded) row, and per simplex vertex ``k`` the
+    lattice row's first element and the broadcast weight ``bary[k] * scale``."""
 
-    def broadcast(x):
-        v = cgutils.get_null_value(vec)
-        for k in range(lanes):
-            v = builder.insert_element(v, x, ir.Constant(ir.IntType(32), k))
-        return v
+    def __init__(self, builder, kind, rowa, lata, offa, bara, scale):
+        elem, lanes, name = kind
+        self.builder, self.offa, self.bara, self.scale = builder, offa, bara, scale
+        self.vec = ir.VectorType(elem, lanes)
+        self.lanes = lanes
+        self.fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vec, [self.vec] * 3), name)
+        self.intp = builder.extract_value(rowa.shape, 0).type
+        self.shift = ir.Constant(self.intp, lanes.bit_length() - 1)
+        self.width = builder.extract_value(lata.shape, 1)
+        self.nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), self.shift)
 
-    return vec, lanes, fma, broadcast
+    def vec_ptr(self, data, index):
+        return self.builder.bitcast(self.builder.gep(data, [index]), self.vec.as_pointer())
+
+    def vertex(self, k):
+        b = self.builder
+        off = b.sext(b.load(b.gep(self.offa.data, [k])), self.intp)
+        x = b.fmul(b.load(b.gep(self.bara.data, [k])), self.scale)
+        w = cgutils.get_null_value(self.vec)
+        for j in range(self.lanes):
+            w = b.insert_element(w, x, ir.Constant(ir.IntType(32), j))
+        return b.mul(off, self.width), w
 
 
 def _same_float_arrays(*ts):
@@ -358,22 +364,15 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
     def codegen(context, builder, signature, args):
         rowa, lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
         base, d1, scale = args[4], args[5], args[6]
-        vec, lanes, fma, broadcast = _vector_ops(builder, kind)
-        intp = base.type
-        shift = ir.Constant(intp, lanes.bit_length() - 1)
-        width = builder.extract_value(lata.shape, 1)
-        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), shift)
-        with cgutils.for_range(builder, nchunk) as lc:
-            c0 = builder.shl(lc.index, shift)
-            rp = builder.bitcast(builder.gep(rowa.data, [c0]), vec.as_pointer())
+        k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
+        with cgutils.for_range(builder, k_.nchunk) as lc:
+            c0 = builder.shl(lc.index, k_.shift)
+            rp = k_.vec_ptr(rowa.data, c0)
             accp = cgutils.alloca_once_value(builder, builder.load(rp, align=4))
             with cgutils.for_range(builder, d1) as lr:
-                k = builder.add(base, lr.index)
-                off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
-                w = broadcast(builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
-                sp = builder.gep(lata.data, [builder.add(builder.mul(off, width), c0)])
-                sv = builder.load(builder.bitcast(sp, vec.as_pointer()), align=4)
-                builder.store(builder.call(fma, [w, sv, builder.load(accp)]), accp)
+                row0, w = k_.vertex(builder.add(base, lr.index))
+                sv = builder.load(k_.vec_ptr(lata.data, builder.add(row0, c0)), align=4)
+                builder.store(builder.call(k_.fma, [w, sv, builder.load(accp)]), accp)
             builder.store(builder.load(accp), rp, align=4)
         return context.get_dummy_value()
 
@@ -393,21 +392,14 @@ def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma:
         lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
         rowa = context.make_array(signature.args[6])(context, builder, args[6])
         base, d1, scale = args[3], args[4], args[5]
-        vec, lanes, fma, broadcast = _vector_ops(builder, kind)
-        intp = base.type
-        shift = ir.Constant(intp, lanes.bit_length() - 1)
-        width = builder.extract_value(lata.shape, 1)
-        nchunk = builder.lshr(builder.extract_value(rowa.shape, 0), shift)
+        k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
         with cgutils.for_range(builder, d1) as lr:
-            k = builder.add(base, lr.index)
-            off = builder.sext(builder.load(builder.gep(offa.data, [k])), intp)
-            w = broadcast(builder.fmul(builder.load(builder.gep(bara.data, [k])), scale))
-            dbase = builder.mul(off, width)
-            with cgutils.for_range(builder, nchunk) as lc:
-                c0 = builder.shl(lc.index, shift)
-                rv = builder.load(builder.bitcast(builder.gep(rowa.data, [c0]), vec.as_pointer()), align=4)
-                dp = builder.bitcast(builder.gep(lata.data, [builder.add(dbase, c0)]), vec.as_pointer())
-                builder.store(builder.call(fma, [w, rv, builder.load(dp, align=4)]), dp, align=4)
+            row0, w = k_.vertex(builder.add(base, lr.index))
+            with cgutils.for_range(builder, k_.nchunk) as lc:
+                c0 = builder.shl(lc.index, k_.shift)
+                rv = builder.load(k_.vec_ptr(rowa.data, c0), align=4)
+                dp = k_.vec_ptr(lata.data, builder.add(row0, c0))
+                builder.store(builder.call(k_.fma, [w, rv, builder.load(dp, align=4)]), dp, align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -415,6 +407,55 @@ def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma:
 
 _BLOCK = 64  # points per work item: values are moved through a (_BLOCK, C) buffer
 _LANES = 8  # lattice rows are padded to a multiple of this many values (whole SIMD registers)
+
+
+@njit(inline="always")
+def _band(offsets, k0, k1, m):  # pragma: no cover - compiled
+    """The vertex rows ``[lo, hi)`` that ``offsets[k0:k1]`` touch (``lo = hi = m`` if none)."""
+    lo = m
+    hi = 0
+    for k in range(k0, k1):
+        lo = min(lo, np.int64(offsets[k]))
+        hi = max(hi, np.int64(offsets[k]) + 1)
+    return lo, max(lo, hi)
+
+
+@njit(inline="always")
+def _sum_copies(partial, lo, hi, v, dst, clear):  # pragma: no cover - compiled
+    """``dst = sum_p partial[p, v]`` in copy order (fixed: results do not depend on the thread count),
+    adding only the copies whose band ``[lo[p], hi[p])`` holds row ``v`` (the others are zero there:
+    neighbouring pixels share vertices, numbered in order of first appearance, so bands are narrow);
+    ``clear`` zeroes the rows read, for the next splat."""
+    dst[:] = 0
+    for p in range(partial.shape[0]):
+        if lo[p] <= v < hi[p]:
+            src = partial[p, v]
+            for ch in range(dst.shape[0]):
+                dst[ch] += src[ch]
+            if clear:
+                src[:] = 0
+
+
+@njit(inline="always")
+def _blur_row(src, dst, v, a, b, half):  # pragma: no cover - compiled
+    """``dst = src[v] + half * (src[a] + src[b])``, a missing neighbour (index -1) left out."""
+    s = src[v]
+    if a >= 0 and b >= 0:
+        sa = src[a]
+        sb = src[b]
+        for ch in range(dst.shape[0]):
+            dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
+    elif a >= 0:
+        sa = src[a]
+        for ch in range(dst.shape[0]):
+            dst[ch] = s[ch] + half * sa[ch]
+    elif b >= 0:
+        sb = src[b]
+        for ch in range(dst.shape[0]):
+            dst[ch] = s[ch] + half * sb[ch]
+    else:
+        for ch in range(dst.shape[0]):
+            dst[ch] = s[ch]
 
 
 @njit(inline="always")
@@ -449,16 +490,17 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     nblk = nb * nblk_img
     parts = max(1, min(parts, nblk))
     one = consts[0] + consts[0]
-    zero = consts[0] - consts[0]
     partial = np.zeros((parts, m, cp), dtype=vals.dtype)  # pages of a copy never written stay unmapped
     lo = np.empty(parts, dtype=np.int64)  # the band of vertex rows each copy's points touch
     hi = np.empty(parts, dtype=np.int64)
     for t in prange(parts):
         acc = partial[t]
         buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)  # padding channels stay 0
-        vlo = m
-        vhi = 0
-        for blk in range(nblk * t // parts, nblk * (t + 1) // parts):
+        blk0, blk1 = nblk * t // parts, nblk * (t + 1) // parts  # blk1 > blk0: parts <= nblk
+        b0, s0, _ = _block_range(blk0, nblk_img, n)
+        b1, _, e1 = _block_range(blk1 - 1, nblk_img, n)
+        lo[t], hi[t] = _band(offsets, (b0 * n + s0) * d1, (b1 * n + e1) * d1, m)
+        for blk in range(blk0, blk1):
             b, i0, i1 = _block_range(blk, nblk_img, n)
             for ch in range(c):
                 for i in range(i0, i1):
@@ -468,58 +510,20 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     sp = pre[b * n + i]
                     for ch in range(c):
                         buf[i - i0, ch] *= sp
-            for k in range((b * n + i0) * d1, (b * n + i1) * d1):
-                vlo = min(vlo, np.int64(offsets[k]))
-                vhi = max(vhi, np.int64(offsets[k]) + 1)
             for i in range(i0, i1):
                 _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0])
-        lo[t] = vlo
-        hi[t] = vhi
     if parts == 1:
         lat = partial[0]
     else:
-        # summed in copy order (fixed: results do not depend on the thread count); a copy adds only
-        # inside the band its points touched (neighbouring pixels share vertices, numbered in order
-        # of first appearance, so the bands are narrow and mostly disjoint)
         lat = np.empty((m, cp), dtype=vals.dtype)
         for v in prange(m):
-            dst = lat[v]
-            if lo[0] <= v < hi[0]:
-                for ch in range(cp):
-                    dst[ch] = partial[0, v, ch]
-            else:
-                for ch in range(cp):
-                    dst[ch] = zero
-            for t in range(1, parts):
-                if lo[t] <= v < hi[t]:
-                    src = partial[t, v]
-                    for ch in range(cp):
-                        dst[ch] += src[ch]
+            _sum_copies(partial, lo, hi, v, lat[v], False)
     tmp = np.empty((m, cp), dtype=vals.dtype)
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
         for v in prange(m):
-            a = nbr[j, v, 0]
-            b = nbr[j, v, 1]
-            dst = tmp[v]
-            s = lat[v]
-            if a >= 0 and b >= 0:
-                sa = lat[a]
-                sb = lat[b]
-                for ch in range(cp):
-                    dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
-            elif a >= 0:
-                sa = lat[a]
-                for ch in range(cp):
-                    dst[ch] = s[ch] + half * sa[ch]
-            elif b >= 0:
-                sb = lat[b]
-                for ch in range(cp):
-                    dst[ch] = s[ch] + half * sb[ch]
-            else:
-                for ch in range(cp):
-                    dst[ch] = s[ch]
+            _blur_row(lat, tmp[v], v, nbr[j, v, 0], nbr[j, v, 1], half)
         lat, tmp = tmp, lat
     al = consts[1]
     for blk in prange(nblk):
@@ -701,28 +705,13 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         i0 = nblk * p // parts * _BLOCK
         i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
         for t in range(nt):
-            d1 = td1[t]
-            a = mtot
-            b = 0
-            for k in range(tstart[t] + i0 * d1, tstart[t] + i1 * d1):
-                a = min(a, np.int64(offsets[k]))
-                b = max(b, np.int64(offsets[k]) + 1)
-            lo[p, t] = a
-            hi[p, t] = max(a, b)
+            lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
     for it in range(n_iter + 1):
         if it > 0:
             # sum the private copies (and clear them for this iteration's splat), then blur each term
             for t in range(nt):
                 for v in prange(vstart[t], vstart[t] + vcount[t]):
-                    dst = lat[v]
-                    for ch in range(cp):
-                        dst[ch] = _F32(0.0)
-                    for p in range(parts):
-                        if lo[p, t] <= v < hi[p, t]:
-                            sp = partial[p, v]
-                            for ch in range(cp):
-                                dst[ch] += sp[ch]
-                                sp[ch] = _F32(0.0)
+                    _sum_copies(partial, lo[:, t], hi[:, t], v, lat[v], True)
             for t in range(nt):
                 d1 = td1[t]
                 mt = vcount[t]
@@ -732,26 +721,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     dst_a = tmp if j % 2 == 0 else lat
                     nb0 = nstart[t] + j * mt * 2
                     for v in prange(mt):
-                        a = nbr[nb0 + 2 * v]
-                        b = nbr[nb0 + 2 * v + 1]
-                        dst = dst_a[v0 + v]
-                        s = src_a[v0 + v]
-                        if a >= 0 and b >= 0:
-                            sa = src_a[a]
-                            sb = src_a[b]
-                            for ch in range(cp):
-                                dst[ch] = s[ch] + _F32(0.5) * (sa[ch] + sb[ch])
-                        elif a >= 0:
-                            sa = src_a[a]
-                            for ch in range(cp):
-                                dst[ch] = s[ch] + _F32(0.5) * sa[ch]
-                        elif b >= 0:
-                            sb = src_a[b]
-                            for ch in range(cp):
-                                dst[ch] = s[ch] + _F32(0.5) * sb[ch]
-                        else:
-                            for ch in range(cp):
-                                dst[ch] = s[ch]
+                        _blur_row(src_a, dst_a[v0 + v], v0 + v, nbr[nb0 + 2 * v], nbr[nb0 + 2 * v + 1], _F32(0.5))
                 # the compatibility applied to the blurred vertices, not to every point (the slice
                 # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
                 fin = lat if d1 % 2 == 0 else tmp
@@ -805,3 +775,4 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
 
 dense_meanfield = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(_dense_meanfield)
 filter_one_channel = njit(parallel=True, cache=True)(_filter_one_channel)
+filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel)

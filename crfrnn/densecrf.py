@@ -43,8 +43,7 @@ pydensecrf's maths; elsewhere, and in ``stepInference``/``klDivergence``, each i
 labels in one call per term (the fused path's test oracle). The fused softmax computes ``exp`` to float32
 accuracy but raises arguments below ``-60 ln 2`` to it, so marginals are never below ``2^-60 / n_labels``
 (~1e-19; pydensecrf's go down to ~1e-38 before they underflow to 0); otherwise marginals agree with
-pydensecrf's to float32 rounding. Arrays are
-stored as float32 torch tensors (on ``device``, CPU by default); what is returned to the caller is a
+pydensecrf's to float32 rounding. Arrays are stored as float32 torch tensors (on ``device``, CPU by default); what is returned to the caller is a
 float32 numpy array ``(n_labels, n_pixels)`` like pydensecrf's (``np.array(Q)``, ``np.argmax(Q, 0)`` work).
 
 Arguments are checked as pydensecrf checks them (unaries and features must be float32 and C-contiguous,
@@ -61,8 +60,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from crfrnn.lattice import _SPLAT_COPIES, PermutohedralLattice, _all_finite
-from crfrnn.lattice import _nb
+from crfrnn.lattice import _SPLAT_COPIES, PermutohedralLattice, _all_finite, _nb
 
 __all__ = [
     "DenseCRF",
@@ -286,14 +284,18 @@ class _Pairwise:
             logits.sub_(self.energy(q))
 
 
+def _padded(n_labels: int) -> int:
+    """Labels padded to whole SIMD registers, as the fused kernel lays them out."""
+    return -(-n_labels // _nb._LANES) * _nb._LANES
+
+
 def _fused_meanfield(unary: torch.Tensor, stacked: tuple, n_iterations: int) -> torch.Tensor:
     """Mean field on CPU lattices with every term and the softmax fused into one compiled pass per
     iteration (:func:`crfrnn._lattice_numba.dense_meanfield`): the maths of
     :meth:`DenseCRF._infer_by_terms` (its slow twin) in a third of the memory traffic.
     ``unary (L, N)``; returns ``Q (L, N)``."""
     L, n = unary.shape
-    lanes = _nb._LANES
-    un = np.zeros((n, -(-L // lanes) * lanes), dtype=np.float32)  # (N, Cp): a point's labels side by side
+    un = np.zeros((n, _padded(L)), dtype=np.float32)  # (N, Cp): a point's labels side by side
     np.negative(unary.numpy().T, out=un[:, :L])
     q = np.empty((L, n), dtype=np.float32)
     _nb.dense_meanfield(un, q, *stacked, n_iterations, _SPLAT_COPIES)
@@ -327,7 +329,7 @@ def _stack_terms(terms: list, n_labels: int) -> tuple:
         post.append(np.full(n, alpha, np.float32) if t.post is None else t.post.numpy() * alpha)
         kind, w = t.compat.kind, t.compat.weight
         # messages m enter the logits as + wdiag * m, or - wmat @ m
-        wd = np.zeros(-(-n_labels // _nb._LANES) * _nb._LANES, np.float32)  # padded as the labels
+        wd = np.zeros(_padded(n_labels), np.float32)
         wd[:n_labels] = w if kind == "potts" else -w[:, 0].numpy() if kind == "diag" else 0.0
         wdiag.append(wd)
         wmat.append(w.numpy() if kind == "matrix" else zeros_mat)

@@ -362,12 +362,11 @@ class PermutohedralLattice:
             x = values.detach().reshape(B, C, n).to(work).contiguous().numpy()
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
             parts = _SPLAT_COPIES
-            if C == 1:
-                kernel = _nb.filter_one_channel
-            elif x.size * (self.dim + 1) >= _SERIAL_WORK:
-                kernel = _nb.filter_values
+            serial = x.size * (self.dim + 1) < _SERIAL_WORK
+            if C == 1:  # normalisers: a scalar kernel (rows of one value gain nothing from SIMD padding)
+                kernel = _nb.filter_one_channel_serial if serial else _nb.filter_one_channel
             else:
-                kernel = _nb.filter_values_serial
+                kernel = _nb.filter_values_serial if serial else _nb.filter_values
             empty = np.empty(0, dtype=x.dtype)
             sc = [empty if t is None else t.detach().reshape(-1).to(work).contiguous().numpy() for t in (pre, post)]
             if out is None:

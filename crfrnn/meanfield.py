@@ -115,13 +115,10 @@ def _as_weight(name: str, w: Weight, L: int, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_labels(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Apply a weight on the label axis of ``x (B, L, *spatial)``: scalar, diagonal (L,) or matrix (L, L)."""
+    """Apply a scalar or diagonal ``(L,)`` weight on the label axis of ``x (B, L, *spatial)``."""
     if w.dim() == 0:
         return w * x
-    if w.dim() == 1:
-        return w.view((1, -1) + (1,) * (x.dim() - 2)) * x
-    B, L = x.shape[:2]
-    return torch.matmul(w.to(x.dtype), x.reshape(B, L, -1)).reshape(x.shape)
+    return w.view((1, -1) + (1,) * (x.dim() - 2)) * x
 
 
 # ----------------------------------------------------------------------------- features
@@ -206,29 +203,29 @@ def _label_matrix(w: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def _compose(ws, wb, c):
-    """The label-axis weights of one iteration, ``compatibility @ W_s`` and ``compatibility @ W_b``.
+    """The label-axis weights with which one iteration's messages enter the logits:
+    ``-compatibility @ W_s`` and ``-compatibility @ W_b`` (the sign of the subtraction folded in).
 
     All-scalar/diagonal weights stay elementwise (scalars or ``(L,)``); otherwise ``(L, L)`` matrices,
     so a pixel-sized GEMM is done once per kernel.
     """
     if ws.dim() < 2 and wb.dim() < 2 and c.dim() < 2:
-        return c * ws, c * wb
+        return -(c * ws), -(c * wb)
     L = max(t.shape[-1] for t in (ws, wb, c) if t.dim() > 0)
-    cm = _label_matrix(c, L)
+    cm = -_label_matrix(c, L)
     return cm @ _label_matrix(ws, L), cm @ _label_matrix(wb, L)
 
 
-def _subtract_pairwise(unary, a, b, m_spatial, m_bilateral):
-    """``unary - (a @ m_s + b @ m_b)`` on the label axis of ``(B, L, *spatial)`` messages (weights from
-    :func:`_compose`). Matrices go through two ``baddbmm`` accumulating onto the unary with the
-    (L, L) weights negated, so neither pass nor its backward touches a pixel-sized tensor more than
-    the products themselves need (no separate subtraction, negation or sum)."""
+def _add_messages(unary, a, b, m_spatial, m_bilateral):
+    """``unary + a @ m_s + b @ m_b`` on the label axis of ``(B, L, *spatial)`` messages, weights from
+    :func:`_compose`. Matrices go through two ``baddbmm`` accumulating onto the unary, so neither the
+    pass nor its backward touches a pixel-sized tensor more than the products themselves need."""
     if a.dim() < 2:
-        return unary - (_apply_labels(a, m_spatial) + _apply_labels(b, m_bilateral))
+        return unary + (_apply_labels(a, m_spatial) + _apply_labels(b, m_bilateral))
     B, L = m_spatial.shape[:2]
     dt = m_spatial.dtype
-    out = torch.baddbmm(unary.reshape(B, L, -1), (-a).to(dt).expand(B, L, L), m_spatial.reshape(B, L, -1))
-    out = torch.baddbmm(out, (-b).to(dt).expand(B, L, L), m_bilateral.reshape(B, L, -1))
+    out = torch.baddbmm(unary.reshape(B, L, -1), a.to(dt).expand(B, L, L), m_spatial.reshape(B, L, -1))
+    out = torch.baddbmm(out, b.to(dt).expand(B, L, L), m_bilateral.reshape(B, L, -1))
     return out.reshape(unary.shape)
 
 
@@ -243,7 +240,7 @@ def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterati
             composed[key] = _compose(spatial_w[t], bilateral_w[t], compat[t])
         a, b = composed[key]
         q = torch.softmax(logits, dim=1)
-        logits = _subtract_pairwise(unary, a, b, k_spatial(q), k_bilateral(q))
+        logits = _add_messages(unary, a, b, k_spatial(q), k_bilateral(q))
     if valid_mask is not None and num_iterations > 0:
         logits = torch.where(valid_mask != 0, logits, unary)
     return logits

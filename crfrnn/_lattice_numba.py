@@ -669,7 +669,7 @@ def _softmax_row(row, c, bits, scale):  # pragma: no cover - compiled
 
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                     pre, post, wdiag, wmat, ismat, n_iter, parts):  # pragma: no cover - compiled
+                     pre, post, wdiag, wmat, ismat, n_iter, partial, lat, tmp, msg_lat):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
@@ -681,8 +681,12 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     per-point scales (``post`` includes the lattice's output factor). The messages ``m = post *
     F(pre * Q)`` enter the logits as ``+ wdiag[t] * m`` (``wdiag (T, Cp)``), or as ``- wmat[t] @ m``
     where ``ismat[t]`` (``wmat (T, L, L)``); being linear, the compatibility is applied to the
-    blurred vertices (``M`` rows) rather than to the sliced points (``N`` rows). ``parts``: private
-    lattice copies for the splat (fixed by the caller: results do not depend on the thread count).
+    blurred vertices (``M`` rows) rather than to the sliced points (``N`` rows). Work arrays from the
+    caller (NumPy allocations get huge pages; Numba's would fault in 4 KB pages every call):
+    ``partial (parts, M, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
+    the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``), and
+    ``lat``, ``tmp`` (blur) and ``msg_lat`` (blurred vertices times the compatibility) ``(M, Cp)``,
+    uninitialised.
     """
     n, cp = neg_unary.shape
     c = q.shape[0]
@@ -691,11 +695,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     for t in range(nt):
         mtot += vcount[t]
     nblk = (n + _BLOCK - 1) // _BLOCK
-    parts = max(1, min(parts, nblk))
-    partial = np.zeros((parts, mtot, cp), dtype=np.float32)
-    lat = np.empty((mtot, cp), dtype=np.float32)
-    tmp = np.empty((mtot, cp), dtype=np.float32)
-    msg_lat = np.empty((mtot, cp), dtype=np.float32)  # blurred vertices times the compatibility
+    parts = partial.shape[0]
     # the vertex rows of term t that part p's points touch, [lo, hi): neighbouring pixels share
     # vertices and rows are numbered in order of first appearance, so they are a band of the lattice,
     # and the reduction reads (and clears) only the copies whose band holds the row

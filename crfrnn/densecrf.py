@@ -298,7 +298,10 @@ def _fused_meanfield(unary: torch.Tensor, stacked: tuple, n_iterations: int) -> 
     un = np.zeros((n, _padded(L)), dtype=np.float32)  # (N, Cp): a point's labels side by side
     np.negative(unary.numpy().T, out=un[:, :L])
     q = np.empty((L, n), dtype=np.float32)
-    _nb.dense_meanfield(un, q, *stacked, n_iterations, _SPLAT_COPIES)
+    m = int(stacked[7].sum())  # vertices of all terms
+    parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
+    work = np.zeros((parts, m, un.shape[1]), np.float32), *(np.empty((m, un.shape[1]), np.float32) for _ in range(3))
+    _nb.dense_meanfield(un, q, *stacked, n_iterations, *work)
     return torch.from_numpy(q)
 
 

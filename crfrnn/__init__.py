@@ -5,20 +5,21 @@ Where things are:
 
 * :mod:`crfrnn.lattice` — the permutohedral lattice Gaussian filter (and its exact O(N²) twin);
 * :mod:`crfrnn.meanfield` — mean-field inference as an RNN: :func:`mean_field` and the :class:`CrfRnn` layer;
-* :mod:`crfrnn.densecrf` — a drop-in for ``pydensecrf.densecrf`` (and :mod:`crfrnn.utils` for its utils),
-  plus :func:`refine` for one-call post-processing;
-* :mod:`crfrnn.models` — FCN-8s, ``CrfRnnNet`` (FCN-8s + CRF-RNN) and ``CrfRnnHead`` for any network;
-* :mod:`crfrnn.weights` — loaders for the published CRF-RNN weights (PyTorch, Keras) and ImageNet VGG-16;
-* :mod:`crfrnn.data` — VOC (+SBD), Pascal Context, CamVid and folder datasets, joint transforms;
-* :mod:`crfrnn.train` / :mod:`crfrnn.metrics` — training (SGD, run folders, resume, DDP) and evaluation;
+* :mod:`crfrnn.densecrf` — a drop-in for ``pydensecrf.densecrf`` (and ``crfrnn.densecrf.utils``, also
+  importable as ``crfrnn.utils``, for its utils), plus :func:`refine` for one-call post-processing;
+* :mod:`crfrnn.models` — FCN-8s, ``CrfRnnNet`` (FCN-8s + CRF-RNN), ``CrfRnnHead`` for any network, and the
+  weight loaders (:mod:`crfrnn.models.weights`, also importable as ``crfrnn.weights``);
+* :mod:`crfrnn.data` — readers, VOC (+SBD), Pascal Context, CamVid and folder datasets, joint transforms;
+* :mod:`crfrnn.engine` — training (SGD, run folders, resume, DDP), evaluation and metrics (also importable
+  as ``crfrnn.train`` and ``crfrnn.metrics``);
 * :mod:`crfrnn.cli` — the ``crfrnn`` command; :mod:`crfrnn.viz` — palettes, overlays, figures;
-  :mod:`crfrnn.bench` — benchmarks.
+  :mod:`crfrnn.demo` — the built-in scene; :mod:`crfrnn.bench` — benchmarks.
 """
 from .lattice import PermutohedralLattice, available_backends, dense_gaussian_filter, permutohedral_filter
 from .meanfield import CrfRnn, crf_features, mean_field
 from .densecrf import refine
 from .models import CrfRnnHead, CrfRnnNet, FCN8s
-from .weights import fcn8s_from_vgg16, load_crfasrnn_keras_weights, load_crfasrnn_weights
+from .models.weights import fcn8s_from_vgg16, load_crfasrnn_keras_weights, load_crfasrnn_weights
 
 __version__ = "0.1.0"
 

@@ -334,7 +334,7 @@ def _crf_layout(sd: dict) -> dict:
 
 def build_model(kind: str, num_classes: int, crf: dict | None = None):
     """A fresh model of the CLI's ``--model`` kinds: ``crfrnn``, ``fcn8s``, ``tiny`` (smoke test), ``tiny-fcn``."""
-    from crfrnn.demo import TinyCrfRnnNet
+    from crfrnn.models import TinyCrfRnnNet
     from crfrnn.models import CrfRnnNet, FCN8s
 
     crf = dict(crf or {})
@@ -356,7 +356,7 @@ def load_model(path, *, keras: bool = False, convention: str = "auto", crf: dict
     ``checkpoint`` (the file read), ``class_names`` (from the run folder's ``model.json``, if any) and
     ``sidecar`` (that file's contents).
     """
-    from crfrnn import weights
+    from crfrnn.models import weights
 
     path = Path(path)
     if not path.exists():
@@ -424,7 +424,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from crfrnn import demo, viz
-    from crfrnn.metrics import mean_iou, pixel_accuracy
+    from crfrnn.engine.metrics import mean_iou, pixel_accuracy
 
     t_start = getattr(args, "_t0", time.perf_counter())
     dev = _device(args.device)
@@ -583,7 +583,7 @@ def _labels_to_probs(labels, path: Path, args):
     """pydensecrf's unary_from_labels as probabilities over the label values that are classes."""
     import numpy as np
 
-    from crfrnn.utils import unary_from_labels
+    from crfrnn.densecrf.utils import unary_from_labels
 
     unknown = args.unknown
     known = labels[labels != unknown] if unknown is not None else labels
@@ -806,7 +806,7 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
 def _merge_config(args) -> dict:
     from dataclasses import fields
 
-    from crfrnn.train import TrainConfig
+    from crfrnn.engine.train import TrainConfig
 
     cfg: dict[str, Any] = {}
     if args.config is not None:
@@ -835,7 +835,7 @@ def _merge_config(args) -> dict:
 
 def _init_weights(model, kind: str, path: Path):
     """Initialise ``model`` from our checkpoint, the published .pth / .h5, or a torchvision VGG-16 state dict."""
-    from crfrnn import weights
+    from crfrnn.models import weights
 
     _need_file(path, "--init file")
     if path.suffix.lower() in (".h5", ".hdf5"):
@@ -867,7 +867,7 @@ def _init_weights(model, kind: str, path: Path):
 
 def cmd_train(args) -> int:
     from crfrnn import data
-    from crfrnn.train import TrainConfig, train
+    from crfrnn.engine.train import TrainConfig, train
 
     o = _merge_config(args)
     if o["run_dir"] is None:
@@ -945,8 +945,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from crfrnn.metrics import format_iou_table
-    from crfrnn.train import evaluate
+    from crfrnn.engine.metrics import format_iou_table
+    from crfrnn.engine.train import evaluate
 
     dev = _device(args.device)
     model, info = load_model(args.weights, keras=args.keras, convention=args.convention, crf=_crf_overrides(args))

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from torch import nn
 
-from crfrnn.meanfield import CrfRnn, mean_field
-from crfrnn.metrics import confusion_matrix
+from crfrnn.meanfield import mean_field
+from crfrnn.engine.metrics import confusion_matrix
 
 __all__ = [
     "SCENE_CLASSES",
@@ -35,7 +34,6 @@ __all__ = [
     "coarse_logits",
     "refine_logits",
     "evaluate_pair",
-    "TinyCrfRnnNet",
 ]
 
 #: Class names of :func:`make_scene` (label k = entry k).
@@ -280,44 +278,3 @@ def evaluate_pair(
         "conf_refined": confusion_matrix(refined, mask, num_classes, ignore_index),
         "seconds": seconds,
     }
-
-
-class TinyCrfRnnNet(nn.Module):
-    """A smoke-test segmentation network: three small convolutions and, optionally, a CRF-RNN on top.
-
-    **Not a real model.** It exists so that the command line (``crfrnn train/eval/segment --model tiny``)
-    and its tests can run the whole pipeline in seconds on a CPU. Parameter names start with ``tiny_``
-    (and ``crfrnn.`` for the CRF), so checkpoints are recognised by their keys.
-
-    ``forward(image (B, 3, H, W) RGB 0..255, valid_mask=None) -> logits (B, L, H, W)``;
-    :meth:`unary` gives the logits before the CRF.
-
-    Args:
-        num_classes: L >= 2.
-        width: channels of the hidden layers.
-        crf: put a :class:`crfrnn.meanfield.CrfRnn` on the convolutions' logits.
-        **crf_kwargs: passed to :class:`~crfrnn.meanfield.CrfRnn`.
-    """
-
-    def __init__(self, num_classes: int, *, width: int = 8, crf: bool = True, **crf_kwargs: Any):
-        super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-        self.num_classes = num_classes
-        self.tiny_conv1 = nn.Conv2d(3, width, 3, padding=1)
-        self.tiny_conv2 = nn.Conv2d(width, width, 3, padding=2, dilation=2)
-        self.tiny_score = nn.Conv2d(width, num_classes, 1)
-        self.crfrnn = CrfRnn(num_classes, **crf_kwargs) if crf else None
-
-    def unary(self, image: torch.Tensor) -> torch.Tensor:
-        """Logits of the convolutions: (B, 3, H, W) RGB 0..255 -> (B, L, H, W)."""
-        x = (image.to(self.tiny_conv1.weight.dtype) - 128.0) / 64.0
-        x = torch.relu(self.tiny_conv1(x))
-        x = torch.relu(self.tiny_conv2(x))
-        return self.tiny_score(x)
-
-    def forward(self, image: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.unary(image)
-        if self.crfrnn is None:
-            return logits
-        return self.crfrnn(logits, image.to(logits.dtype), valid_mask=valid_mask)

@@ -43,7 +43,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .lattice import PermutohedralLattice, _all_finite, _check_mask, dense_gaussian_kernel
+from .lattice import PermutohedralLattice, dense_gaussian_kernel
+from .lattice.permutohedral import _all_finite, _check_mask
 
 __all__ = ["mean_field", "CrfRnn", "crf_features"]
 

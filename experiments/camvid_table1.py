@@ -54,9 +54,9 @@ from torch.utils.data import Dataset
 
 from crfrnn.data import CAMVID_CLASSES, CamVid, Compose, RandomCrop, RandomHorizontalFlip, Resize
 from crfrnn.meanfield import mean_field
-from crfrnn.metrics import class_iou, confusion_matrix, mean_class_accuracy, mean_iou, pixel_accuracy
+from crfrnn.engine.metrics import class_iou, confusion_matrix, mean_class_accuracy, mean_iou, pixel_accuracy
 from crfrnn.models import CrfRnnHead, bilinear_upsampling_weights
-from crfrnn.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from crfrnn.engine.train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "camvid"

@@ -20,7 +20,8 @@ from PIL import Image
 
 from crfrnn.cli import main
 from crfrnn.data import voc_palette
-from crfrnn.demo import TinyCrfRnnNet, coarse_logits, make_scene
+from crfrnn.demo import coarse_logits, make_scene
+from crfrnn.models import TinyCrfRnnNet
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -294,7 +294,7 @@ def test_compiled_results_do_not_depend_on_threads_or_serial_path():
         pytest.skip("numba not available")
     import numba
 
-    from crfrnn import _lattice_numba as nb
+    from crfrnn.lattice import _numba_kernels as nb
 
     _, img, _ = voc_pairs(count=1, start=3)[0]
     im = torch.from_numpy(crop(img, 120, 160).copy()).permute(2, 0, 1).float()
@@ -326,14 +326,14 @@ def test_parallel_build_numbers_vertices_as_the_sequential_insert():
         pytest.skip("numba not available")
     import numba
 
-    from crfrnn import _lattice_numba as nb
+    from crfrnn.lattice import _numba_kernels as nb
 
     _, img, _ = voc_pairs(count=1, start=4)[0]
     im = torch.from_numpy(crop(img, 200, 240).copy()).permute(2, 0, 1).float()
     feats = grid_features(im, 15.0, 11.0)  # (1, 5, 200, 240): 48000 points, several chunks
     d = feats.shape[1]
     pts = np.ascontiguousarray(feats[0].reshape(d, -1).T.double().numpy())
-    from crfrnn.lattice import _scale_factors
+    from crfrnn.lattice.permutohedral import _scale_factors
 
     keys = np.empty((pts.shape[0], d + 1, d), dtype=np.int32)
     bary = np.empty((pts.shape[0], d + 1), dtype=np.float64)
@@ -367,7 +367,7 @@ def test_one_channel_kernel_equals_general_kernel(dtype):
     accumulation and the reverse order."""
     if "numba" not in BACKENDS:
         pytest.skip("numba not available")
-    from crfrnn import _lattice_numba as nb
+    from crfrnn.lattice import _numba_kernels as nb
 
     g = torch.Generator().manual_seed(0)
     lat = PermutohedralLattice(torch.randn(2, 5, 40, 50, dtype=torch.float64, generator=g) * 3, backend="numba")

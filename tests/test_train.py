@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from crfrnn.metrics import (
+from crfrnn.engine.metrics import (
     class_iou,
     confusion_matrix,
     format_iou_table,
     mean_iou,
     pixel_accuracy,
 )
-from crfrnn.train import (
+from crfrnn.engine import (
     CheckpointError,
     TrainConfig,
     evaluate,
@@ -398,7 +398,7 @@ _KILL_SCRIPT = r"""
 import sys, time, torch
 sys.path.insert(0, sys.argv[1])
 from test_train import TinyNet, SyntheticSet, small_cfg
-from crfrnn.train import train
+from crfrnn.engine import train
 torch.set_num_threads(int(sys.argv[3]))
 torch.manual_seed(0)
 cfg = small_cfg(max_steps=int(sys.argv[4]), checkpoint_every=1, eval_every=3)
@@ -501,7 +501,7 @@ _DDP_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from test_train import TinyNet, SyntheticSet, small_cfg
-from crfrnn.train import train, evaluate
+from crfrnn.engine import evaluate, train
 out = sys.argv[2]
 torch.manual_seed(0)
 model = TinyNet(4)

@@ -22,7 +22,7 @@ for CRF-RNN's bilateral kernel.
 
 Two backends share the maths:
 
-* ``"numba"``: compiled, multi-threaded CPU kernels (:mod:`crfrnn._lattice_numba`), the default on CPU;
+* ``"numba"``: compiled, multi-threaded CPU kernels (:mod:`crfrnn.lattice._numba_kernels`), the default on CPU;
 * ``"torch"``: vectorised tensor code (sorting instead of hashing, ``index_add_``/gather), which runs on
   any device (CUDA included) and is the oracle of the compiled path.
 
@@ -31,19 +31,21 @@ Both give the same operator up to floating-point summation order.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 __all__ = [
     "PermutohedralLattice",
     "permutohedral_filter",
-    "dense_gaussian_filter",
     "available_backends",
 ]
 
 try:  # the compiled CPU path is optional at import time (it is a hard dependency of the package)
-    from . import _lattice_numba as _nb
+    from . import _numba_kernels as _nb
 
     _HAVE_NUMBA = True
 except Exception:  # pragma: no cover - exercised only without numba
@@ -120,6 +122,16 @@ def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
         if device.type != "cpu":
             raise ValueError(f"backend='numba' runs on the CPU only, but the features are on {device}")
     return backend
+
+
+class CompiledArrays(NamedTuple):
+    """A numba-built lattice as flat arrays: barycentric weights and vertex offsets ``(B*N*(D+1),)``,
+    blur neighbours ``(D+1, M, 2)`` flattened, and the output factor ``alpha``."""
+
+    barycentric: "np.ndarray"
+    offsets: "np.ndarray"
+    neighbours: "np.ndarray"
+    alpha: float
 
 
 class PermutohedralLattice:
@@ -296,6 +308,13 @@ class PermutohedralLattice:
             else:
                 self._bary_cache[key] = self._bary64_t.to(dtype)
         return self._bary_cache[key]
+
+    def compiled_arrays(self) -> CompiledArrays:
+        """The numba backend's arrays in float32, for kernels that drive several lattices at once
+        (``crfrnn.densecrf``'s fused mean field). Read-only views; the lattice keeps ownership."""
+        if self.backend != "numba":
+            raise ValueError(f"compiled_arrays needs a lattice built with backend='numba', not {self.backend!r}")
+        return CompiledArrays(self._bary(torch.float32), self._offsets, self._nbr.reshape(-1), self._alpha)
 
     def _check_values(self, values, name: str = "values") -> None:
         if not isinstance(values, torch.Tensor):
@@ -484,52 +503,3 @@ def permutohedral_filter(
         ones = torch.ones((values.shape[0], 1) + tuple(values.shape[2:]), dtype=values.dtype, device=values.device)
         out = out / lattice.filter(ones)
     return out
-
-
-def dense_gaussian_filter(
-    values: torch.Tensor,
-    features: torch.Tensor,
-    normalize: bool = False,
-    *,
-    block_size: int = 2048,
-) -> torch.Tensor:
-    r"""Exact O(N²) Gaussian filter :math:`\sum_j \exp(-\frac12\|f_i-f_j\|^2) v_j` (self included).
-
-    The slow twin of :class:`PermutohedralLattice` and its test oracle: for **small inputs only**
-    (N = prod(spatial) up to a few thousand; it forms ``block_size x N`` kernel blocks).
-    ``values (B, C, *spatial)``, ``features (B, D, *spatial)``; differentiable w.r.t. both.
-    ``normalize=True`` divides by the response to ones.
-    """
-    _check_pair(values, features)
-    B, C = values.shape[:2]
-    D = features.shape[1]
-    n = values[0, 0].numel()
-    dtype = torch.promote_types(values.dtype, features.dtype)
-    f = features.reshape(B, D, n).transpose(1, 2).to(dtype)  # (B, N, D)
-    v = values.reshape(B, C, n).transpose(1, 2).to(dtype)  # (B, N, C)
-    outs, norms = [], []
-    for s in range(0, n, block_size):
-        k = torch.exp(-0.5 * _sqdist(f[:, s : s + block_size], f))  # (B, b, N)
-        outs.append(k @ v)
-        if normalize:
-            norms.append(k.sum(-1, keepdim=True))
-    out = torch.cat(outs, 1)
-    if normalize:
-        out = out / torch.cat(norms, 1)
-    return out.transpose(1, 2).reshape(values.shape).to(values.dtype)
-
-
-def dense_gaussian_kernel(features: torch.Tensor) -> torch.Tensor:
-    """The exact kernel matrix ``K[b, i, j] = exp(-|f_i - f_j|^2 / 2)``, ``(B, N, N)`` (small inputs only)."""
-    _check_features(features)
-    B, D = features.shape[:2]
-    f = features.reshape(B, D, -1).transpose(1, 2)
-    return torch.exp(-0.5 * _sqdist(f, f))
-
-
-def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # exact squared distances without the |a|^2+|b|^2-2ab cancellation: accumulate per coordinate
-    sq = torch.zeros(a.shape[0], a.shape[1], b.shape[1], dtype=a.dtype, device=a.device)
-    for c in range(a.shape[2]):
-        sq = sq + (a[:, :, None, c] - b[:, None, :, c]) ** 2
-    return sq

@@ -37,7 +37,7 @@ The model and its conventions are pydensecrf's (read from its C++ sources, ``den
 
 Implementation: every pairwise term builds its :class:`~crfrnn.lattice.PermutohedralLattice` once, when
 it is added (as pydensecrf does). On the CPU, ``inference`` runs all terms and the softmax fused in one
-compiled pass over the pixels per iteration (:func:`crfrnn._lattice_numba.dense_meanfield`: slice every
+compiled pass over the pixels per iteration (:func:`crfrnn.lattice._numba_kernels.dense_meanfield`: slice every
 term's blurred lattice, add the unary, softmax, splat the new marginals into every lattice), with
 pydensecrf's maths; elsewhere, and in ``stepInference``/``klDivergence``, each iteration filters all
 labels in one call per term (the fused path's test oracle). The fused softmax computes ``exp`` to float32
@@ -60,7 +60,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from crfrnn.lattice import _SPLAT_COPIES, PermutohedralLattice, _all_finite, _nb
+from crfrnn.lattice.permutohedral import PermutohedralLattice, _all_finite
+
+from ._fused import fused_meanfield, stack_terms
 
 __all__ = [
     "DenseCRF",
@@ -77,7 +79,6 @@ __all__ = [
     "Unary",
     "ConstUnary",
     "LogisticUnary",
-    "refine",
 ]
 
 
@@ -284,65 +285,6 @@ class _Pairwise:
             logits.sub_(self.energy(q))
 
 
-def _padded(n_labels: int) -> int:
-    """Labels padded to whole SIMD registers, as the fused kernel lays them out."""
-    return -(-n_labels // _nb._LANES) * _nb._LANES
-
-
-def _fused_meanfield(unary: torch.Tensor, stacked: tuple, n_iterations: int) -> torch.Tensor:
-    """Mean field on CPU lattices with every term and the softmax fused into one compiled pass per
-    iteration (:func:`crfrnn._lattice_numba.dense_meanfield`): the maths of
-    :meth:`DenseCRF._infer_by_terms` (its slow twin) in a third of the memory traffic.
-    ``unary (L, N)``; returns ``Q (L, N)``."""
-    L, n = unary.shape
-    un = np.zeros((n, _padded(L)), dtype=np.float32)  # (N, Cp): a point's labels side by side
-    np.negative(unary.numpy().T, out=un[:, :L])
-    q = np.empty((L, n), dtype=np.float32)
-    m = int(stacked[7].sum())  # vertices of all terms
-    parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
-    work = np.zeros((parts, m, un.shape[1]), np.float32), *(np.empty((m, un.shape[1]), np.float32) for _ in range(3))
-    _nb.dense_meanfield(un, q, *stacked, n_iterations, *work)
-    return torch.from_numpy(q)
-
-
-def _stack_terms(terms: list, n_labels: int) -> tuple:
-    """The terms' lattices, scales and compatibilities laid end to end, as
-    :func:`crfrnn._lattice_numba.dense_meanfield` takes them (made once per set of terms)."""
-    bary, offsets, nbr, tstart, td1, nstart, vstart, vcount = [], [], [], [], [], [], [], []
-    pre, post, wdiag, wmat, ismat = [], [], [], [], []
-    pos = npos = vpos = 0
-    zeros_mat = np.zeros((n_labels, n_labels), np.float32)
-    for t in terms:
-        lat = t.lattice
-        bary.append(lat._bary(torch.float32))
-        offsets.append(lat._offsets + np.int32(vpos) if vpos else lat._offsets)
-        nb = lat._nbr.reshape(-1)
-        nbr.append(np.where(nb >= 0, nb + np.int32(vpos), nb) if vpos else nb)
-        tstart.append(pos)
-        td1.append(lat.dim + 1)
-        nstart.append(npos)
-        vstart.append(vpos)
-        vcount.append(lat.num_vertices)
-        pos += bary[-1].shape[0]
-        npos += nb.shape[0]
-        vpos += lat.num_vertices
-        n = lat.num_points
-        alpha = np.float32(lat._alpha)
-        pre.append(np.ones(n, np.float32) if t.pre is None else t.pre.numpy())
-        post.append(np.full(n, alpha, np.float32) if t.post is None else t.post.numpy() * alpha)
-        kind, w = t.compat.kind, t.compat.weight
-        # messages m enter the logits as + wdiag * m, or - wmat @ m
-        wd = np.zeros(_padded(n_labels), np.float32)
-        wd[:n_labels] = w if kind == "potts" else -w[:, 0].numpy() if kind == "diag" else 0.0
-        wdiag.append(wd)
-        wmat.append(w.numpy() if kind == "matrix" else zeros_mat)
-        ismat.append(kind == "matrix")
-    i64 = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
-    return (np.concatenate(bary), np.concatenate(offsets), i64(tstart), i64(td1), np.concatenate(nbr),
-            i64(nstart), i64(vstart), i64(vcount), np.stack(pre), np.stack(post), np.stack(wdiag),
-            np.ascontiguousarray(np.stack(wmat)), np.array(ismat, dtype=np.bool_))
-
-
 # ------------------------------------------------------------------------------------------------ unary
 class Unary:
     """Base of the unary-energy objects accepted by :meth:`DenseCRF.setUnary` (as pydensecrf)."""
@@ -475,8 +417,8 @@ class DenseCRF:
         """Mean field as tensors: ``(L, N)`` float32 on ``self.device`` (fused on CPU lattices)."""
         if self._pairwise and all(t.lattice.backend == "numba" for t in self._pairwise):
             if self._stacked is None:
-                self._stacked = _stack_terms(self._pairwise, self._nlabel)
-            return _fused_meanfield(self._unary_or_zero(), self._stacked, n_iterations)
+                self._stacked = stack_terms(self._pairwise, self._nlabel)
+            return fused_meanfield(self._unary_or_zero(), self._stacked, n_iterations)
         return self._infer_by_terms(-self._unary_or_zero(), n_iterations)
 
     @torch.no_grad()
@@ -642,86 +584,3 @@ class DenseCRF2D(DenseCRF):
             )
         colour = img.reshape(-1, 3).T.to(torch.float32) / torch.tensor(widths, dtype=torch.float32)[:, None]
         self._add(torch.cat([self._positions(sx, sy), colour], 0), compat, kernel, normalization)
-
-
-# ---------------------------------------------------------------------------------------------- refine
-def _image_hwc(image, h: int, w: int, probs_shape: tuple) -> torch.Tensor:
-    """``(h, w, 3)`` uint8 CPU tensor from an ``(H, W, 3)`` or ``(3, H, W)`` uint8 image."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"image must be uint8 (0..255 RGB), got {image.dtype} with shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image))
-    elif isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8:
-            raise TypeError(f"image must be uint8 (0..255 RGB), got {image.dtype} with shape {_shape(image)}")
-        t = image.detach().cpu()
-    else:
-        raise TypeError(f"image must be a uint8 numpy array or torch tensor, got {type(image).__name__}")
-    shape = _shape(t)
-    if t.dim() == 3 and shape == (h, w, 3):
-        return t.contiguous()
-    if t.dim() == 3 and shape == (3, h, w):
-        return t.permute(1, 2, 0).contiguous()
-    raise ValueError(
-        f"image must have shape (H, W, 3) or (3, H, W) matching probabilities (L, H, W) = {probs_shape}; "
-        f"got image of shape {shape}"
-    )
-
-
-def refine(
-    image: ArrayLike,
-    probabilities: ArrayLike,
-    *,
-    n_iterations: int = 5,
-    sxy_gaussian=3,
-    compat_gaussian=3,
-    sxy_bilateral=80,
-    srgb=13,
-    compat_bilateral=10,
-) -> ArrayLike:
-    """Dense-CRF post-processing of a segmentation in one call (pydensecrf's usual recipe).
-
-    Unaries ``-log(clip(p, 1e-5, 1))`` (as :func:`crfrnn.utils.unary_from_softmax`), a Gaussian term
-    (``sxy_gaussian``, Potts ``compat_gaussian``) and a bilateral term (``sxy_bilateral``, ``srgb``, Potts
-    ``compat_bilateral``), both symmetrically normalised; ``n_iterations`` mean-field steps; arg max.
-
-    Args:
-        image: ``(H, W, 3)`` or ``(3, H, W)`` uint8 RGB image (numpy or torch).
-        probabilities: ``(L, H, W)`` class probabilities (numpy or torch, floating, finite, >= 0).
-
-    Returns:
-        ``(H, W)`` int64 labels: a numpy array if ``probabilities`` is numpy, otherwise a tensor on
-        ``probabilities``' device (where the CRF also runs).
-    """
-    if isinstance(probabilities, np.ndarray):
-        if probabilities.dtype.kind != "f":
-            raise TypeError(f"probabilities must be floating point, got {probabilities.dtype} ({probabilities.shape})")
-        probs = torch.from_numpy(np.ascontiguousarray(probabilities))
-        device, as_numpy = torch.device("cpu"), True
-    elif isinstance(probabilities, torch.Tensor):
-        if not probabilities.is_floating_point():
-            raise TypeError(
-                f"probabilities must be floating point, got {probabilities.dtype} ({_shape(probabilities)})"
-            )
-        probs = probabilities.detach()
-        device, as_numpy = probabilities.device, False
-    else:
-        raise TypeError(
-            f"probabilities must be a numpy array or torch tensor (L, H, W), got {type(probabilities).__name__}"
-        )
-    pshape = _shape(probs)
-    if probs.dim() != 3 or min(pshape) < 1:
-        raise ValueError(f"probabilities must have shape (L, H, W), got {pshape}")
-    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
-        raise ValueError(f"probabilities (shape {pshape}) must be finite and non-negative")
-    n_labels, h, w = pshape
-    img = _image_hwc(image, h, w, pshape)
-    n = _int_arg(n_iterations, "n_iterations", 0)
-
-    crf = DenseCRF2D(w, h, n_labels, device=device)
-    unary = -torch.log(torch.clamp(probs.to(torch.float32), 1e-5, 1.0)).reshape(n_labels, -1)
-    crf._set_unary(unary, "unary (from probabilities)")
-    crf.addPairwiseGaussian(sxy_gaussian, compat_gaussian)
-    crf.addPairwiseBilateral(sxy_bilateral, srgb, img, compat_bilateral)
-    labels = crf._infer(n).argmax(0).reshape(h, w).to(torch.int64)
-    return labels.cpu().numpy() if as_numpy else labels.to(device)

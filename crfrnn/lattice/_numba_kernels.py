@@ -20,7 +20,6 @@ dense-CRF mean field of :mod:`crfrnn.densecrf` has its own fused kernel, :func:`
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types

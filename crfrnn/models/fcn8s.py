@@ -1,4 +1,4 @@
-"""End-to-end CRF-RNN networks: the FCN-8s unary network and the CRF-RNN on top of it.
+"""FCN-8s, the unary network of CRF-RNN (the CRF-RNN networks built on it are in :mod:`crfrnn.models.nets`).
 
 * :class:`FCN8s` -- the VGG-16 based FCN-8s of Long et al. (CVPR 2015) that CRF-RNN (Zheng et al., ICCV 2015)
   uses for its unaries, laid out like the Caffe model and the official PyTorch port
@@ -21,21 +21,15 @@ To load the published weights see :mod:`crfrnn.weights`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from crfrnn.meanfield import CrfRnn
 
 __all__ = [
     "IMAGENET_MEAN_RGB",
     "caffe_normalize",
     "bilinear_upsampling_weights",
     "FCN8s",
-    "CrfRnnNet",
-    "CrfRnnHead",
 ]
 
 #: Per-channel ImageNet mean in RGB order, on the 0..255 scale (the value used by the CRF-RNN releases).
@@ -217,96 +211,3 @@ def _crop(t: Tensor, offset: int, size) -> Tensor:
             f"to {h}x{w}"
         )
     return t[:, :, offset : offset + h, offset : offset + w]
-
-
-class CrfRnnNet(FCN8s):
-    """CRF-RNN (Zheng et al., ICCV 2015): FCN-8s unaries followed by the mean-field CRF-RNN ``self.crfrnn``.
-
-    The state dict is the FCN-8s keys plus ``crfrnn.spatial_ker_weights``, ``crfrnn.bilateral_ker_weights`` and
-    ``crfrnn.compatibility_matrix`` (the layout of the published PyTorch weights; note their compatibility sign,
-    handled by :func:`crfrnn.weights.load_crfasrnn_weights`).
-
-    Args:
-        num_classes: number of labels L.
-        **crf_kwargs: passed to :class:`crfrnn.meanfield.CrfRnn` (``theta_alpha``, ``theta_beta``,
-            ``theta_gamma``, ``spatial_weight``, ``bilateral_weight``, ``num_iterations``,
-            ``num_test_iterations``, ...).
-    """
-
-    def __init__(self, num_classes: int = 21, **crf_kwargs):
-        super().__init__(num_classes)
-        self.crfrnn = CrfRnn(self.num_classes, **crf_kwargs)
-
-    def unary(self, image: Tensor) -> Tensor:
-        """FCN-8s logits (the CRF's unaries) of a raw RGB batch: (B, 3, H, W) in 0..255 -> (B, L, H, W)."""
-        return FCN8s.forward(self, image)
-
-    def forward(self, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
-        """Segment a raw RGB batch.
-
-        Args:
-            image: (B, 3, H, W) RGB in 0..255 (float or uint8). Normalised internally for the FCN; the raw RGB
-                values feed the CRF's bilateral kernel.
-            valid_mask: optional mask passed on to the CRF (see :class:`crfrnn.meanfield.CrfRnn`), e.g.
-                (B, H, W) bool marking real (not padded) pixels.
-
-        Returns:
-            (B, L, H, W) logits after mean-field inference.
-        """
-        unary = self.unary(image)
-        rgb = _as_float(image, unary.dtype)
-        return self.crfrnn(unary, rgb, valid_mask=valid_mask)
-
-
-class CrfRnnHead(nn.Module):
-    """A CRF-RNN after any segmentation model.
-
-    Args:
-        model: module mapping an input batch to logits (B, L, H, W) (a mapping with an ``"out"`` entry, as
-            torchvision's segmentation models return, is accepted too).
-        num_classes: number of labels L the model predicts.
-        **crf_kwargs: passed to :class:`crfrnn.meanfield.CrfRnn`.
-    """
-
-    def __init__(self, model: nn.Module, num_classes: int, **crf_kwargs):
-        super().__init__()
-        if not callable(model):
-            raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self.num_classes = int(num_classes)
-        self.model = model
-        self.crfrnn = CrfRnn(self.num_classes, **crf_kwargs)
-
-    def forward(self, image: Tensor, crf_image: Tensor | None = None, valid_mask: Tensor | None = None) -> Tensor:
-        """Run the model, then mean-field inference on its logits.
-
-        Args:
-            image: the model's input, e.g. a normalised (B, 3, H, W) batch.
-            crf_image: (B, K, H, W) features for the CRF's bilateral kernel, typically the raw RGB image in
-                0..255 (the kernel widths ``theta_beta`` are on that scale). Defaults to ``image``.
-            valid_mask: optional mask passed on to the CRF.
-
-        Returns:
-            (B, L, H, W) logits after mean-field inference.
-        """
-        logits = self.model(image)
-        if isinstance(logits, Mapping) and "out" in logits:
-            logits = logits["out"]
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"model must return a logits tensor (B, L, H, W), got {type(logits).__name__}")
-        crf_image = image if crf_image is None else crf_image
-        if not isinstance(crf_image, Tensor):
-            raise TypeError(f"crf_image must be a torch.Tensor (B, K, H, W), got {type(crf_image).__name__}")
-        if logits.dim() < 3 or logits.shape[1] != self.num_classes:
-            raise ValueError(
-                f"model output must have shape (B, {self.num_classes}, H, W), got {tuple(logits.shape)}"
-            )
-        if crf_image.dim() != logits.dim() or crf_image.shape[0] != logits.shape[0] or (
-            crf_image.shape[2:] != logits.shape[2:]
-        ):
-            raise ValueError(
-                f"crf_image of shape {tuple(crf_image.shape)} does not match the model's logits of shape "
-                f"{tuple(logits.shape)}: batch and spatial sizes must be equal"
-            )
-        return self.crfrnn(logits, _as_float(crf_image, logits.dtype), valid_mask=valid_mask)

@@ -1,0 +1,17 @@
+"""The permutohedral lattice: O(N) high-dimensional Gaussian filtering, and its exact O(N²) twin.
+
+* :mod:`.permutohedral` — :class:`PermutohedralLattice` (build once, filter many), :func:`permutohedral_filter`,
+  the vectorised torch backend (any device) and the dispatch to the compiled CPU kernels;
+* :mod:`._numba_kernels` — the compiled CPU kernels (Numba): build, splat/blur/slice, fused dense-CRF pass;
+* :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle.
+"""
+from .exact import dense_gaussian_filter, dense_gaussian_kernel
+from .permutohedral import PermutohedralLattice, available_backends, permutohedral_filter
+
+__all__ = [
+    "PermutohedralLattice",
+    "permutohedral_filter",
+    "dense_gaussian_filter",
+    "dense_gaussian_kernel",
+    "available_backends",
+]

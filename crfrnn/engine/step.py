@@ -3,7 +3,7 @@
 for runs with and without a ``GradScaler``).
 
 Loss: softmax cross-entropy over labelled pixels (``ignore_index`` excluded), computed in float32 even under
-autocast. ``"mean"`` divides by the labelled pixels of the *global* batch (all ranks), ``"sum"`` does not
+autocast (in float64 for a float64 model). ``"mean"`` divides by the labelled pixels of the *global* batch (all ranks), ``"sum"`` does not
 (Caffe's ``normalize: false``, as in the CRF-RNN paper). Under DDP, which averages gradients over ranks, the
 local loss is multiplied by the world size, so N processes take the same step as one process on the combined
 batch.
@@ -103,7 +103,9 @@ class StepOutput(NamedTuple):
 
 def _loss(logits: Tensor, masks: Tensor, cfg: TrainConfig, world: int) -> tuple[Tensor, Tensor]:
     """(the loss to differentiate on this rank, the detached loss of the global batch)."""
-    loss_sum = F.cross_entropy(logits.float(), masks, ignore_index=cfg.ignore_index, reduction="sum")
+    if logits.dtype != torch.float64:  # float16 / bfloat16 logits of autocast: the loss in float32
+        logits = logits.float()
+    loss_sum = F.cross_entropy(logits, masks, ignore_index=cfg.ignore_index, reduction="sum")
     stats = torch.stack([loss_sum.detach().double(), (masks != cfg.ignore_index).sum().double()])
     stats = all_reduce(stats, world)  # global loss sum and labelled-pixel count
     if cfg.loss_reduction == "mean":

@@ -106,7 +106,8 @@ def test_smoke_pipeline_eval_dir_and_report(tmp_path):
     for arm in ARMS:
         assert 0.0 <= ev["arms"][arm]["mean_iou"] <= 1.0
     # on the same images the saved CRF-RNN reproduces its predictions
-    with np.load(run / ev["arms"]["crfrnn"]["predictions"]) as z1, np.load(run / res["arms"]["crfrnn"]["predictions"]) as z2:
+    with np.load(run / ev["arms"]["crfrnn"]["predictions"]) as z1, \
+            np.load(run / res["arms"]["crfrnn"]["predictions"]) as z2:
         np.testing.assert_array_equal(z1["labels"], z2["labels"][:2])
 
     # report: markdown with the Table 1 rows, the ablation table and the picture

@@ -80,6 +80,23 @@ def _check_args(model: Any, num_classes: Any, batch_size: Any) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
+def _confusion(model: nn.Module, loader: DataLoader, num_classes: int, ignore_index: int, dev: torch.device,
+               show: bool) -> tuple[Tensor, int]:
+    """(confusion matrix (L, L) on ``dev``, number of images) of ``model`` over ``loader``."""
+    pass_mask = accepts_valid_mask(model)
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
+    count = 0
+    for images, masks, valid in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+        images = images.to(dev, non_blocking=True)
+        masks = masks.to(dev, non_blocking=True)
+        valid = valid.to(dev, non_blocking=True) if pass_mask and valid is not None else None
+        logits = forward(model, images, valid)
+        check_logits(logits, images, masks, num_classes)
+        conf += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index)
+        count += images.shape[0]
+    return conf, count
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -137,21 +154,10 @@ def evaluate(
         generator=torch.Generator().manual_seed(0),
         pin_memory=dev.type == "cuda",
     )
-    pass_mask = accepts_valid_mask(model)
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
-    count = 0
     was_training = model.training
     model.eval()
     try:
-        for images, masks, valid in tqdm(loader, desc="eval", leave=False, disable=not (progress and rank == 0),
-                                         dynamic_ncols=True):
-            images = images.to(dev, non_blocking=True)
-            masks = masks.to(dev, non_blocking=True)
-            valid = valid.to(dev, non_blocking=True) if pass_mask and valid is not None else None
-            logits = forward(model, images, valid)
-            check_logits(logits, images, masks, num_classes)
-            conf += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index)
-            count += images.shape[0]
+        conf, count = _confusion(model, loader, num_classes, ignore_index, dev, progress and rank == 0)
     finally:
         model.train(was_training)
     if world > 1:

@@ -3,10 +3,10 @@
 for runs with and without a ``GradScaler``).
 
 Loss: softmax cross-entropy over labelled pixels (``ignore_index`` excluded), computed in float32 even under
-autocast (in float64 for a float64 model). ``"mean"`` divides by the labelled pixels of the *global* batch (all ranks), ``"sum"`` does not
-(Caffe's ``normalize: false``, as in the CRF-RNN paper). Under DDP, which averages gradients over ranks, the
-local loss is multiplied by the world size, so N processes take the same step as one process on the combined
-batch.
+autocast (in float64 for a float64 model). ``"mean"`` divides by the labelled pixels of the *global* batch
+(all ranks), ``"sum"`` does not (Caffe's ``normalize: false``, as in the CRF-RNN paper). Under DDP, which
+averages gradients over ranks, the local loss is multiplied by the world size, so N processes take the same
+step as one process on the combined batch.
 """
 
 from typing import Any, NamedTuple

@@ -1,16 +1,83 @@
-"""Padded batches in training and evaluation: ``valid_mask`` reaches the CRF of models that accept it, so a
-padded batch trains and evaluates like its images one by one."""
+"""The pieces of the training loop: the ``lr_schedule`` and ``should_stop`` hooks, and padded batches in training
+and evaluation (``valid_mask`` reaches the CRF of models that accept it, so a padded batch trains and evaluates
+like its images one by one)."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crfrnn.engine import TrainConfig, accepts_valid_mask, evaluate, param_groups, train
+from crfrnn.engine import TrainConfig, accepts_valid_mask, evaluate, load_checkpoint, param_groups, read_metrics, train
 from crfrnn.engine.samplers import collate
 from crfrnn.engine.step import train_step
-from test_train import TinyNet, small_cfg
+from test_train import SyntheticSet, TinyNet, small_cfg
+
+
+def _strip_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def test_should_stop_ends_cleanly_and_the_run_resumes_bit_exactly(tmp_path):
+    train_set, val_set = SyntheticSet(9, seed=1), SyntheticSet(3, seed=2, augment=False)
+    cfg = small_cfg(checkpoint_every=0)  # 12 steps, 4 per epoch, evaluation every 4
+    torch.manual_seed(0)
+    ref = TinyNet(4, dropout=0.3)
+    train(ref, train_set, val_set, cfg, tmp_path / "ref", progress=False)
+
+    seen = []
+    torch.manual_seed(0)
+    model = TinyNet(4, dropout=0.3)
+    out = train(model, train_set, val_set, cfg, tmp_path / "run", progress=False,
+                should_stop=lambda step, info: seen.append((step, sorted(info))) or step == 6)
+    assert out["step"] == 6 and seen == [(s, ["epoch", "loss", "lr"]) for s in range(1, 7)]
+    recs = read_metrics(tmp_path / "run")
+    # the stop step is handled as the last one: log line, evaluation and last.pt at step 6 (not an eval step)
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [4, 6] and recs[-1]["step"] == 6
+    assert out["last_eval"]["step"] == 6 and load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 6
+
+    summary = train(TinyNet(4, dropout=0.3), train_set, val_set, cfg, tmp_path / "run", resume=True, progress=False)
+    assert summary["step"] == 12
+    last, ref_last = (load_checkpoint(tmp_path / d / "last.pt") for d in ("run", "ref"))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(last["model"][k], v), k
+    ref_recs = _strip_time(read_metrics(tmp_path / "ref"))
+    run_recs = _strip_time(read_metrics(tmp_path / "run"))
+    assert [r for r in run_recs if not (r["kind"] == "val" and r["step"] == 6)] == ref_recs
+
+
+def test_lr_schedule_hook_sets_every_step_learning_rate(tmp_path):
+    data = SyntheticSet(6, seed=1)
+    calls = []
+
+    def halving(step, total):
+        calls.append((step, total))
+        return 0.5 ** step
+
+    torch.manual_seed(0)
+    hooked = TinyNet(4)
+    cfg = small_cfg(max_steps=5, eval_every=0, schedule="poly")
+    train(hooked, data, None, cfg, tmp_path / "hooked", progress=False, lr_schedule=halving)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "hooked") if r["kind"] == "train"]
+    assert lrs == [cfg.lr * 0.5 ** s for s in range(5)]
+    assert sorted(set(calls)) == [(s, 5) for s in range(6)]  # steps 0..4, and 5 for last.pt's record
+
+    # a constant hook on a "poly" config trains exactly like the "fixed" schedule without a hook
+    torch.manual_seed(0)
+    a = TinyNet(4)
+    train(a, data, None, cfg, tmp_path / "const", progress=False, lr_schedule=lambda step, total: 1.0)
+    torch.manual_seed(0)
+    b = TinyNet(4)
+    fixed = small_cfg(max_steps=5, eval_every=0, schedule="fixed")
+    train(b, data, None, fixed, tmp_path / "fixed", progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((tmp_path / "const" / "config.json").read_text())["schedule"] == "poly"
 
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "camvid_table1.py"
@@ -88,8 +89,6 @@ def test_smoke_pipeline_eval_dir_and_report(tmp_path):
     assert res["arms"]["crfrnn_T5"]["crf_kwargs"]["num_test_iterations"] == 5
     assert res["arms"]["crfrnn"]["crf_kwargs"]["num_test_iterations"] == 10
     # frozen-FCN ablation: its FCN weights equal (a)'s; the main arm's FCN moved
-    import torch
-
     fcn = torch.load(run / "fcn" / "final.pt", weights_only=True)["model"]
     frozen = torch.load(run / "arms" / "abl_frozen_fcn" / "final.pt", weights_only=True)["model"]
     main = torch.load(run / "arms" / "crfrnn" / "final.pt", weights_only=True)["model"]

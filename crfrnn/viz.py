@@ -332,24 +332,11 @@ def compat_heatmap(matrix, class_names: Sequence[str] | None = None, *, title: s
 
 # ------------------------------------------------------------------------------------------ training curves
 def read_metrics(path) -> list[dict[str, Any]]:
-    """The records of a run folder's ``metrics.jsonl`` (a folder is taken to mean its ``metrics.jsonl``)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.jsonl"
-    if not p.is_file():
-        raise FileNotFoundError(f"metrics file {p} does not exist")
-    out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}, line {n}: not JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{p}, line {n}: expected a JSON object")
-        out.append(rec)
-    return out
+    """The records of a run folder's ``metrics.jsonl`` (a folder is taken to mean its ``metrics.jsonl``);
+    see :func:`crfrnn.engine.runfiles.read_metrics`."""
+    from crfrnn.engine.runfiles import read_metrics as _read
+
+    return _read(path)
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:

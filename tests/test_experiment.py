@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "camvid_table1.py"
@@ -88,8 +89,6 @@ def test_smoke_pipeline_eval_dir_and_report(tmp_path):
     assert res["arms"]["crfrnn_T5"]["crf_kwargs"]["num_test_iterations"] == 5
     assert res["arms"]["crfrnn"]["crf_kwargs"]["num_test_iterations"] == 10
     # frozen-FCN ablation: its FCN weights equal (a)'s; the main arm's FCN moved
-    import torch
-
     fcn = torch.load(run / "fcn" / "final.pt", weights_only=True)["model"]
     frozen = torch.load(run / "arms" / "abl_frozen_fcn" / "final.pt", weights_only=True)["model"]
     main = torch.load(run / "arms" / "crfrnn" / "final.pt", weights_only=True)["model"]
@@ -106,7 +105,8 @@ def test_smoke_pipeline_eval_dir_and_report(tmp_path):
     for arm in ARMS:
         assert 0.0 <= ev["arms"][arm]["mean_iou"] <= 1.0
     # on the same images the saved CRF-RNN reproduces its predictions
-    with np.load(run / ev["arms"]["crfrnn"]["predictions"]) as z1, np.load(run / res["arms"]["crfrnn"]["predictions"]) as z2:
+    with np.load(run / ev["arms"]["crfrnn"]["predictions"]) as z1, \
+            np.load(run / res["arms"]["crfrnn"]["predictions"]) as z2:
         np.testing.assert_array_equal(z1["labels"], z2["labels"][:2])
 
     # report: markdown with the Table 1 rows, the ablation table and the picture

@@ -1,25 +1,60 @@
 """Run files: atomic writes, checkpoints (``torch.load(..., weights_only=True)``), ``config.json`` and
-``metrics.jsonl``. Every file a run writes goes through :func:`atomic_write`."""
+``metrics.jsonl``. Every file a run writes goes through :func:`atomic_write`; every reader of
+``metrics.jsonl`` goes through :func:`read_metrics`.
+
+A run folder (written by :func:`crfrnn.engine.train`, rank 0 only)::
+
+    run_dir/config.json    the TrainConfig, as JSON
+    run_dir/metrics.jsonl  one JSON object per line: training log lines
+                           {"kind": "train", "step", "epoch", "loss", "lr", "time"}
+                           and evaluations {"kind": "val", "step", "epoch", "mean_iou", ...}
+    run_dir/last.pt        everything needed to resume (see :func:`crfrnn.engine.state.save_state`)
+    run_dir/best.pt        weights with the best validation mean IU so far
+"""
 
 import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
+from crfrnn.engine.config import _json_normalise
+from crfrnn.engine.distributed import agree, barrier
 
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_metrics",
+    "write_metrics",
+    "METRICS_FILE",
+    "CONFIG_FILE",
+    "LAST_FILE",
+    "BEST_FILE",
+]
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "atomic_write"]
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+LAST_FILE = "last.pt"
+BEST_FILE = "best.pt"
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, corrupt or does not fit the run."""
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Write ``path`` by calling ``write(f)`` on a temporary binary file in the same folder, then ``os.replace``.
 
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` via a temporary file in the same folder and ``os.replace``."""
+    Readers see either the old file or the complete new one, never a partial write (the temporary file is
+    fsynced before the rename). A failing ``write`` leaves ``path`` untouched and removes the temporary file.
+    The folder must exist.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -33,8 +68,16 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Remove temporary files left in ``folder`` by a process killed inside :func:`atomic_write`."""
+    for stale in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
@@ -43,11 +86,11 @@ def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
     ``obj`` should hold only tensors and plain containers / numbers / strings
     so that :func:`load_checkpoint` (``weights_only=True``) can read it.
     """
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` (``torch.load(..., weights_only=True)``).
+    """Read a checkpoint written by :func:`crfrnn.engine.train` (``torch.load(..., weights_only=True)``).
 
     Returns the dict; ``["model"]`` is the model's ``state_dict``. Raises
     :class:`CheckpointError` (a ValueError) naming the file when it is
@@ -68,7 +111,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
-def _read_config_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a run's ``config.json``); ValueError naming the file otherwise."""
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -78,24 +122,101 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return d
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
+def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, in file order.
+
+    Args:
+        path: the file, or a run folder (then its ``metrics.jsonl``).
+        up_to_step: keep only records with ``step <= up_to_step`` (a record without ``step`` counts
+            as step 0); ``None``: all.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: a line is not a JSON object (the message names the file and the line).
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / METRICS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"metrics file {p} does not exist")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"cannot read {path}: bad JSON line {line[:80]!r}: {e}") from e
-        if rec.get("step", 0) <= up_to_step:
+            raise ValueError(f"cannot read {p}, line {n}: not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"cannot read {p}, line {n}: expected a JSON object, got {type(rec).__name__}")
+        if up_to_step is None or rec.get("step", 0) <= up_to_step:
             records.append(rec)
     return records
 
 
-def _write_metrics(path: Path, records: list[dict[str, Any]]) -> None:
-    _write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+def write_metrics(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
+    """Write ``records`` as ``metrics.jsonl`` (one JSON object per line, no NaN) atomically."""
+    write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
 
 
+# --------------------------------------------------------------------------- run folder
+
+
+def prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: bool, rank: int, world: int) -> dict | None:
+    """Check / create the run folder on every rank; return the checkpoint to resume from (or None).
+
+    Without ``resume`` the folder must not exist or be empty, and rank 0 writes ``config.json``. With
+    ``resume`` its ``config.json`` (and ``last.pt``'s config, when there is one) must equal ``cfg_dict``,
+    and temporary files left by a killed process are removed. All ranks raise together.
+    """
+    error: Exception | None = None
+    ckpt = None
+    try:
+        if resume:
+            ckpt = _check_resumable(run_dir, cfg_dict)
+        elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise FileExistsError(
+                f"run_dir {run_dir} already exists and is not empty; pass resume=True to continue that run "
+                "or choose a new run_dir (existing runs are never overwritten)"
+            )
+    except Exception as e:  # re-raised below on this rank; other ranks learn of it via agree
+        error = e
+    if not agree(error is None, world):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"another rank failed to prepare run_dir {run_dir}")
+    barrier(world)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_text(run_dir / CONFIG_FILE, json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        else:
+            remove_stale_tmp(run_dir)
+    barrier(world)
+    return ckpt
+
+
+def _check_resumable(run_dir: Path, cfg_dict: dict[str, Any]) -> dict | None:
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: run_dir {run_dir} does not exist")
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {cfg_path} does not exist ({run_dir} is not a run folder)")
+    saved = read_config_json(cfg_path)
+    diffs = [
+        f"{k}: {saved.get(k, '<missing>')!r} in {cfg_path.name} vs {cfg_dict.get(k, '<missing>')!r} given"
+        for k in sorted(set(saved) | set(cfg_dict))
+        if saved.get(k, "<missing>") != cfg_dict.get(k, "<missing>")
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume run {run_dir}: the given TrainConfig differs from its {cfg_path.name} ("
+            + "; ".join(diffs) + "). Resume with the same config or start a new run_dir."
+        )
+    last = run_dir / LAST_FILE
+    if not last.exists():
+        return None
+    ckpt = load_checkpoint(last)
+    if _json_normalise(ckpt.get("config", {})) != cfg_dict:
+        raise CheckpointError(f"checkpoint {last} was written with a config other than {cfg_path}")
+    return ckpt

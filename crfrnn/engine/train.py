@@ -1,19 +1,16 @@
-"""Training and evaluation of segmentation networks (FCN-8s, CRF-RNN, or any model).
+"""Training of segmentation networks (FCN-8s, CRF-RNN, or any model): :func:`train`.
 
 The functions are generic: ``model`` is any ``nn.Module`` mapping images
 (B, 3, H, W) to logits (B, L, H, W); data sets yield ``(image, mask)`` pairs,
 image float (3, H, W), mask int64 (H, W) with ``ignore_index`` for unlabelled
 pixels (the contract of :mod:`crfrnn.data`).
 
-Run folder written by :func:`train` (only by rank 0; every file written
-atomically: temporary file in the same folder, then ``os.replace``)::
-
-    run_dir/config.json    the TrainConfig, as JSON
-    run_dir/metrics.jsonl  one JSON object per line: training log lines
-                           {"kind": "train", "step", "epoch", "loss", "lr", ...}
-                           and evaluations {"kind": "val", "step", "mean_iou", ...}
-    run_dir/last.pt        everything needed to resume (see :func:`train`)
-    run_dir/best.pt        weights with the best validation mean IU so far
+How it reads, top down: :func:`train` sets up (distributed, run folder, optimiser, resume) and runs
+:func:`_loop`: epochs of batches, each one :func:`crfrnn.engine.step.train_step`, then
+:func:`_after_step` (log line, evaluation, checkpoint). Three hooks steer it from outside:
+``lr_schedule`` (the learning-rate factor of each step), ``should_stop`` (end the run now) and ``on_step``
+(observe). The run folder and checkpoint contents are described in :mod:`crfrnn.engine.runfiles` and
+:mod:`crfrnn.engine.state`.
 
 Paper recipe (Zheng et al. 2015, following FCN's Caffe set-up): SGD, momentum
 0.99, weight decay 5e-4, batch 1, fixed learning rate 1e-13 on a *summed*
@@ -38,31 +35,33 @@ one process on the combined batch. Only rank 0 writes files and shows
 progress bars; on several nodes ``run_dir`` must be on a shared file system.
 """
 
-
-import contextlib
 import functools
-import json
 import math
 import os
-import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from crfrnn.engine.metrics import class_iou, confusion_matrix, mean_class_accuracy, mean_iou, pixel_accuracy
-from crfrnn.engine.config import _CRF_KEYS, PAPER_LR_SUM, PAPER_NUM_PIXELS, TrainConfig, _json_normalise
+from crfrnn.engine.config import PAPER_LR_SUM, PAPER_NUM_PIXELS, TrainConfig, _json_normalise
+from crfrnn.engine.distributed import agree, all_gather, setup_distributed
+from crfrnn.engine.evaluate import accepts_valid_mask, evaluate, nan_to_none
 from crfrnn.engine.runfiles import (
-    CheckpointError, _read_config_json, _read_metrics, _write_metrics, _write_text, load_checkpoint, save_checkpoint,
+    BEST_FILE, LAST_FILE, METRICS_FILE, CheckpointError, load_checkpoint, prepare_run_dir, read_metrics,
+    save_checkpoint, write_metrics,
 )
+from crfrnn.engine.samplers import ResumableSampler, SeededDataset, collate
+from crfrnn.engine.state import (
+    RunSpec, TrainState, load_state, preserve_rng, rng_state, save_best, save_state, seed_all,
+)
+from crfrnn.engine.step import lr_factor, make_scaler, param_groups, train_step
 
 __all__ = [
     "TrainConfig",
@@ -70,6 +69,7 @@ __all__ = [
     "param_groups",
     "lr_factor",
     "train",
+    "train_step",
     "evaluate",
     "load_checkpoint",
     "save_checkpoint",
@@ -77,410 +77,33 @@ __all__ = [
     "PAPER_NUM_PIXELS",
 ]
 
-#: Base learning rate of the CRF-RNN paper (summed loss, batch 1).
-# --------------------------------------------------------------------------- optimiser
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """SGD parameter groups: CRF kernel weights / compatibility, other CRF parameters, biases, the rest.
-
-    A parameter named ``*spatial_ker_weights*`` goes to group ``crf_spatial``,
-    ``*bilateral_ker_weights*`` to ``crf_bilateral``, ``*compatibility_matrix*``
-    to ``crf_compat`` (learning-rate multipliers ``cfg.crf_*_lr_mult``, weight
-    decay ``cfg.crf_weight_decay``); any other parameter under a ``crfrnn.``
-    module to ``crf`` (multiplier 1); a ``bias`` to ``bias`` (multiplier
-    ``cfg.bias_lr_mult``, weight decay ``cfg.bias_weight_decay``); everything
-    else to ``weight``. Frozen parameters (``requires_grad=False``) are left
-    out, and so are empty groups. Each group dict has ``name``, ``params``,
-    ``lr_mult``, ``lr`` (= ``cfg.lr x lr_mult``) and ``weight_decay``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    crf_wd = cfg.weight_decay if cfg.crf_weight_decay is None else cfg.crf_weight_decay
-    spec = {
-        "crf_spatial": (cfg.crf_spatial_lr_mult, crf_wd),
-        "crf_bilateral": (cfg.crf_bilateral_lr_mult, crf_wd),
-        "crf_compat": (cfg.crf_compat_lr_mult, crf_wd),
-        "crf": (1.0, crf_wd),
-        "bias": (cfg.bias_lr_mult, cfg.bias_weight_decay),
-        "weight": (1.0, cfg.weight_decay),
-    }
-    buckets: dict[str, list[nn.Parameter]] = {k: [] for k in spec}
-    for name, p in _unwrap(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        group = next((g for g, key in _CRF_KEYS.items() if key in name), None)
-        if group is None:
-            if name.startswith("crfrnn.") or ".crfrnn." in name:
-                group = "crf"
-            elif name == "bias" or name.endswith(".bias"):
-                group = "bias"
-            else:
-                group = "weight"
-        buckets[group].append(p)
-    groups = []
-    for g, params in buckets.items():
-        if params:
-            mult, wd = spec[g]
-            groups.append({"name": g, "params": params, "lr_mult": mult, "lr": cfg.lr * mult, "weight_decay": wd})
-    if not groups:
-        raise ValueError("model has no trainable parameters")
-    return groups
-
-
-def lr_factor(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Schedule factor for the update that follows ``step`` completed steps.
-
-    ``"fixed"``: 1. ``"poly"``: ``(1 - step / total_steps) ** cfg.poly_power``.
-    """
-    if cfg.schedule == "fixed":
-        return 1.0
-    return max(0.0, 1.0 - step / total_steps) ** cfg.poly_power
-
-
-# --------------------------------------------------------------------------- RNG state
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU, CUDA), numpy and python as weights-only-loadable objects."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, pystate, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "python": {
-            "version": int(version), "state": torch.tensor(pystate, dtype=torch.int64), "gauss_next": gauss_next,
-        },
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
-
-
-@contextlib.contextmanager
-def _preserve_rng() -> Iterator[None]:
-    """Leave the global torch CPU / numpy / python RNG states as they were."""
-    state = _rng_state()
-    try:
-        yield
-    finally:
-        _set_rng_state(state)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index, 0xC4F]).generate_state(1, np.uint32)[0])
-
-
-class _ResumableSampler(DistributedSampler):
-    """DistributedSampler (order a function of seed and epoch) that can start part-way into an epoch.
-
-    Yields ``(dataset index, sample seed)``; the sample seed is a function of
-    (seed, epoch, index) and seeds the RNGs while that sample is loaded, so
-    random augmentations do not depend on workers, ranks or resumption.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        self.start = start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        for i, idx in enumerate(super().__iter__()):
-            if i >= self.start:
-                yield int(idx), _sample_seed(self.seed, self.epoch, int(idx))
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class _SeededDataset(Dataset):
-    """Loads ``dataset[index]`` with torch / numpy / python RNGs seeded by the sample seed."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        index, seed = key
-        py, npst = random.getstate(), np.random.get_state()
-        cpu = torch.get_rng_state()
-        try:
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.default_generator.manual_seed(seed)
-            item = self.dataset[index]
-        finally:
-            random.setstate(py)
-            np.random.set_state(npst)
-            torch.set_rng_state(cpu)
-        return _as_pair(item, index)
-
-
-class _PlainDataset(Dataset):
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return _as_pair(self.dataset[index], index)
-
-
-def _as_pair(item: Any, index: int) -> tuple[Tensor, Tensor]:
-    if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise TypeError(f"dataset item {index} must be an (image, mask) pair, got {type(item).__name__}")
-    image = torch.as_tensor(item[0])
-    mask = torch.as_tensor(item[1])
-    if image.ndim != 3 or mask.ndim != 2 or tuple(image.shape[-2:]) != tuple(mask.shape):
-        raise ValueError(
-            f"dataset item {index}: need image (C, H, W) and mask (H, W) of the same H, W, "
-            f"got image {tuple(image.shape)} and mask {tuple(mask.shape)}"
-        )
-    if mask.dtype.is_floating_point or mask.dtype == torch.bool:
-        raise TypeError(f"dataset item {index}: mask must hold integer labels, got dtype {mask.dtype}")
-    if not image.dtype.is_floating_point:
-        image = image.to(torch.float32)
-    return image, mask.to(torch.int64)
-
-
-def _collate(batch: list[tuple[Tensor, Tensor]], ignore_index: int) -> tuple[Tensor, Tensor]:
-    images = [b[0] for b in batch]
-    masks = [b[1] for b in batch]
-    if all(im.shape == images[0].shape for im in images):
-        return torch.stack(images), torch.stack(masks)
-    from crfrnn.data import pad_collate  # images of different sizes: pad (masks with ignore_index)
-
-    padded = pad_collate(list(zip(images, masks)), ignore_index=ignore_index)
-    return padded[0], padded[1]
-
-
-class _ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...``: every sample exactly once over all ranks."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.n, self.rank, self.world = n, rank, world
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _resolve_device(spec: str, local_rank: int, distributed: bool) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"TrainConfig.device is {spec!r} but CUDA is not available")
-        if distributed and device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def _setup_distributed(spec: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call created the process group)."""
-    owns = False
-    if not (dist.is_available() and dist.is_initialized()):
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            if not dist.is_available():
-                raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available in this build")
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            device = _resolve_device(spec, local_rank, True)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            owns = True
-    rank, world = _dist_info()
-    device = _resolve_device(spec, int(os.environ.get("LOCAL_RANK", "0")), world > 1)
-    return rank, world, device, owns
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _agree(ok: bool, world: int) -> bool:
-    """True when ``ok`` holds on every rank (so all ranks raise together, none hangs)."""
-    if world == 1:
-        return ok
-    t = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item()) == 0
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: Dataset,
-    num_classes: int,
-    *,
-    batch_size: int = 1,
-    device: str | torch.device | None = None,
-    ignore_index: int = 255,
-    progress: bool = True,
-    num_workers: int = 0,
-) -> dict[str, Any]:
-    """Confusion matrix, mean IU, per-class IU and pixel accuracy of ``model`` on ``dataset``.
-
-    The model runs in eval mode (so a ``CrfRnn`` uses its ``num_test_iterations``)
-    and is put back into its previous mode afterwards. Predictions are
-    ``argmax`` over the L logits; pixels labelled ``ignore_index`` are not
-    counted. When ``torch.distributed`` is initialised with several processes,
-    each evaluates every world-size-th image and the confusion matrices are
-    summed with ``all_reduce``: every rank returns the totals.
-
-    Args:
-        model: maps images (B, 3, H, W) to logits (B, L, H, W), L = ``num_classes``.
-        dataset: yields (image (3, H, W), mask (H, W)) pairs.
-        num_classes: L.
-        batch_size: images per forward pass. Images of different sizes are
-            padded (see :func:`crfrnn.data.pad_collate`), which changes the
-            model's context near the borders; 1 evaluates every image as is.
-        device: where to run; ``None``: the model's device. A different device
-            moves the model there.
-        ignore_index: label of unlabelled pixels.
-        progress: show a tqdm bar (rank 0 only).
-        num_workers: DataLoader worker processes.
-
-    Returns:
-        dict with ``mean_iou`` (float, over classes present in ground truth or
-        prediction, see :mod:`crfrnn.metrics`), ``class_iou`` (list of L floats,
-        NaN for classes absent from both), ``pixel_accuracy``, ``mean_accuracy``,
-        ``confusion`` ((L, L) int64 CPU tensor, rows ground truth) and
-        ``num_images``.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    model = _unwrap(model)
-    dev = _model_device(model) if device is None else torch.device(device)
-    if device is not None:
-        model.to(dev)
-    rank, world = _dist_info()
-    n = len(dataset)  # type: ignore[arg-type]
-    loader = DataLoader(
-        _PlainDataset(dataset),
-        batch_size=batch_size,
-        sampler=_ShardSampler(n, rank, world),
-        num_workers=num_workers,
-        collate_fn=functools.partial(_collate, ignore_index=ignore_index),
-        generator=torch.Generator().manual_seed(0),
-        pin_memory=dev.type == "cuda",
-    )
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
-    count = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for images, masks in tqdm(loader, desc="eval", leave=False, disable=not (progress and rank == 0),
-                                  dynamic_ncols=True):
-            images = images.to(dev, non_blocking=True)
-            masks = masks.to(dev, non_blocking=True)
-            logits = model(images)
-            _check_logits(logits, images, masks, num_classes)
-            conf += confusion_matrix(logits.argmax(1), masks, num_classes, ignore_index)
-            count += images.shape[0]
-    finally:
-        model.train(was_training)
-    if world > 1:
-        red = conf if dist.get_backend() != "nccl" or conf.is_cuda else conf.cuda()
-        extra = torch.tensor([count], dtype=torch.int64, device=red.device)
-        dist.all_reduce(red)
-        dist.all_reduce(extra)
-        conf, count = red.to(dev), int(extra.item())
-    conf = conf.cpu()
-    return {
-        "mean_iou": mean_iou(conf),
-        "class_iou": class_iou(conf).tolist(),
-        "pixel_accuracy": pixel_accuracy(conf),
-        "mean_accuracy": mean_class_accuracy(conf),
-        "confusion": conf,
-        "num_images": count,
-    }
-
-
-def _check_logits(logits: Any, images: Tensor, masks: Tensor, num_classes: int | None) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"model must return a logits tensor (B, L, H, W), got {type(logits).__name__}")
-    if (
-        logits.ndim != 4
-        or logits.shape[0] != images.shape[0]
-        or tuple(logits.shape[-2:]) != tuple(masks.shape[-2:])
-        or (num_classes is not None and logits.shape[1] != num_classes)
-    ):
-        raise ValueError(
-            f"model returned logits of shape {tuple(logits.shape)} for images {tuple(images.shape)} and masks "
-            f"{tuple(masks.shape)}; expected (B, L, H, W) with B, H, W of the batch"
-            + (f" and L = num_classes = {num_classes}" if num_classes is not None else "")
-        )
-
-
-def _nan_to_none(xs: Sequence[float]) -> list[float | None]:
-    return [None if x != x else float(x) for x in xs]
-
-
-# --------------------------------------------------------------------------- training
+#: ``lr_schedule(step, total_steps) -> factor`` of the update after ``step`` completed steps.
+LrSchedule = Callable[[int, int], float]
+#: ``hook(step, info)`` after optimiser step ``step`` (1-based); ``info`` has ``loss``, ``lr``, ``epoch``.
+StepHook = Callable[[int, dict[str, Any]], Any]
+
+
+@dataclass
+class _Run:
+    """Everything the loop works with (built once by :func:`_start`)."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    cfg: TrainConfig
+    spec: RunSpec
+    state: TrainState
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    show: bool
+    pass_mask: bool
+    lr_schedule: LrSchedule
+    resumed: bool
+    records: list[dict[str, Any]] = field(default_factory=list)
+    last_eval: dict[str, Any] | None = None
 
 
 def train(
@@ -492,7 +115,9 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
-    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    on_step: StepHook | None = None,
+    lr_schedule: LrSchedule | None = None,
+    should_stop: StepHook | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with SGD + momentum on softmax cross-entropy; write the run folder.
 
@@ -502,14 +127,9 @@ def train(
     (``cfg.seed``, epoch) only and the random augmentations of a sample a
     function of (``cfg.seed``, epoch, index) — the RNGs are seeded per sample
     while it is loaded — so the run is reproducible and independent of
-    ``num_workers``. Incomplete last batches of an epoch are dropped.
-
-    ``last.pt`` holds ``model`` (state dict), ``optimizer``, ``scaler``,
-    ``scheduler`` (schedule, total steps, current factor), ``step``, ``epoch``,
-    ``data`` (seed, epoch, batch in epoch, training-set length, world size),
-    ``rng`` (torch/CUDA/numpy/python states of every rank), ``best_mean_iou``,
-    ``best_step`` and ``config``. ``best.pt`` holds ``model``, ``step``,
-    ``metrics`` and ``config``. All load with ``weights_only=True``.
+    ``num_workers``. Incomplete last batches of an epoch are dropped. Images of
+    different sizes are padded; a model whose ``forward`` accepts ``valid_mask``
+    gets the padding mask (see :mod:`crfrnn.engine.evaluate`).
 
     Args:
         model: maps images (B, 3, H, W) to logits (B, L, H, W).
@@ -529,6 +149,15 @@ def train(
         on_step: called as ``on_step(step, info)`` after every optimiser step,
             once that step's logging / evaluation / checkpoint is done, on every
             rank (``info`` holds ``loss``, ``lr``, ``epoch``).
+        lr_schedule: ``lr_schedule(step, total_steps) -> factor``: every group's
+            learning rate for the update after ``step`` completed steps is
+            ``cfg.lr x lr_mult x factor``. Default: :func:`lr_factor` (``cfg.schedule``).
+            Also called when a checkpoint is written (its factor is recorded).
+        should_stop: ``should_stop(step, info) -> bool`` after every optimiser
+            step, on every rank (``info`` as for ``on_step``). True on any rank
+            ends the run cleanly at that step, as if it were the last one: the
+            log line, the evaluation and ``last.pt`` are written, and
+            ``resume=True`` would continue from there.
 
     Returns:
         dict with ``run_dir``, ``step``, ``best_mean_iou``, ``best_step`` and
@@ -538,303 +167,177 @@ def train(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    run_dir = Path(run_dir)
-    rank, world, device, owns_group = _setup_distributed(cfg.device)
+    schedule = lr_schedule if lr_schedule is not None else functools.partial(lr_factor, cfg)
+    rank, world, device, owns_group = setup_distributed(cfg.device)
     try:
-        return _train(model, train_set, val_set, cfg, run_dir, resume, progress, on_step, rank, world, device)
+        run = _start(model, train_set, cfg, Path(run_dir), resume, progress, schedule, rank, world, device)
+        _loop(run, train_set, val_set, on_step, should_stop)
+        st = run.state
+        return {
+            "run_dir": str(run.run_dir),
+            "step": st.step,
+            "best_mean_iou": st.best_mean_iou if st.best_step >= 0 else None,
+            "best_step": st.best_step if st.best_step >= 0 else None,
+            "last_eval": run.last_eval,
+        }
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: bool, rank: int, world: int) -> dict | None:
-    """Check / create the run folder on every rank; return the checkpoint to resume from (or None)."""
-    error: Exception | None = None
-    ckpt = None
-    try:
-        if resume:
-            if not run_dir.is_dir():
-                raise FileNotFoundError(f"cannot resume: run_dir {run_dir} does not exist")
-            cfg_path = run_dir / "config.json"
-            if not cfg_path.is_file():
-                raise FileNotFoundError(f"cannot resume: {cfg_path} does not exist ({run_dir} is not a run folder)")
-            saved = _read_config_json(cfg_path)
-            diffs = [
-                f"{k}: {saved.get(k, '<missing>')!r} in {cfg_path.name} vs {cfg_dict.get(k, '<missing>')!r} given"
-                for k in sorted(set(saved) | set(cfg_dict))
-                if saved.get(k, "<missing>") != cfg_dict.get(k, "<missing>")
-            ]
-            if diffs:
-                raise ValueError(
-                    f"cannot resume run {run_dir}: the given TrainConfig differs from its {cfg_path.name} ("
-                    + "; ".join(diffs) + "). Resume with the same config or start a new run_dir."
-                )
-            last = run_dir / "last.pt"
-            if last.exists():
-                ckpt = load_checkpoint(last)
-                if _json_normalise(ckpt.get("config", {})) != cfg_dict:
-                    raise CheckpointError(f"checkpoint {last} was written with a config other than {cfg_path}")
-        elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-            raise FileExistsError(
-                f"run_dir {run_dir} already exists and is not empty; pass resume=True to continue that run "
-                "or choose a new run_dir (existing runs are never overwritten)"
-            )
-    except Exception as e:  # re-raised below on this rank; other ranks learn of it via _agree
-        error = e
-    if not _agree(error is None, world):
-        if error is not None:
-            raise error
-        raise RuntimeError(f"another rank failed to prepare run_dir {run_dir}")
-    _barrier(world)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            _write_text(run_dir / "config.json", json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-        else:
-            for stale in run_dir.glob(".*.tmp"):  # left by a process killed while writing
-                with contextlib.suppress(OSError):
-                    stale.unlink()
-    _barrier(world)
-    return ckpt
-
-
-def _gather_rng(world: int) -> list[dict[str, Any]]:
-    state = _rng_state()
-    if world == 1:
-        return [state]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, state)
-    return out
-
-
-def _train(
-    model: nn.Module,
-    train_set: Dataset,
-    val_set: Dataset | None,
-    cfg: TrainConfig,
-    run_dir: Path,
-    resume: bool,
-    progress: bool,
-    on_step: Callable[[int, dict[str, Any]], None] | None,
-    rank: int,
-    world: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    cfg_dict = _json_normalise(cfg.to_dict())
+def _run_spec(train_set: Dataset, cfg: TrainConfig, rank: int, world: int) -> RunSpec:
     n_train = len(train_set)  # type: ignore[arg-type]
-    sampler = _ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
-    steps_per_epoch = sampler.num_samples // cfg.batch_size
+    per_rank = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed).num_samples
+    steps_per_epoch = per_rank // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
-            f"train_set has {n_train} samples ({sampler.num_samples} per process with {world} processes), "
+            f"train_set has {n_train} samples ({per_rank} per process with {world} processes), "
             f"fewer than batch_size={cfg.batch_size}"
         )
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    return RunSpec(config=_json_normalise(cfg.to_dict()), seed=cfg.seed, schedule=cfg.schedule,
+                   steps_per_epoch=steps_per_epoch, total_steps=total, train_len=n_train, world_size=world)
 
-    ckpt = _prepare_run_dir(run_dir, cfg_dict, resume, rank, world)
-    show = progress and rank == 0
 
+def _start(model: nn.Module, train_set: Dataset, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool,
+           schedule: LrSchedule, rank: int, world: int, device: torch.device) -> _Run:
+    """Check the run folder, build optimiser and scaler, restore ``last.pt`` or seed the RNGs, wrap in DDP."""
+    spec = _run_spec(train_set, cfg, rank, world)
+    ckpt = prepare_run_dir(run_dir, spec.config, resume, rank, world)
     model.to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
-    use_scaler = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-    step = 0
-    best_miou = -math.inf
-    best_step = -1
-    num_classes = cfg.num_classes
-    metrics_path = run_dir / "metrics.jsonl"
-    last_path = run_dir / "last.pt"
-    best_path = run_dir / "best.pt"
-    last_eval: dict[str, Any] | None = None
-
+    scaler = make_scaler(cfg, device)
     if ckpt is not None:
-        data = ckpt.get("data", {})
-        if data.get("world_size") != world:
-            raise CheckpointError(
-                f"checkpoint {last_path} was written by {data.get('world_size')} processes, this run has {world}; "
-                "resume with the same number of processes"
-            )
-        if data.get("train_len") != n_train:
-            raise CheckpointError(
-                f"checkpoint {last_path} was written for a training set of {data.get('train_len')} samples, "
-                f"train_set has {n_train}"
-            )
-        try:
-            _unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["rng"][rank])
-        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {last_path} does not fit this model / run: {e}") from e
-        step = int(ckpt["step"])
-        best_miou = float(ckpt.get("best_mean_iou", -math.inf))
-        best_step = int(ckpt.get("best_step", -1))
-        num_classes = ckpt.get("num_classes") or num_classes
+        state = load_state(ckpt, run_dir / LAST_FILE, model, optimizer, scaler if scaler.is_enabled() else None,
+                           spec, rank)
     else:
-        _seed_all(cfg.seed + rank)
-
-    records: list[dict[str, Any]] = []
-    if rank == 0:
-        records = _read_metrics(metrics_path, step) if resume else []
-        if resume:
-            _write_metrics(metrics_path, records)
-        last_eval = next((r for r in reversed(records) if r.get("kind") == "val"), None)
-
-    net: nn.Module = model
+        state = TrainState(num_classes=cfg.num_classes)
+        seed_all(cfg.seed + rank)
+    run = _Run(model=model, net=model, optimizer=optimizer, scaler=scaler, cfg=cfg, spec=spec, state=state,
+               run_dir=run_dir, rank=rank, world=world, device=device, show=progress and rank == 0,
+               pass_mask=accepts_valid_mask(model), lr_schedule=schedule, resumed=ckpt is not None)
+    if rank == 0 and resume:
+        metrics = run_dir / METRICS_FILE
+        run.records = read_metrics(metrics, up_to_step=state.step) if metrics.is_file() else []
+        write_metrics(metrics, run.records)  # drop the lines written after the checkpoint
+        run.last_eval = next((r for r in reversed(run.records) if r.get("kind") == "val"), None)
     if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    collate = functools.partial(_collate, ignore_index=cfg.ignore_index)
-    wrapped = _SeededDataset(train_set)
+        run.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        rngs = _gather_rng(world)
-        if rank != 0:
-            return
-        save_checkpoint(
-            {
-                "model": _unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "scheduler": {"schedule": cfg.schedule, "total_steps": total_steps,
-                              "factor": lr_factor(cfg, step, total_steps)},
-                "step": step,
-                "epoch": epoch,
-                "data": {"seed": cfg.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "steps_per_epoch": steps_per_epoch, "train_len": n_train, "world_size": world},
-                "rng": rngs,
-                "best_mean_iou": best_miou,
-                "best_step": best_step,
-                "num_classes": num_classes,
-                "config": cfg_dict,
-            },
-            last_path,
-        )
 
-    def run_eval(epoch: int) -> None:
-        nonlocal best_miou, best_step, last_eval
-        if val_set is None or num_classes is None:
-            return
-        with _preserve_rng():
-            res = evaluate(model, val_set, num_classes, batch_size=cfg.eval_batch_size, device=device,
-                           ignore_index=cfg.ignore_index, progress=show, num_workers=cfg.num_workers)
-        miou = res["mean_iou"]
-        rec = {
-            "kind": "val", "step": step, "epoch": epoch,
-            "mean_iou": None if miou != miou else miou,
-            "pixel_accuracy": _nan_to_none([res["pixel_accuracy"]])[0],
-            "mean_accuracy": _nan_to_none([res["mean_accuracy"]])[0],
-            "class_iou": _nan_to_none(res["class_iou"]),
-            "num_images": res["num_images"],
-        }
-        last_eval = rec
-        improved = miou == miou and miou > best_miou
-        if improved:
-            best_miou, best_step = miou, step
-        if rank == 0:
-            records.append(rec)
-            _write_metrics(metrics_path, records)
-            if improved:
-                save_checkpoint(
-                    {"model": _unwrap(model).state_dict(), "step": step, "epoch": epoch,
-                     "metrics": {k: v for k, v in rec.items() if k != "kind"}, "num_classes": num_classes,
-                     "config": cfg_dict},
-                    best_path,
-                )
+def _epoch_loader(run: _Run, dataset: Dataset, sampler: ResumableSampler) -> DataLoader:
+    """The loader of the rest of the current epoch (from the sampler's position in the run state)."""
+    sampler.set_epoch(run.state.epoch)
+    sampler.set_start(run.state.batch_in_epoch * run.cfg.batch_size)
+    return DataLoader(
+        SeededDataset(dataset),
+        batch_size=run.cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=run.cfg.num_workers,
+        collate_fn=functools.partial(collate, ignore_index=run.cfg.ignore_index),
+        generator=torch.Generator().manual_seed(run.cfg.seed),
+        pin_memory=run.device.type == "cuda",
+    )
 
-    epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-    if ckpt is None:
-        checkpoint(epoch, batch_in_epoch)  # step 0: initial weights and RNG states, so any kill can be resumed
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not show, dynamic_ncols=True)
+
+def _loop(run: _Run, train_set: Dataset, val_set: Dataset | None, on_step: StepHook | None,
+          should_stop: StepHook | None) -> None:
+    """Epochs of steps until ``total_steps`` (or until ``should_stop``)."""
+    st, cfg, spec = run.state, run.cfg, run.spec
+    sampler = ResumableSampler(train_set, num_replicas=run.world, rank=run.rank, seed=cfg.seed)
+    if not run.resumed:
+        _checkpoint(run)  # step 0: initial weights and RNG states, so any kill can be resumed
+    bar = tqdm(total=spec.total_steps, initial=st.step, desc="train", disable=not run.show, dynamic_ncols=True)
+    done = st.step >= spec.total_steps
     try:
-        model.train()
-        while step < total_steps:
-            sampler.set_epoch(epoch)
-            sampler.set_start(batch_in_epoch * cfg.batch_size)
-            loader = DataLoader(
-                wrapped,
-                batch_size=cfg.batch_size,
-                sampler=sampler,
-                drop_last=True,
-                num_workers=cfg.num_workers,
-                collate_fn=collate,
-                generator=torch.Generator().manual_seed(cfg.seed),
-                pin_memory=device.type == "cuda",
-            )
-            for images, masks in loader:
-                images = images.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True)
-                factor = lr_factor(cfg, step, total_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = cfg.lr * g["lr_mult"] * factor
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=cfg.amp):
-                    logits = net(images)
-                _check_logits(logits, images, masks, num_classes)
-                num_classes = num_classes or int(logits.shape[1])
-                loss_sum = F.cross_entropy(logits.float(), masks, ignore_index=cfg.ignore_index, reduction="sum")
-                stats = torch.stack([loss_sum.detach().double(), (masks != cfg.ignore_index).sum().double()])
-                if world > 1:
-                    dist.all_reduce(stats)  # global loss sum and labelled-pixel count
-                if cfg.loss_reduction == "mean":
-                    # DDP averages gradients over ranks: x world / global count gives the mean over the global batch
-                    loss = loss_sum * (world / max(float(stats[1]), 1.0))
-                    global_loss = stats[0] / stats[1].clamp_min(1.0)
-                else:
-                    loss = loss_sum * world
-                    global_loss = stats[0]
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if cfg.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                step += 1
-                batch_in_epoch += 1
+        run.model.train()
+        while not done:
+            for images, masks, valid in _epoch_loader(run, train_set, sampler):
+                factor = run.lr_schedule(st.step, spec.total_steps)
+                out = train_step(
+                    run.net, run.optimizer, images.to(run.device, non_blocking=True),
+                    masks.to(run.device, non_blocking=True), cfg,
+                    valid_mask=valid.to(run.device, non_blocking=True) if run.pass_mask and valid is not None else None,
+                    factor=factor, scaler=run.scaler, world=run.world, num_classes=st.num_classes,
+                )
+                st.num_classes = st.num_classes or out.num_classes
+                st.step += 1
+                st.batch_in_epoch += 1
                 bar.update(1)
-                epoch_done = batch_in_epoch == steps_per_epoch
-                done = step >= total_steps
-                info: dict[str, Any] = {"epoch": epoch, "lr": cfg.lr * factor}
-
-                if step % cfg.log_every == 0 or done:
-                    loss_value = float(global_loss)
-                    if not math.isfinite(loss_value) and scaler is None:
-                        raise FloatingPointError(f"training loss became {loss_value} at step {step}")
-                    info["loss"] = loss_value
-                    bar.set_postfix(loss=f"{loss_value:.4g}")
-                    if rank == 0:
-                        records.append({"kind": "train", "step": step, "epoch": epoch,
-                                        "loss": loss_value if math.isfinite(loss_value) else None,
-                                        "lr": cfg.lr * factor, "time": time.time()})
-                        _write_metrics(metrics_path, records)
-                evaluated = False
-                eval_due = step % cfg.eval_every == 0 if cfg.eval_every > 0 else epoch_done
-                if eval_due or done:
-                    run_eval(epoch)
-                    evaluated = True
-                if epoch_done:
-                    epoch, batch_in_epoch = epoch + 1, 0
-                if evaluated or epoch_done or done or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0):
-                    checkpoint(epoch, batch_in_epoch)
+                info: dict[str, Any] = {"epoch": st.epoch, "lr": cfg.lr * factor}
+                if on_step is not None or should_stop is not None:
+                    info["loss"] = float(out.loss)
+                stop = should_stop is not None and not agree(not should_stop(st.step, info), run.world)
+                epoch_done = st.batch_in_epoch == spec.steps_per_epoch
+                done = st.step >= spec.total_steps or stop
+                _after_step(run, val_set, out.loss, info, epoch_done, done, bar)
                 if on_step is not None:
-                    info.setdefault("loss", float(global_loss))
-                    on_step(step, info)
+                    on_step(st.step, info)
                 if done or epoch_done:
                     break
     finally:
         bar.close()
-    return {
-        "run_dir": str(run_dir),
-        "step": step,
-        "best_mean_iou": best_miou if best_step >= 0 else None,
-        "best_step": best_step if best_step >= 0 else None,
-        "last_eval": last_eval,
+
+
+def _after_step(run: _Run, val_set: Dataset | None, loss: Tensor, info: dict[str, Any], epoch_done: bool,
+                done: bool, bar: tqdm) -> None:
+    """The bookkeeping of a step: log line, evaluation, checkpoint (each when due, all at the end)."""
+    st, cfg = run.state, run.cfg
+    if st.step % cfg.log_every == 0 or done:
+        loss_value = float(loss)
+        if not math.isfinite(loss_value) and not run.scaler.is_enabled():
+            raise FloatingPointError(f"training loss became {loss_value} at step {st.step}")
+        info["loss"] = loss_value
+        bar.set_postfix(loss=f"{loss_value:.4g}")
+        _append_record(run, {"kind": "train", "step": st.step, "epoch": st.epoch,
+                             "loss": loss_value if math.isfinite(loss_value) else None,
+                             "lr": info["lr"], "time": time.time()})
+    eval_due = st.step % cfg.eval_every == 0 if cfg.eval_every > 0 else epoch_done
+    if eval_due or done:
+        _validate(run, val_set)
+    if epoch_done:
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+    if eval_due or epoch_done or done or (cfg.checkpoint_every > 0 and st.step % cfg.checkpoint_every == 0):
+        _checkpoint(run)
+
+
+def _append_record(run: _Run, record: dict[str, Any]) -> None:
+    if run.rank == 0:
+        run.records.append(record)
+        write_metrics(run.run_dir / METRICS_FILE, run.records)
+
+
+def _validate(run: _Run, val_set: Dataset | None) -> None:
+    """Evaluate on ``val_set`` (RNG states untouched), log the record, keep ``best.pt``."""
+    st, cfg = run.state, run.cfg
+    if val_set is None or st.num_classes is None:
+        return
+    with preserve_rng():
+        res = evaluate(run.model, val_set, st.num_classes, batch_size=cfg.eval_batch_size, device=run.device,
+                       ignore_index=cfg.ignore_index, progress=run.show, num_workers=cfg.num_workers)
+    miou = res["mean_iou"]
+    rec = {
+        "kind": "val", "step": st.step, "epoch": st.epoch,
+        "mean_iou": None if miou != miou else miou,
+        "pixel_accuracy": nan_to_none([res["pixel_accuracy"]])[0],
+        "mean_accuracy": nan_to_none([res["mean_accuracy"]])[0],
+        "class_iou": nan_to_none(res["class_iou"]),
+        "num_images": res["num_images"],
     }
+    run.last_eval = rec
+    improved = miou == miou and miou > st.best_mean_iou
+    if improved:
+        st.best_mean_iou, st.best_step = miou, st.step
+    _append_record(run, rec)
+    if improved and run.rank == 0:
+        save_best(run.run_dir / BEST_FILE, run.model, st, rec, run.spec.config)
+
+
+def _checkpoint(run: _Run) -> None:
+    """Write ``last.pt`` (every rank contributes its RNG states)."""
+    rngs = all_gather(rng_state(), run.world)
+    if run.rank == 0:
+        save_state(run.run_dir / LAST_FILE, run.model, run.optimizer, run.scaler if run.scaler.is_enabled() else None,
+                   run.state, run.spec, rngs, run.lr_schedule(run.state.step, run.spec.total_steps))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from crfrnn.models.checkpoints import CONVENTIONS
+
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' line breaks; appends a flag's default when it is informative."""
@@ -71,7 +73,7 @@ def add_weights_flags(p: argparse.ArgumentParser) -> None:
     """``--keras``, ``--convention``, ``--iterations`` of the commands that load a model (segment, eval)."""
     p.add_argument("--keras", action="store_true", help="the weights are the Keras release (.h5; implied by the "
                                                         "suffix)")
-    p.add_argument("--convention", choices=("auto", "crfasrnn_pytorch", "crfrnn"), default="auto",
+    p.add_argument("--convention", choices=CONVENTIONS, default="auto",
                    help="sign convention of a plain state dict's compatibility matrix: auto = the published "
                         "crfasrnn_weights.pth (official port, negated on load); our checkpoints are never negated")
     p.add_argument("--iterations", type=positive_int, default=None,
@@ -86,7 +88,8 @@ def crf_overrides(args) -> dict:
 def load_weights(args):
     """``--weights`` (with ``--keras``, ``--convention``, ``--iterations``) -> (model, info); checks
     ``--num-classes`` against the checkpoint."""
-    from ._models import load_model
+    from crfrnn.models.checkpoints import load_model
+
     from ._common import UsageError
 
     model, info = load_model(args.weights, keras=args.keras, convention=args.convention, crf=crf_overrides(args))

@@ -52,14 +52,14 @@ def _data(args, info: dict):
 def run(args) -> int:
     from crfrnn.engine.metrics import format_iou_table
     from crfrnn.engine.train import evaluate
-    from ._models import _unary_only
+    from crfrnn.models.checkpoints import unary_only
 
     dev = device(args.device)
     model, info = load_weights(args)
     L = info["num_classes"]
     ds, kind, root, split, names, ignore = _data(args, info)
     if args.no_crf:
-        model = _unary_only(model)
+        model = unary_only(model)
     t0 = time.perf_counter()
     res = evaluate(model, ds, L, batch_size=args.batch_size, device=dev, ignore_index=ignore,
                    progress=show_progress(args))

@@ -55,7 +55,7 @@ def run(args) -> int:
 
     from crfrnn import viz
     from crfrnn.data import read_image
-    from ._models import _unary_only
+    from crfrnn.models.checkpoints import unary_only
 
     dev = device(args.device)
     images = _images(args.images)
@@ -68,7 +68,7 @@ def run(args) -> int:
     outs = [(out_dir / f"{p.stem}.png", out_dir / f"{p.stem}_overlay.png") for p in images]
     check_outputs([o for pair in outs for o in pair], images + [Path(info["checkpoint"])])
     if args.no_crf:
-        model = _unary_only(model)
+        model = unary_only(model)
     model.to(dev).eval()
     results = []
     for p, (lab_path, ov_path) in zip(progress(images, args, desc="segment"), outs):

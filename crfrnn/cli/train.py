@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from crfrnn.engine.runfiles import atomic_write
+from crfrnn.models.checkpoints import MODEL_KINDS, SIDECAR
 
 from ._args import add_common, nonneg_int, parse_size, positive_float, positive_int
 from ._common import EXIT_OK, UsageError, device, emit_json, need_file, rank, say, show_progress
@@ -41,7 +43,7 @@ def add_arguments(t) -> None:
     t.add_argument("--num-classes", type=positive_int, default=None, help="L (folder data sets without "
                                                                             "class_names.txt)")
     t.add_argument("--ignore-index", type=int, default=None, help="label without loss (default 255)")
-    t.add_argument("--model", choices=("crfrnn", "fcn8s", "tiny", "tiny-fcn"), default=None,
+    t.add_argument("--model", choices=MODEL_KINDS, default=None,
                    help="network (default crfrnn)")
     t.add_argument("--init", metavar="W", default=None,
                    help="initial weights: a crfrnn checkpoint, crfasrnn_weights.pth, the Keras .h5, or a torchvision "
@@ -126,7 +128,7 @@ def _check_run(o: dict) -> Path:
     if not o["resume"] and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"--run-dir {run_dir} exists and is not empty; pass --resume to continue it or choose a new "
                          f"folder (runs are never overwritten)")
-    if o["model"] not in ("crfrnn", "fcn8s", "tiny", "tiny-fcn"):
+    if o["model"] not in MODEL_KINDS:
         raise UsageError(f"--model must be crfrnn, fcn8s or tiny, got {o['model']!r}")
     return run_dir
 
@@ -177,7 +179,7 @@ def _train_config(o: dict, L: int):
 
 def run(args) -> int:
     from crfrnn.engine.train import train
-    from ._models import _init_weights, build_model
+    from crfrnn.models.checkpoints import build_model, init_weights
 
     o = _merge_config(args)
     run_dir = _check_run(o)
@@ -186,7 +188,7 @@ def run(args) -> int:
     model = build_model(o["model"], L, crf if o["model"] in ("crfrnn", "tiny") else None)
     init = None
     if o["init"] is not None and not o["resume"]:
-        init = _init_weights(model, o["model"], Path(o["init"]))
+        init = init_weights(model, o["model"], need_file(Path(o["init"]), "--init file"))
     cfg = _train_config(o, L)
     sidecar = {"model": o["model"], "num_classes": L, "class_names": class_names, "crf": crf,
                "data": {"dataset": o["dataset"], "root": str(o["root"]), "train_split": o["train_split"],
@@ -194,10 +196,9 @@ def run(args) -> int:
                "init": str(o["init"]) if o["init"] else None}
 
     def write_sidecar(*_):
-        if rank() == 0 and run_dir.is_dir() and not (run_dir / "model.json").exists():
-            tmp = run_dir / f".model.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, run_dir / "model.json")
+        if rank() == 0 and run_dir.is_dir() and not (run_dir / SIDECAR).exists():
+            text = json.dumps(sidecar, indent=2) + "\n"
+            atomic_write(run_dir / SIDECAR, lambda f: f.write(text.encode("utf-8")))
 
     say(args, f"training {o['model']} ({L} classes) on {len(train_set)} images of {o['root']}"
               + (f", validating on {len(val_set)}" if val_set is not None else "")

@@ -21,14 +21,6 @@ from crfrnn.models.weights import crfasrnn_state_dict_shapes, flip_compatibility
 L = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    t = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(t)
-
-
 def tiny(seed: int, **crf) -> TinyCrfRnnNet:
     torch.manual_seed(seed)
     model = TinyCrfRnnNet(L, **crf)

@@ -54,12 +54,14 @@ positive_float = number(float, lambda v: v > 0 and math.isfinite(v), "a positive
 finite_float = number(float, math.isfinite, "a finite number")
 
 
-def add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
-    """``--device``, ``--json``, ``--threads``, ``--quiet``: every command has them."""
+def add_common(p: argparse.ArgumentParser, device: bool | None = True) -> None:
+    """``--device``, ``--json``, ``--threads``, ``--quiet``: every command has them. ``device``: True for a command
+    that runs a model, False for one that does not (the flag is accepted for uniformity), None for a command that
+    makes its own ``--device``."""
     g = p.add_argument_group("output and device")
     if device:
         g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
-    else:
+    elif device is not None:
         g.add_argument("--device", default="auto", help="accepted for uniformity; this command runs no model")
     g.add_argument("--json", action="store_true", help="print one machine-readable JSON document instead of text")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N",

@@ -91,7 +91,8 @@ def crfasrnn_state_dict_shapes(num_classes: int = 21) -> dict[str, tuple[int, ..
 
 
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
-    """``torch.load(path, map_location=..., weights_only=True)``: the one reader of torch files in this library.
+    """``torch.load(path, map_location=..., weights_only=True)`` with one clear error for a file it refuses (the
+    reader of every weights file of :mod:`crfrnn.models`).
 
     Raises:
         FileNotFoundError: ``path`` is not a file.

@@ -82,7 +82,7 @@ def add_weights_flags(p: argparse.ArgumentParser) -> None:
                    help="mean-field iterations at inference (default: the model's, 10)")
 
 
-def crf_overrides(args) -> dict:
+def _crf_overrides(args) -> dict:
     """CrfRnn options set by ``--iterations`` (of :func:`add_weights_flags`)."""
     return {"num_test_iterations": args.iterations} if getattr(args, "iterations", None) is not None else {}
 
@@ -94,7 +94,7 @@ def load_weights(args):
 
     from ._common import UsageError
 
-    model, info = load_model(args.weights, keras=args.keras, convention=args.convention, crf=crf_overrides(args))
+    model, info = load_model(args.weights, keras=args.keras, convention=args.convention, crf=_crf_overrides(args))
     L = info["num_classes"]
     if args.num_classes is not None and args.num_classes != L:
         raise UsageError(f"--num-classes is {args.num_classes} but the checkpoint {info['checkpoint']} predicts "

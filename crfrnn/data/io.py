@@ -176,13 +176,20 @@ def _read_sbd_mat(path: Path) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header (no decoding)."""
+def _image_header(path: Path) -> tuple[int, int, str]:
+    """(H, W, Pillow mode) from the file header (no decoding)."""
     try:
         with Image.open(path) as im:
             w, h = im.size
+            mode = im.mode
     except Exception as exc:
         raise ValueError(f"cannot read image file {path}: {exc}") from exc
+    return h, w, mode
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header (no decoding)."""
+    h, w, _ = _image_header(path)
     return h, w
 
 

@@ -3,7 +3,7 @@ defaults (the ``crfrnn train`` flags are generated from it)."""
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -34,66 +34,61 @@ _CRF_KEYS = {
 class TrainConfig:
     """Hyper-parameters of one training run (JSON-serialisable, see :meth:`to_dict`).
 
-    Attributes:
-        num_classes: L; ``None`` takes it from the model's logits.
-        lr: base learning rate (before multipliers and schedule).
-        momentum: SGD momentum (the paper: 0.99; 0.9 is the usual choice for a mean loss).
-        weight_decay: L2 weight decay of the weights (not of biases, see ``bias_weight_decay``).
-        batch_size: images per step *per process*.
-        epochs: passes over the training set; ignored when ``max_steps`` is set.
-        max_steps: total optimiser steps; ``None``: ``epochs x steps per epoch``.
-        schedule: ``"poly"`` (lr x (1 - step / total) ** poly_power) or ``"fixed"``.
-        poly_power: exponent of the poly schedule.
-        loss_reduction: ``"mean"`` over labelled pixels of the (global) batch, or
-            ``"sum"`` (Caffe's ``normalize: false``, as in the paper).
-        bias_lr_mult: learning-rate multiplier of biases (FCN's Caffe recipe: 2).
-        bias_weight_decay: weight decay of biases (FCN's Caffe recipe: 0).
-        crf_spatial_lr_mult, crf_bilateral_lr_mult, crf_compat_lr_mult: learning-rate
-            multipliers of the CRF's ``spatial_ker_weights``, ``bilateral_ker_weights``,
-            ``compatibility_matrix`` (the paper: 10000, 10000, 1000).
-        crf_weight_decay: weight decay of the CRF parameters; ``None``: ``weight_decay``.
-        grad_clip: clip the global gradient norm to this value; ``None``: no clipping.
-        amp: mixed precision (``torch.autocast``: bfloat16 on CPU, float16 with a
-            ``GradScaler`` on CUDA). The loss is always computed in float32.
-        seed: seeds the global RNGs and determines the data order and augmentations.
-        num_workers: DataLoader worker processes.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-            Under torchrun on CUDA each process uses ``cuda:LOCAL_RANK``.
-        eval_every: evaluate on the validation set every this many steps; 0: at the
-            end of every epoch. Always also at the end of training.
-        eval_batch_size: batch size of evaluation.
-        log_every: write a training line to metrics.jsonl every this many steps.
-        checkpoint_every: write last.pt every this many steps; 0: only at the end of
-            every epoch, after every evaluation and at the end of training.
-        ignore_index: label of unlabelled pixels (no loss, not counted).
+    Each field's meaning is its ``metadata["help"]`` (``dataclasses.fields(TrainConfig)``); the ``crfrnn train``
+    flags and their help are generated from these fields (``--max-steps``, ``--crf-compat-lr-mult``, ...).
     """
 
-    num_classes: int | None = None
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    schedule: str = "poly"
-    poly_power: float = 0.9
-    loss_reduction: str = "mean"
-    bias_lr_mult: float = 2.0
-    bias_weight_decay: float = 0.0
-    crf_spatial_lr_mult: float = 1.0
-    crf_bilateral_lr_mult: float = 1.0
-    crf_compat_lr_mult: float = 1.0
-    crf_weight_decay: float | None = None
-    grad_clip: float | None = None
-    amp: bool = False
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"
-    eval_every: int = 0
-    eval_batch_size: int = 1
-    log_every: int = 10
-    checkpoint_every: int = 0
-    ignore_index: int = 255
+    num_classes: int | None = field(default=None, metadata={
+        "help": "number of classes L; None: taken from the model's logits (crfrnn train: from the data set)"})
+    lr: float = field(default=1e-3, metadata={"help": "base learning rate (before multipliers and schedule)"})
+    momentum: float = field(default=0.9, metadata={
+        "help": "SGD momentum (the paper: 0.99; 0.9 is the usual choice for a mean loss)"})
+    weight_decay: float = field(default=5e-4, metadata={
+        "help": "L2 weight decay of the weights (not of biases, see bias_weight_decay)"})
+    batch_size: int = field(default=1, metadata={"help": "images per step per process"})
+    epochs: int = field(default=1, metadata={"help": "passes over the training set; ignored when max_steps is set"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "total optimiser steps; None: epochs x steps per epoch"})
+    schedule: str = field(default="poly", metadata={
+        "help": "learning-rate schedule: poly (lr x (1 - step / total) ** poly_power) or fixed",
+        "choices": _SCHEDULES})
+    poly_power: float = field(default=0.9, metadata={"help": "exponent of the poly schedule"})
+    loss_reduction: str = field(default="mean", metadata={
+        "help": "mean over the labelled pixels of the (global) batch, or sum (Caffe's normalize: false, as in the "
+                "paper)", "choices": _REDUCTIONS})
+    bias_lr_mult: float = field(default=2.0, metadata={
+        "help": "learning-rate multiplier of biases (FCN's Caffe recipe: 2)"})
+    bias_weight_decay: float = field(default=0.0, metadata={
+        "help": "weight decay of biases (FCN's Caffe recipe: 0)"})
+    crf_spatial_lr_mult: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier of the CRF's spatial_ker_weights (the paper: 10000)"})
+    crf_bilateral_lr_mult: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier of the CRF's bilateral_ker_weights (the paper: 10000)"})
+    crf_compat_lr_mult: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier of the CRF's compatibility_matrix (the paper: 1000)"})
+    crf_weight_decay: float | None = field(default=None, metadata={
+        "help": "weight decay of the CRF parameters; None: weight_decay"})
+    grad_clip: float | None = field(default=None, metadata={
+        "help": "clip the global gradient norm to this value; None: no clipping"})
+    amp: bool = field(default=False, metadata={
+        "help": "mixed precision (torch.autocast: bfloat16 on CPU, float16 with a GradScaler on CUDA); the loss is "
+                "always computed in float32"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the global RNGs and determines the data order and augmentations"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA when available), cpu, cuda, cuda:1, ...; under torchrun on CUDA each process uses "
+                "cuda:LOCAL_RANK"})
+    eval_every: int = field(default=0, metadata={
+        "help": "evaluate on the validation set every this many steps; 0: at the end of every epoch (always also "
+                "at the end of training)"})
+    eval_batch_size: int = field(default=1, metadata={"help": "batch size of evaluation"})
+    log_every: int = field(default=10, metadata={
+        "help": "write a training line to metrics.jsonl every this many steps"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "write last.pt every this many steps; 0: only at the end of every epoch, after every evaluation "
+                "and at the end of training"})
+    ignore_index: int = field(default=255, metadata={"help": "label of unlabelled pixels (no loss, not counted)"})
 
     def __post_init__(self) -> None:
         def need_int(name: str, lo: int, optional: bool = False) -> None:

@@ -15,11 +15,13 @@ This library (as the paper, the Caffe code and the Keras code) computes one mean
     logits = unary - C @ m                                  # Potts initialisation: C = -I
 
 The official PyTorch port instead computes ``logits = unary + C' @ m`` and initialises ``C' = +I``, so its
-matrix is the negative of ours: ``C = -C'``. :func:`load_crfasrnn_weights` flips the sign (unless told the file is
-already in this library's convention); the Keras file uses our convention and is copied as is. ``S`` and ``W``
-(``spatial_ker_weights``, ``bilateral_ker_weights``) mean the same in all three.
+matrix is the negative of ours: ``C = -C'`` (:func:`flip_compatibility`). :func:`load_crfasrnn_weights` flips the
+sign (unless told the file is already in this library's convention); the Keras file uses our convention and is
+copied as is. ``S`` and ``W`` (``spatial_ker_weights``, ``bilateral_ker_weights``) mean the same in all three.
 
-Every file is read with ``torch.load(..., weights_only=True)``: a pickle that would run code is refused.
+Every file is read by :func:`torch_load` (``torch.load(..., weights_only=True)``): a pickle that would run code is
+refused. :func:`as_state_dict` unwraps the usual checkpoint containers. :mod:`crfrnn.models.checkpoints` builds
+the one loader of every checkpoint kind on these.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ __all__ = [
     "fcn8s_from_vgg16",
     "TORCHVISION_VGG16_MEAN",
     "TORCHVISION_VGG16_STD",
+    "torch_load",
+    "as_state_dict",
+    "flip_compatibility",
 ]
 
 #: torchvision's ImageNet input normalisation (RGB, on the 0..1 scale).
@@ -85,20 +90,31 @@ def crfasrnn_state_dict_shapes(num_classes: int = 21) -> dict[str, tuple[int, ..
     return shapes
 
 
-def _torch_load(path: Path, map_location) -> object:
+def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
+    """``torch.load(path, map_location=..., weights_only=True)`` with one clear error for a file it refuses (the
+    reader of every weights file of :mod:`crfrnn.models`).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: ``torch.load`` refuses the file (not a torch file, damaged, or a pickle that would run code
+            when unpickled); the message names the file and the cause.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for non-torch files, ...
+        cause = (str(e).splitlines() or [""])[0][:200]
         raise ValueError(
-            f"cannot load weights file {path}: it is not a plain tensor state dict that torch.load(weights_only=True) "
-            f"accepts (files that would run code when unpickled are refused): {type(e).__name__}: {e}"
+            f"cannot read {path} as a weights-only torch file: torch.load(weights_only=True) refuses it (not a torch "
+            f"file, damaged, or a pickle that would run code) ({type(e).__name__}: {cause})"
         ) from e
 
 
-def _as_state_dict(obj: object, source: str) -> dict[str, Tensor]:
-    """Unwrap ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strip a ``module.`` prefix, check types."""
+def as_state_dict(obj: object, source: str) -> dict[str, Tensor]:
+    """The state dict in ``obj``: unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` checkpoints, strips a
+    ``module.`` (DataParallel) prefix, checks that it maps names to tensors. ``source`` names it in errors."""
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)
@@ -107,7 +123,8 @@ def _as_state_dict(obj: object, source: str) -> dict[str, Tensor]:
                 break
     if not isinstance(obj, Mapping):
         raise ValueError(
-            f"{source} does not hold a state dict (a mapping of names to tensors) but a {type(obj).__name__}"
+            f"{source} holds no state dict (a crfrnn checkpoint or a mapping of names to tensors) but a "
+            f"{type(obj).__name__}"
         )
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
@@ -116,6 +133,18 @@ def _as_state_dict(obj: object, source: str) -> dict[str, Tensor]:
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
+
+
+def flip_compatibility(matrix: Tensor) -> Tensor:
+    """Convert a compatibility matrix between this library's sign convention and the official PyTorch port's.
+
+    This library computes ``logits = unary - C @ m`` (Potts ``C = -I``), ``sadeepj/crfasrnn_pytorch``
+    ``logits = unary + C' @ m`` (``C' = +I``), so ``C' = -C``: the conversion is a negation, the same in both
+    directions (its own inverse). Works on ``(L, L)`` and untied ``(T, L, L)`` matrices; returns a new tensor.
+    """
+    if not isinstance(matrix, Tensor):
+        raise TypeError(f"matrix must be a torch.Tensor (L, L), got {type(matrix).__name__}")
+    return -matrix
 
 
 def _check_layout(sd: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
@@ -204,11 +233,11 @@ def load_crfasrnn_weights(
         raise ValueError(f"convention must be one of {_CONVENTIONS}, got {convention!r}")
     path = Path(path)
     source = f"weights file {path}"
-    sd = _as_state_dict(_torch_load(path, map_location), source)
+    sd = as_state_dict(torch_load(path, map_location), source)
     num_classes = _infer_num_classes(sd, source)
     _check_layout(sd, crfasrnn_state_dict_shapes(num_classes), source)
     if convention == "crfasrnn_pytorch":
-        sd["crfrnn.compatibility_matrix"] = -sd["crfrnn.compatibility_matrix"]
+        sd["crfrnn.compatibility_matrix"] = flip_compatibility(sd["crfrnn.compatibility_matrix"])
     crf_kwargs.update(num_iterations=num_iterations, num_test_iterations=num_test_iterations)
     return _build_net(sd, num_classes, crf_kwargs, source)
 
@@ -362,10 +391,10 @@ def fcn8s_from_vgg16(
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         path = Path(state_dict_or_path)
         source = f"VGG-16 weights file {path}"
-        sd = _as_state_dict(_torch_load(path, "cpu"), source)
+        sd = as_state_dict(torch_load(path), source)
     else:
         source = "VGG-16 state dict"
-        sd = _as_state_dict(state_dict_or_path, source)
+        sd = as_state_dict(state_dict_or_path, source)
 
     expected: dict[str, tuple[int, ...]] = {}
     ours: dict[str, str] = {}

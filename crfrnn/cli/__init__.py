@@ -1,0 +1,88 @@
+"""The ``crfrnn`` command line (``crfrnn ...`` or ``python -m crfrnn ...``).
+
+Thin: every subcommand parses its flags, checks the user's files, calls library functions and writes its
+results atomically. One module per subcommand, each with ``NAME``, ``HELP``, ``DESCRIPTION``, ``EPILOG``,
+``add_arguments(parser)`` and ``run(args)``::
+
+    demo          built-in demo: a coarse FCN-like prediction refined by the dense CRF (or --data DIR)
+    refine        dense-CRF post-processing of probabilities (.npy) or a label map (PNG), pydensecrf-style
+    segment       run a trained CRF-RNN / FCN-8s checkpoint on images: palette PNGs and overlays
+    train         train FCN-8s / CRF-RNN (flags or a JSON --config); torchrun-able
+    eval          mean IU, pixel accuracy and the per-class IU table of a checkpoint on a data set
+    show-compat   the learned compatibility matrix of a checkpoint as a heat-map
+    plot          training loss and validation mean IU of a run folder
+    bench         speed measurements (forwards to crfrnn.bench)
+
+Exit status: 0 success, 2 a usage or user error (bad flag, missing or mismatched file, an output that would
+overwrite an input), 1 any other failure. Errors are one line on stderr, ``crfrnn: error: ...``; set
+``CRFRNN_DEBUG=1`` for the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from . import bench, demo, eval, plot, refine, segment, show_compat, train
+from ._args import Formatter
+from ._common import EXIT_OK, EXIT_USAGE, UsageError, guarded, set_threads
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+#: The subcommands in the order of ``crfrnn --help`` (bench, which parses its own arguments, comes last).
+COMMANDS = (demo, refine, segment, train, eval, show_compat, plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``crfrnn``: one subparser per module of :data:`COMMANDS`, plus ``bench``."""
+    from crfrnn import __version__
+
+    p = argparse.ArgumentParser(
+        prog="crfrnn", formatter_class=Formatter,
+        description="CRF-RNN (Zheng et al., ICCV 2015): dense-CRF mean-field inference as a trainable RNN layer, "
+                    "on a permutohedral lattice.",
+        epilog="examples:\n"
+               "  crfrnn demo                                   # built-in scene, writes demo_out/demo.png\n"
+               "  crfrnn demo --data data/voc2012-sample        # the same recipe on real VOC pairs\n"
+               "  crfrnn refine photo.jpg --probs probs.npy -o labels.png\n"
+               "  crfrnn segment photos/ --weights crfasrnn_weights.pth --out seg/\n"
+               "  crfrnn train --dataset voc --root VOC2012 --model crfrnn --init fcn8s.pt --run-dir runs/a\n"
+               "  crfrnn eval --weights runs/a --dataset voc --root VOC2012 --split val\n"
+               "  crfrnn show-compat runs/a -o compat.png;  crfrnn plot runs/a\n\n"
+               "Run 'crfrnn COMMAND --help' for the options of a command. Exit status: 0 success, 2 usage or "
+               "input error, 1 other failure.",
+    )
+    p.add_argument("--version", action="version", version=f"crfrnn {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sp = sub.add_parser(command.NAME, formatter_class=Formatter, help=command.HELP,
+                            description=command.DESCRIPTION, epilog=command.EPILOG)
+        command.add_arguments(sp)
+        sp.set_defaults(func=command.run)
+    sub.add_parser(bench.NAME, help=bench.HELP, add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 usage/input error, 1 other failure)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+
+    def body() -> int:
+        if argv and argv[0] == bench.NAME:
+            return bench.run(argv[1:])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help / --version (0) or a usage error (2), already printed by argparse
+            return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+        args._t0 = t0
+        if getattr(args, "threads", None):
+            set_threads(args.threads)
+        return int(args.func(args) or EXIT_OK)
+
+    return guarded(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

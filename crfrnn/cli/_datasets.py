@@ -1,0 +1,53 @@
+"""The data sets of ``crfrnn train`` and ``crfrnn eval`` (``--dataset``, ``--root``, splits, limits)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._common import UsageError, class_names_for, read_names_file
+
+DATASETS = ("voc", "camvid", "folder")
+
+
+def _folder_dataset(root: Path, num_classes: int | None, transform, ignore_index: int):
+    from crfrnn.data import SegmentationFolder
+
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        raise UsageError(f"folder data set {root} must hold images/ and masks/")
+    names = read_names_file(root / "class_names.txt") if (root / "class_names.txt").is_file() else None
+    L = num_classes or (len(names) if names else None)
+    if L is None:
+        raise UsageError(f"--num-classes is needed for {root} (no class_names.txt)")
+    return SegmentationFolder(root / "images", root / "masks", num_classes=L, ignore_index=ignore_index,
+                              transform=transform, classes=class_names_for(L, names))
+
+
+def dataset(kind: str, root, split: str | None, num_classes: int | None, transform=None, ignore_index: int = 255):
+    """(dataset, num_classes, class_names) of ``--dataset kind --root root``, split ``split``."""
+    from crfrnn.data import CamVid, VOCSegmentation
+
+    if kind not in DATASETS:
+        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {kind!r}")
+    if root is None:
+        raise UsageError("--root is required (the data set's folder)")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data set folder {root} does not exist")
+    if kind == "voc":
+        ds = VOCSegmentation(root, split=split, transform=transform)
+    elif kind == "camvid":
+        ds = CamVid(root, split=split or "train", transform=transform)
+    else:
+        sub = root / split if split and (root / split / "images").is_dir() else root
+        ds = _folder_dataset(sub, num_classes, transform, ignore_index)
+    if num_classes is not None and num_classes != ds.num_classes:
+        raise UsageError(f"--num-classes is {num_classes} but the {kind} data set has {ds.num_classes} classes")
+    return ds, ds.num_classes, list(ds.classes) if ds.classes else class_names_for(ds.num_classes)
+
+
+def limit(ds, n: int | None):
+    """The first ``n`` items of ``ds`` (all when ``n`` is None)."""
+    from torch.utils.data import Subset
+
+    if n is None or n >= len(ds):
+        return ds
+    return Subset(ds, range(n))

@@ -14,8 +14,8 @@ results atomically. One module per subcommand, each with ``NAME``, ``HELP``, ``D
     bench         speed measurements (forwards to crfrnn.bench)
 
 Exit status: 0 success, 2 a usage or user error (bad flag, missing or mismatched file, an output that would
-overwrite an input), 1 any other failure. Errors are one line on stderr, ``crfrnn: error: ...``; set
-``CRFRNN_DEBUG=1`` for the traceback.
+overwrite an input), 1 any other failure, 130 interrupted (SIGINT, Ctrl-C: ``crfrnn: interrupted``). Errors, usage
+errors included, are one line on stderr, ``crfrnn: error: ...``; set ``CRFRNN_DEBUG=1`` for the traceback.
 """
 from __future__ import annotations
 
@@ -34,11 +34,22 @@ __all__ = ["main", "build_parser", "UsageError"]
 COMMANDS = (demo, refine, segment, train, eval, show_compat, plot)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``crfrnn: error: ...``, exit status 2), as every other
+    error of the command; the usage is in ``--help``."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("crfrnn").strip()
+        hint = f"crfrnn {where} --help" if where else "crfrnn --help"
+        self.exit(EXIT_USAGE, f"crfrnn: error: {where + ': ' if where else ''}{' '.join(message.split())} "
+                              f"(see '{hint}')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``crfrnn``: one subparser per module of :data:`COMMANDS`, plus ``bench``."""
     from crfrnn import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="crfrnn", formatter_class=Formatter,
         description="CRF-RNN (Zheng et al., ICCV 2015): dense-CRF mean-field inference as a trainable RNN layer, "
                     "on a permutohedral lattice.",
@@ -51,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  crfrnn eval --weights runs/a --dataset voc --root VOC2012 --split val\n"
                "  crfrnn show-compat runs/a -o compat.png;  crfrnn plot runs/a\n\n"
                "Run 'crfrnn COMMAND --help' for the options of a command. Exit status: 0 success, 2 usage or "
-               "input error, 1 other failure.",
+               "input error, 1 other failure, 130 interrupted (Ctrl-C).",
     )
     p.add_argument("--version", action="version", version=f"crfrnn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -34,6 +34,12 @@ def say(args, text: str) -> None:
         print(text, flush=True)
 
 
+def note(args, text: str) -> None:
+    """Something the user should know that is not an error (stderr, ``crfrnn: note: ...``; also with --json)."""
+    if rank() == 0:
+        print(f"crfrnn: note: {text}", file=sys.stderr, flush=True)
+
+
 def emit_json(args, payload: Any) -> None:
     if getattr(args, "json", False) and rank() == 0:
         print(json.dumps(payload, indent=2, allow_nan=False, default=_json_default), flush=True)

@@ -8,12 +8,20 @@ from ._common import UsageError, class_names_for, read_names_file
 DATASETS = ("voc", "camvid", "folder")
 
 
-def _folder_dataset(root: Path, num_classes: int | None, transform, ignore_index: int):
+def short_names(names) -> str:
+    names = list(names)
+    return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
+def _folder_dataset(root: Path, num_classes: int | None, transform, ignore_index: int, classes_from: str):
     from crfrnn.data import SegmentationFolder
 
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise UsageError(f"folder data set {root} must hold images/ and masks/")
     names = read_names_file(root / "class_names.txt") if (root / "class_names.txt").is_file() else None
+    if names and num_classes is not None and len(names) != num_classes:
+        raise UsageError(f"{classes_from} has {num_classes} classes but {root / 'class_names.txt'} lists "
+                         f"{len(names)} ({short_names(names)}); they must agree")
     L = num_classes or (len(names) if names else None)
     if L is None:
         raise UsageError(f"--num-classes is needed for {root} (no class_names.txt)")
@@ -21,8 +29,11 @@ def _folder_dataset(root: Path, num_classes: int | None, transform, ignore_index
                               transform=transform, classes=class_names_for(L, names))
 
 
-def dataset(kind: str, root, split: str | None, num_classes: int | None, transform=None, ignore_index: int = 255):
-    """(dataset, num_classes, class_names) of ``--dataset kind --root root``, split ``split``."""
+def dataset(kind: str, root, split: str | None, num_classes: int | None, transform=None, ignore_index: int = 255,
+            classes_from: str = "--num-classes"):
+    """(dataset, num_classes, class_names) of ``--dataset kind --root root``, split ``split``. ``num_classes`` (if
+    given) must agree with the data set's classes (a folder's ``class_names.txt``); ``classes_from`` names where it
+    came from in the error."""
     from crfrnn.data import CamVid, VOCSegmentation
 
     if kind not in DATASETS:
@@ -38,9 +49,10 @@ def dataset(kind: str, root, split: str | None, num_classes: int | None, transfo
         ds = CamVid(root, split=split or "train", transform=transform)
     else:
         sub = root / split if split and (root / split / "images").is_dir() else root
-        ds = _folder_dataset(sub, num_classes, transform, ignore_index)
+        ds = _folder_dataset(sub, num_classes, transform, ignore_index, classes_from)
     if num_classes is not None and num_classes != ds.num_classes:
-        raise UsageError(f"--num-classes is {num_classes} but the {kind} data set has {ds.num_classes} classes")
+        raise UsageError(f"{classes_from} has {num_classes} classes but the {kind} data set at {root} has "
+                         f"{ds.num_classes}")
     return ds, ds.num_classes, list(ds.classes) if ds.classes else class_names_for(ds.num_classes)
 
 

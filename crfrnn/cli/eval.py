@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 
 from ._args import add_common, add_weights_flags, load_weights, positive_int
-from ._common import EXIT_OK, UsageError, device, emit_json, finite, say, show_progress
-from ._datasets import DATASETS, dataset, limit
+from ._common import EXIT_OK, UsageError, device, emit_json, finite, note, say, show_progress
+from ._datasets import DATASETS, short_names, dataset, limit
 
 NAME = "eval"
 HELP = "mean IU and per-class IU of a checkpoint on a data set"
@@ -43,9 +43,14 @@ def _data(args, info: dict):
     if kind is None or root is None:
         raise UsageError("--dataset and --root are required (or a run folder whose model.json names its data)")
     ignore = saved.get("ignore_index", 255) if args.ignore_index is None else args.ignore_index
-    ds, dl, names = dataset(kind, root, split, L if kind == "folder" else None, None, ignore)
+    ckpt_names = info.get("class_names")
+    source = f"the checkpoint {info['checkpoint']}" + (f" ({short_names(ckpt_names)})" if ckpt_names else "")
+    ds, dl, names = dataset(kind, root, split, L if kind == "folder" else None, None, ignore, classes_from=source)
     if dl != L:
-        raise UsageError(f"the checkpoint predicts L = {L} classes but the {kind} data set at {root} has {dl}")
+        raise UsageError(f"{source} predicts L = {L} classes but the {kind} data set at {root} has {dl}")
+    if ckpt_names and list(ckpt_names) != list(names) and len(ckpt_names) == len(names):
+        note(args, f"{source} was trained on the classes {short_names(ckpt_names)}; the data set names them "
+                   f"{short_names(names)}")
     return limit(ds, args.limit), kind, root, split, names, ignore
 
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crfrnn.engine.config import TrainConfig
-from crfrnn.engine.runfiles import atomic_write
+from crfrnn.engine.runfiles import CONFIG_FILE
 from crfrnn.models.checkpoints import MODEL_KINDS, SIDECAR
 
 from ._args import add_common, parse_size, positive_int
-from ._common import EXIT_OK, UsageError, device, emit_json, need_file, rank, say, show_progress
+from ._common import EXIT_OK, UsageError, device, emit_json, need_file, note, say, show_progress
 from ._dataclass_args import add_dataclass_arguments, given, read_config
 from ._datasets import DATASETS, dataset, limit
 
@@ -91,12 +91,53 @@ def add_arguments(t) -> None:
 
 
 def settings(args) -> tuple[TrainOptions, dict]:
-    """(options, TrainConfig keywords): the dataclasses' defaults, overridden by --config, overridden by flags."""
+    """(options, TrainConfig keywords): the dataclasses' defaults, overridden by --config, overridden by flags.
+
+    With ``--resume`` the run folder's settings (``model.json``'s options, ``config.json``) take the place of the
+    defaults; flags (or --config keys) that contradict them are refused, except a new length (``--steps``,
+    ``--epochs``), which extends the run."""
     from_file = [{}, {}]
     if getattr(args, "config", None) is not None:
         from_file = read_config(Path(args.config), [TrainOptions, TrainConfig], _CONFIG_ALIASES)
-    opts = TrainOptions(**{**from_file[0], **given(args, TrainOptions)})
-    return opts, {**from_file[1], **given(args, TrainConfig)}
+    opts_given, tc_given = {**from_file[0], **given(args, TrainOptions)}, {**from_file[1], **given(args, TrainConfig)}
+    saved = _saved_run(opts_given) if opts_given.get("resume") else None
+    if saved is None:
+        return TrainOptions(**opts_given), tc_given
+    _check_contradictions(Path(opts_given["run_dir"]), saved, opts_given, tc_given)
+    return TrainOptions(**{**saved[0], **opts_given}), {**saved[1], **tc_given}
+
+
+def _saved_run(opts_given: dict) -> tuple[dict, dict] | None:
+    """(options, TrainConfig dict) saved in the run folder named by ``--run-dir``; None when it holds none."""
+    from crfrnn.engine.runfiles import read_config_json
+    from crfrnn.models.checkpoints import read_sidecar
+
+    run_dir = opts_given.get("run_dir")
+    if run_dir is None or not (Path(run_dir) / CONFIG_FILE).is_file():
+        return None
+    options = read_sidecar(run_dir).get("options")
+    if not isinstance(options, dict):
+        return None  # a run of an older version: every flag must be given again
+    names = {f.name for f in dataclasses.fields(TrainOptions)} - {"run_dir", "resume"}
+    return {k: v for k, v in options.items() if k in names}, read_config_json(Path(run_dir) / CONFIG_FILE)
+
+
+def _as_json(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, as read back from the run folder
+
+
+def _check_contradictions(run_dir: Path, saved: tuple[dict, dict], opts_given: dict, tc_given: dict) -> None:
+    from crfrnn.engine.runfiles import RESUMABLE_CHANGES
+
+    clashes = [f"--{k.replace('_', '-')} {given_v!r} (the run has {saved_d.get(k)!r})"
+               for saved_d, given_d, skip in ((saved[0], opts_given, ("run_dir", "resume")),
+                                              (saved[1], tc_given, RESUMABLE_CHANGES))
+               for k, given_v in given_d.items()
+               if k not in skip and k in saved_d and _as_json(given_v) != _as_json(saved_d[k])]
+    if clashes:
+        raise UsageError(f"cannot resume {run_dir}: {'; '.join(clashes)}; a resumed run keeps its settings "
+                         f"(model.json, config.json) except its length (--steps, --epochs); drop these flags or "
+                         f"start a new --run-dir")
 
 
 def _check_run(opts: TrainOptions) -> Path:
@@ -107,6 +148,9 @@ def _check_run(opts: TrainOptions) -> Path:
     if not opts.resume and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"--run-dir {run_dir} exists and is not empty; pass --resume to continue it or choose a new "
                          f"folder (runs are never overwritten)")
+    if opts.resume and not (run_dir / CONFIG_FILE).is_file():
+        raise UsageError(f"cannot resume: {run_dir} is not a run folder (no config.json)" if run_dir.is_dir()
+                         else f"cannot resume: --run-dir {run_dir} does not exist")
     if opts.model not in MODEL_KINDS:
         raise UsageError(f"--model must be crfrnn, fcn8s or tiny, got {opts.model!r}")
     return run_dir
@@ -116,10 +160,12 @@ def _train_config(opts: TrainOptions, tc: dict) -> TrainConfig:
     """The TrainConfig (checked before any data is read); ``num_classes`` is set from the data set later."""
     if tc.get("device", "auto") != "auto":
         device(tc["device"])  # the other commands' message for a device that is not there
+    if opts.resume and opts.run_dir is not None and (Path(opts.run_dir) / CONFIG_FILE).is_file():
+        return TrainConfig(**tc)  # the run's own config (--paper already applied when it started)
     return TrainConfig.paper("mean", **tc) if opts.paper else TrainConfig(**tc)
 
 
-def _data_sets(opts: TrainOptions, num_classes: int | None, ignore: int):
+def _data_sets(args, opts: TrainOptions, num_classes: int | None, ignore: int):
     """(training set, validation set or None, L, class names)."""
     from crfrnn import data
 
@@ -139,6 +185,10 @@ def _data_sets(opts: TrainOptions, num_classes: int | None, ignore: int):
         val_set, _, _ = dataset(opts.dataset, opts.root, opts.val_split, L, None, ignore)
     elif opts.val_split and opts.dataset == "folder" and (Path(opts.root) / opts.val_split / "images").is_dir():
         val_set, _, _ = dataset("folder", opts.root, opts.val_split, L, None, ignore)
+    elif opts.dataset == "folder":
+        why = f"{Path(opts.root) / opts.val_split / 'images'} does not exist" if opts.val_split else "--val-split ''"
+        note(args, f"no validation set ({why}; give --val-split NAME or --val-root DIR): the run is not evaluated "
+                   f"and writes no best.pt")
     train_set = limit(train_set, opts.train_limit)
     if val_set is not None:
         val_set = limit(val_set, opts.val_limit)
@@ -146,39 +196,37 @@ def _data_sets(opts: TrainOptions, num_classes: int | None, ignore: int):
 
 
 def _sidecar(opts: TrainOptions, L: int, class_names: list[str], crf: dict, ignore: int) -> dict:
-    """model.json: what segment, eval and show-compat need to know about the run's model and data."""
+    """model.json: what segment, eval and show-compat need to know about the run's model and data, and the
+    command's options (what ``--resume`` reads back)."""
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("run_dir", "resume")}
     return {"model": opts.model, "num_classes": L, "class_names": class_names, "crf": crf,
             "data": {"dataset": opts.dataset, "root": str(opts.root), "train_split": opts.train_split,
                      "val_split": opts.val_split, "val_root": opts.val_root, "ignore_index": ignore},
-            "init": str(opts.init) if opts.init else None}
+            "init": str(opts.init) if opts.init else None, "options": options}
 
 
 def run(args) -> int:
+    from crfrnn.engine.state import seed_all
     from crfrnn.engine.train import train
     from crfrnn.models.checkpoints import build_model, init_weights
 
     opts, tc = settings(args)
     run_dir = _check_run(opts)
     cfg = _train_config(opts, tc)
-    train_set, val_set, L, class_names = _data_sets(opts, cfg.num_classes, cfg.ignore_index)
+    train_set, val_set, L, class_names = _data_sets(args, opts, cfg.num_classes, cfg.ignore_index)
     cfg = dataclasses.replace(cfg, num_classes=L)
     crf = {"num_iterations": opts.crf_iterations, "num_test_iterations": opts.crf_test_iterations}
+    seed_all(cfg.seed)  # the initial weights are a function of --seed (train() then reseeds with seed + rank)
     model = build_model(opts.model, L, crf if opts.model in ("crfrnn", "tiny") else None)
     init = None
     if opts.init is not None and not opts.resume:
         init = init_weights(model, opts.model, need_file(Path(opts.init), "--init file"))
-    text = json.dumps(_sidecar(opts, L, class_names, crf, cfg.ignore_index), indent=2) + "\n"
-
-    def write_sidecar(*_):
-        if rank() == 0 and run_dir.is_dir() and not (run_dir / SIDECAR).exists():
-            atomic_write(run_dir / SIDECAR, lambda f: f.write(text.encode("utf-8")))
-
+    sidecar = (json.dumps(_sidecar(opts, L, class_names, crf, cfg.ignore_index), indent=2) + "\n").encode("utf-8")
     say(args, f"training {opts.model} ({L} classes) on {len(train_set)} images of {opts.root}"
               + (f", validating on {len(val_set)}" if val_set is not None else "")
               + (f"; init from {opts.init} ({init})" if init else "") + f" -> {run_dir}")
     res = train(model, train_set, val_set, cfg, run_dir, resume=opts.resume, progress=show_progress(args),
-                on_step=write_sidecar)
-    write_sidecar()
+                run_files={SIDECAR: sidecar})
     best = res.get("best_mean_iou")
     emit_json(args, {**res, "model": opts.model, "num_classes": L, "config": cfg.to_dict()})
     say(args, f"done: {res['step']} steps"

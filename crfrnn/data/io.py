@@ -94,12 +94,38 @@ def voc_palette(num_colors: int = 256) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+#: Pillow modes of 16-bit grey images (PNG, TIFF), scaled to 0..255 by :func:`read_image`.
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class _Refused(ValueError):
+    """An image that was read but is refused (its message names the file)."""
+
+
+def _to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 of a loaded image: 16-bit grey scaled (``round(v * 255 / 65535)``), others by Pillow."""
+    if im.mode in _GREY16_MODES or im.mode == "I":
+        grey = np.asarray(im, dtype=np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):  # 32-bit integer images: no known range
+            raise _Refused(f"cannot read image file {path}: mode {im.mode!r} with values {grey.min()}..{grey.max()} "
+                             f"outside 0..65535; convert it to an 8-bit image first")
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # rounded; 65535 -> 255, 0 -> 0
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise _Refused(f"cannot read image file {path}: a floating-point image (mode 'F') has no known range; "
+                         f"convert it to an 8-bit image first")
+    return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
 def read_image(path: PathLike) -> torch.Tensor:
     """Read an image file as a float32 tensor of shape (3, H, W), RGB values in 0..255.
 
-    Grey, palette and RGBA images are converted to RGB (alpha dropped). EXIF orientation is not
-    applied (masks are stored unrotated as well). Raises ``ValueError`` naming the file if it is
-    missing, corrupt or truncated.
+    Grey, palette and RGBA images are converted to RGB (alpha dropped). 16-bit grey images (a 16-bit grey
+    PNG or TIFF, Pillow mode ``I;16``, or mode ``I`` with values in 0..65535) are **scaled** to 0..255
+    (``round(v * 255 / 65535)``), not clipped; 16-bit colour PNGs are reduced to 8 bits by Pillow (the same
+    scaling, truncated). Floating-point images (mode ``F``) and 32-bit integer images with values beyond
+    0..65535 are refused (their range is unknown). EXIF orientation is not applied (masks are stored unrotated
+    as well). Raises ``ValueError`` naming the file if it is missing, corrupt, truncated or refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -107,10 +133,11 @@ def read_image(path: PathLike) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
-            rgb = im.convert("RGB")
+            array = _to_rgb8(im, path)  # (H, W, 3), writable copy
+    except _Refused:
+        raise
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
         raise ValueError(f"cannot read image file {path}: {exc}") from exc
-    array = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable copy
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).contiguous()
 
 

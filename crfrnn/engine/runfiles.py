@@ -22,6 +22,7 @@ import torch
 
 from crfrnn.engine.config import _json_normalise
 from crfrnn.engine.distributed import agree, barrier
+from crfrnn.models.weights import torch_load
 
 __all__ = [
     "CheckpointError",
@@ -100,12 +101,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch.load raises many types for damaged files
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: corrupt, truncated or not a weights-only torch file "
-            f"({type(e).__name__}: {e})"
-        ) from e
+        obj = torch_load(path, map_location)
+    except ValueError as e:  # the one message of every refused torch file (crfrnn.models.weights.torch_load)
+        raise CheckpointError(f"cannot read checkpoint: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} is not a crfrnn checkpoint (no 'model' state dict)")
     return obj
@@ -162,18 +160,31 @@ def write_metrics(path: str | os.PathLike, records: list[dict[str, Any]]) -> Non
 # --------------------------------------------------------------------------- run folder
 
 
-def prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: bool, rank: int, world: int) -> dict | None:
+#: TrainConfig fields that a resumed run may change: its length (a finished run is extended by more steps).
+RESUMABLE_CHANGES = ("max_steps", "epochs")
+
+
+def _differences(saved: dict[str, Any], given: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    return [k for k in sorted(set(saved) | set(given))
+            if k not in ignore and saved.get(k, "<missing>") != given.get(k, "<missing>")]
+
+
+def prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: bool, rank: int, world: int,
+                    files: dict[str, bytes] | None = None, total_steps: int | None = None) -> dict | None:
     """Check / create the run folder on every rank; return the checkpoint to resume from (or None).
 
-    Without ``resume`` the folder must not exist or be empty, and rank 0 writes ``config.json``. With
-    ``resume`` its ``config.json`` (and ``last.pt``'s config, when there is one) must equal ``cfg_dict``,
-    and temporary files left by a killed process are removed. All ranks raise together.
+    Without ``resume`` the folder must not exist or be empty, and rank 0 writes ``config.json`` and ``files``
+    (name -> contents). With ``resume`` its ``config.json`` (and ``last.pt``'s config, when there is one) must
+    equal ``cfg_dict`` except for :data:`RESUMABLE_CHANGES` (a changed length is written to ``config.json``),
+    ``files`` missing from the folder are written, and temporary files left by a killed process are removed;
+    a ``last.pt`` further on than ``total_steps`` (the given config's length) is refused. All ranks raise
+    together; nothing is written when one does.
     """
     error: Exception | None = None
     ckpt = None
     try:
         if resume:
-            ckpt = _check_resumable(run_dir, cfg_dict)
+            ckpt = _check_resumable(run_dir, cfg_dict, total_steps)
         elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise FileExistsError(
                 f"run_dir {run_dir} already exists and is not empty; pass resume=True to continue that run "
@@ -188,35 +199,39 @@ def prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: bool, rank:
     barrier(world)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            write_text(run_dir / CONFIG_FILE, json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-        else:
+        if resume:
             remove_stale_tmp(run_dir)
+        if not resume or read_config_json(run_dir / CONFIG_FILE) != cfg_dict:  # new, or a new length
+            write_text(run_dir / CONFIG_FILE, json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        for name, data in (files or {}).items():
+            if not resume or not (run_dir / name).exists():
+                atomic_write(run_dir / name, lambda f, data=data: f.write(data))
     barrier(world)
     return ckpt
 
 
-def _check_resumable(run_dir: Path, cfg_dict: dict[str, Any]) -> dict | None:
+def _check_resumable(run_dir: Path, cfg_dict: dict[str, Any], total_steps: int | None) -> dict | None:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"cannot resume: run_dir {run_dir} does not exist")
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"cannot resume: {cfg_path} does not exist ({run_dir} is not a run folder)")
     saved = read_config_json(cfg_path)
-    diffs = [
-        f"{k}: {saved.get(k, '<missing>')!r} in {cfg_path.name} vs {cfg_dict.get(k, '<missing>')!r} given"
-        for k in sorted(set(saved) | set(cfg_dict))
-        if saved.get(k, "<missing>") != cfg_dict.get(k, "<missing>")
-    ]
+    diffs = [f"{k}: {saved.get(k, '<missing>')!r} in {cfg_path.name} vs {cfg_dict.get(k, '<missing>')!r} given"
+             for k in _differences(saved, cfg_dict, RESUMABLE_CHANGES)]
     if diffs:
         raise ValueError(
             f"cannot resume run {run_dir}: the given TrainConfig differs from its {cfg_path.name} ("
-            + "; ".join(diffs) + "). Resume with the same config or start a new run_dir."
+            + "; ".join(diffs) + "). Resume with the same config (only "
+            + "/".join(RESUMABLE_CHANGES) + " may change) or start a new run_dir."
         )
     last = run_dir / LAST_FILE
     if not last.exists():
         return None
     ckpt = load_checkpoint(last)
-    if _json_normalise(ckpt.get("config", {})) != cfg_dict:
+    if _differences(_json_normalise(ckpt.get("config", {})), cfg_dict, RESUMABLE_CHANGES):
         raise CheckpointError(f"checkpoint {last} was written with a config other than {cfg_path}")
+    if total_steps is not None and int(ckpt.get("step", 0)) > total_steps:
+        raise ValueError(f"cannot resume run {run_dir}: it has done {int(ckpt['step'])} steps, more than the "
+                         f"{total_steps} of the given config (runs are extended, never shortened)")
     return ckpt

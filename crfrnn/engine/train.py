@@ -118,6 +118,7 @@ def train(
     on_step: StepHook | None = None,
     lr_schedule: LrSchedule | None = None,
     should_stop: StepHook | None = None,
+    run_files: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with SGD + momentum on softmax cross-entropy; write the run folder.
 
@@ -144,7 +145,11 @@ def train(
             even that starts again from ``model`` as given). The
             given ``cfg`` must equal the run's ``config.json``. On CPU the
             resumed run ends with bit-exactly the weights of an uninterrupted
-            one. metrics.jsonl lines after the checkpoint are dropped.
+            one. metrics.jsonl lines after the checkpoint are dropped. Only the run's length
+            (``max_steps``, ``epochs``) may differ from ``config.json``: a longer run extends a finished or
+            interrupted one (the new length is written to ``config.json``; with the fixed schedule the result
+            equals a run given that length from the start, with ``poly`` the schedule is stretched from the
+            resumed step on); a shorter one than the steps already done is refused.
         progress: show tqdm bars (rank 0 only).
         on_step: called as ``on_step(step, info)`` after every optimiser step,
             once that step's logging / evaluation / checkpoint is done, on every
@@ -158,6 +163,8 @@ def train(
             ends the run cleanly at that step, as if it were the last one: the
             log line, the evaluation and ``last.pt`` are written, and
             ``resume=True`` would continue from there.
+        run_files: further files (name -> contents) written by rank 0 into the run folder when it is created,
+            next to ``config.json`` (e.g. the CLI's ``model.json``); on resume, those missing are written.
 
     Returns:
         dict with ``run_dir``, ``step``, ``best_mean_iou``, ``best_step`` and
@@ -170,7 +177,8 @@ def train(
     schedule = lr_schedule if lr_schedule is not None else functools.partial(lr_factor, cfg)
     rank, world, device, owns_group = setup_distributed(cfg.device)
     try:
-        run = _start(model, train_set, cfg, Path(run_dir), resume, progress, schedule, rank, world, device)
+        run = _start(model, train_set, cfg, Path(run_dir), resume, progress, schedule, rank, world, device,
+                     run_files)
         _loop(run, train_set, val_set, on_step, should_stop)
         st = run.state
         return {
@@ -200,10 +208,11 @@ def _run_spec(train_set: Dataset, cfg: TrainConfig, rank: int, world: int) -> Ru
 
 
 def _start(model: nn.Module, train_set: Dataset, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool,
-           schedule: LrSchedule, rank: int, world: int, device: torch.device) -> _Run:
+           schedule: LrSchedule, rank: int, world: int, device: torch.device,
+           run_files: dict[str, bytes] | None = None) -> _Run:
     """Check the run folder, build optimiser and scaler, restore ``last.pt`` or seed the RNGs, wrap in DDP."""
     spec = _run_spec(train_set, cfg, rank, world)
-    ckpt = prepare_run_dir(run_dir, spec.config, resume, rank, world)
+    ckpt = prepare_run_dir(run_dir, spec.config, resume, rank, world, run_files, spec.total_steps)
     model.to(device)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
     scaler = make_scaler(cfg, device)

@@ -27,6 +27,8 @@ the one loader of every checkpoint kind on these.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,6 +46,7 @@ __all__ = [
     "TORCHVISION_VGG16_MEAN",
     "TORCHVISION_VGG16_STD",
     "torch_load",
+    "UNSAFE_CHECKPOINT",
     "as_state_dict",
     "flip_compatibility",
 ]
@@ -90,26 +93,47 @@ def crfasrnn_state_dict_shapes(num_classes: int = 21) -> dict[str, tuple[int, ..
     return shapes
 
 
+#: The first bytes of files people pass by mistake where a checkpoint is expected, and what they are.
+_NOT_TORCH_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                    (b"\x89HDF", "an HDF5 file; a Keras .h5 needs --keras"), (b"GIF8", "a GIF image"),
+                    (b"BM", "a BMP image"), (b"{", "a JSON file"))
+UNSAFE_CHECKPOINT = ("not a checkpoint this library can load safely (it holds Python objects other than tensors); "
+                     "we never unpickle code")
+
+
+def _refusal(path: Path, e: Exception) -> str:
+    """The one-line reason why ``torch.load(path, weights_only=True)`` raised ``e`` (torch's own text is not quoted:
+    it advises ``weights_only=False``, which would run the file's code)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return f"{path} is empty, not a torch file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # a torch zip archive or a (legacy) pickle
+        if isinstance(e, pickle.UnpicklingError):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            return f"{path}: {UNSAFE_CHECKPOINT}" + (f" (found {found.group(1)})" if found else "")
+        return f"{path} is a damaged or truncated torch file ({type(e).__name__})"
+    what = next((name for magic, name in _NOT_TORCH_MAGIC if head.startswith(magic)), None)
+    return f"{path} is not a torch file" + (f" (it is {what})" if what else "")
+
+
 def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> object:
     """``torch.load(path, map_location=..., weights_only=True)`` with one clear error for a file it refuses (the
-    reader of every weights file of :mod:`crfrnn.models`).
+    reader of every weights file of :mod:`crfrnn.models` and of :func:`crfrnn.engine.runfiles.load_checkpoint`).
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: ``torch.load`` refuses the file (not a torch file, damaged, or a pickle that would run code
-            when unpickled); the message names the file and the cause.
+        ValueError: ``torch.load`` refuses the file; the message names the file and says which case it is: not a
+            torch file (an image, say), damaged or truncated, or a pickle holding Python objects other than
+            tensors, which is never unpickled (:data:`UNSAFE_CHECKPOINT`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for non-torch files, ...
-        cause = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(
-            f"cannot read {path} as a weights-only torch file: torch.load(weights_only=True) refuses it (not a torch "
-            f"file, damaged, or a pickle that would run code) ({type(e).__name__}: {cause})"
-        ) from e
+    except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for damaged archives, ...
+        raise ValueError(_refusal(path, e)) from None
 
 
 def as_state_dict(obj: object, source: str) -> dict[str, Tensor]:

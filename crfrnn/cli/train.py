@@ -33,7 +33,8 @@ EPILOG = ("examples:\n"
           "      --steps 100000 --lr 1e-4 --crop-size 500\n"
           "  crfrnn train --dataset voc --root VOC2012 --model crfrnn --init runs/fcn/best.pt --run-dir runs/crf "
           "--paper\n"
-          "  crfrnn train --config train.json --run-dir runs/b --resume\n"
+          "  crfrnn train --run-dir runs/b --resume              # settings from the run folder\n"
+          "  crfrnn train --run-dir runs/b --resume --steps 200000  # extend it\n"
           "  torchrun --nproc_per_node=2 -m crfrnn train --config train.json\n"
           "  crfrnn train --dataset folder --root my_data --num-classes 6 --model tiny --steps 20 "
           "--run-dir runs/smoke\n\n"
@@ -64,7 +65,8 @@ class TrainOptions:
                 "VGG-16 state dict (for fcn8s/crfrnn)", "metavar": "W"})
     run_dir: str | None = field(default=None, metadata={
         "help": "run folder (must be new or empty unless --resume)", "metavar": "DIR"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --run-dir"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the run in --run-dir with its saved settings (other flags only to extend it: --steps)"})
     paper: bool = field(default=False, metadata={
         "help": "the paper's recipe (TrainConfig.paper, mean-loss form): momentum 0.99, fixed lr, CRF lr "
                 "multipliers 10000/10000/1000; TrainConfig flags override it"})
@@ -160,7 +162,7 @@ def _train_config(opts: TrainOptions, tc: dict) -> TrainConfig:
     """The TrainConfig (checked before any data is read); ``num_classes`` is set from the data set later."""
     if tc.get("device", "auto") != "auto":
         device(tc["device"])  # the other commands' message for a device that is not there
-    if opts.resume and opts.run_dir is not None and (Path(opts.run_dir) / CONFIG_FILE).is_file():
+    if opts.resume and _saved_run({"run_dir": opts.run_dir}) is not None:
         return TrainConfig(**tc)  # the run's own config (--paper already applied when it started)
     return TrainConfig.paper("mean", **tc) if opts.paper else TrainConfig(**tc)
 

@@ -123,7 +123,9 @@ def train(
     """Train ``model`` with SGD + momentum on softmax cross-entropy; write the run folder.
 
     The model is moved to ``cfg.device`` and trained in place (train mode, so a
-    ``CrfRnn`` unrolls ``num_iterations`` mean-field steps). The global RNGs
+    ``CrfRnn`` unrolls ``num_iterations`` mean-field steps). Its initial weights
+    are the caller's: for a repeatable run build it after seeding from
+    ``cfg.seed`` (``crfrnn.engine.state.seed_all``, as ``crfrnn train`` does). The global RNGs
     are seeded with ``cfg.seed`` (+ rank). The data order is a function of
     (``cfg.seed``, epoch) only and the random augmentations of a sample a
     function of (``cfg.seed``, epoch, index) — the RNGs are seeded per sample

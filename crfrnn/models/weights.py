@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -131,7 +132,9 @@ def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the protocol of a plain pickle before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError for code-carrying pickles, RuntimeError for damaged archives, ...
         raise ValueError(_refusal(path, e)) from None
 

@@ -71,7 +71,7 @@ def blobs(shape, L, seed, void_frac=0.1):
 def test_trimap_confusion_matches_brute_force(connectivity, seed):
     L = 4
     pred, target = blobs((2, 23, 31), L, seed)
-    radii = (0, 1, 1.5, 2, 3.2, 7)
+    radii = (3.2, 0, 7, 1.5, 2, 1, 2)  # unsorted, one repeated
     got = trimap_confusion(pred, target, L, radii, ignore_index=IGN, connectivity=connectivity)
     want = band_conf_ref(pred.numpy(), target.numpy(), L, radii, IGN, connectivity)
     assert got.dtype == torch.int64 and got.shape == (len(radii), L, L)

@@ -241,8 +241,8 @@ def boundary_distance2(boundary: Tensor, max_distance: int) -> Tensor:
     of ``boundary`` (..., H, W), exact up to ``max_distance``; farther pixels (or images without boundary) get a
     value above ``max_distance ** 2``. Int64, ``boundary``'s shape.
 
-    Separable and truncated: the nearest boundary pixel in each row within ``max_distance`` columns, then the
-    minimum over rows within ``max_distance`` of ``dy**2`` plus that row's value (2 (2R + 1) shifted minima).
+    Separable and truncated: the nearest boundary pixel in each row (running maxima of column indices), then
+    the minimum over the rows within ``max_distance`` of ``dy**2`` plus that row's squared column distance.
     """
     if not isinstance(boundary, Tensor) or boundary.dtype != torch.bool or boundary.ndim < 2:
         got = f"{boundary.dtype} {tuple(boundary.shape)}" if isinstance(boundary, Tensor) else type(boundary).__name__
@@ -253,11 +253,13 @@ def boundary_distance2(boundary: Tensor, max_distance: int) -> Tensor:
     far = R * R + 1  # 'farther than R'; the minima below never return more
     h, w = boundary.shape[-2:]
     b = boundary.reshape(-1, h, w)
-    row = torch.full(b.shape, far, dtype=torch.int64, device=b.device)
-    for dx in range(-min(R, w - 1), min(R, w - 1) + 1):
-        (ys, xs), (yq, xq) = _pair_slices(0, dx, h, w)
-        cand = torch.where(b[:, yq, xq], dx * dx, far)
-        row[:, ys, xs] = torch.minimum(row[:, ys, xs], cand)
+    # in each row, the column distance to the nearest boundary pixel on the left and on the right (running maxima)
+    x = torch.arange(w, device=b.device)
+    none = torch.tensor(-(w + R + 1), device=b.device)  # no boundary pixel: a distance above R either way
+    left = x - torch.where(b, x, none).cummax(-1).values
+    right = torch.where(b, -x, none).flip(-1).cummax(-1).values.flip(-1).neg() - x
+    dx = torch.minimum(left, right)
+    row = torch.where(dx <= R, dx * dx, far)
     dist = row.clone()
     for dy in range(-min(R, h - 1), min(R, h - 1) + 1):
         if dy == 0:
@@ -309,7 +311,19 @@ def trimap_confusion(
         raise ValueError(f"pred and target must have the same shape, got pred {tuple(pred.shape)} and target "
                          f"{tuple(target.shape)}")
     target = target.to(pred.device)
+    confusion_matrix(pred, target, num_classes, ignore_index)  # validates the labels
     d2 = boundary_distance2(boundary_mask(target, ignore_index=ignore_index, connectivity=connectivity),
                             int(math.floor(max(radii))))
-    return torch.stack([confusion_matrix(pred[band], target[band], num_classes, ignore_index)
-                        for band in (d2 <= r * r for r in radii)])
+    # bands are nested: count each pixel once in the narrowest band holding it (index K: none), then sum up
+    order = sorted(range(len(radii)), key=lambda k: radii[k])
+    K, L = len(radii), num_classes
+    r2 = torch.tensor([float(radii[k]) ** 2 for k in order], dtype=torch.float64, device=d2.device)
+    band = torch.bucketize(d2.to(torch.float64), r2)  # first k with d2 <= r2[k]
+    t = target.to(torch.int64)
+    if ignore_index is not None:
+        band = torch.where(t == ignore_index, K, band)
+        t = torch.where(t == ignore_index, 0, t)
+    codes = (band * L + t) * L + pred.to(torch.int64)
+    counts = torch.bincount(codes.reshape(-1), minlength=(K + 1) * L * L)[: K * L * L]
+    nested = counts.reshape(K, L, L).cumsum(0)
+    return nested[torch.tensor(order, device=d2.device).argsort()]

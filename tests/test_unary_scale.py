@@ -205,10 +205,17 @@ def test_gradients_match_finite_differences():
     net = nn.Conv2d(3, 2, 3, padding=1).double()
     x = rgb((1, 3, 7, 9), seed=13) / 255
 
-    def f(w):
-        return scaled_unary(lambda t: nn.functional.conv2d(t, w, net.bias, padding=1), x, 0.6).square().sum()
+    x = torch.cat([x, x.flip(-1)])
+    valid = torch.ones(2, 1, 7, 9, dtype=torch.bool)
+    valid[1, :, 5:] = False  # a padded second image: its own box is cut out, scored and put back
 
-    assert torch.autograd.gradcheck(f, (net.weight.detach().clone().requires_grad_(),))
+    def f(w, mask=None):
+        conv = lambda t: nn.functional.conv2d(t, w, net.bias, padding=1)  # noqa: E731
+        return scaled_unary(conv, x, 0.6, mask).square().sum()
+
+    w = net.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (w,))
+    assert torch.autograd.gradcheck(lambda w: f(w, valid), (w,))
 
 
 def test_unary_scale_attribute_and_validation():
@@ -225,3 +232,7 @@ def test_unary_scale_attribute_and_validation():
             check_unary_scale(bad)
     with pytest.raises(ValueError, match="valid_mask"):
         scaled_unary(lambda t: t, rgb((1, 3, 8, 8)), 0.5, torch.ones(1, 8, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="valid_mask"):
+        scaled_unary(lambda t: t, rgb((1, 3, 8, 8)), 0.5, [[True]])
+    with pytest.raises(ValueError, match="image"):
+        scaled_unary(lambda t: t, rgb((3, 8, 8)), 0.5)

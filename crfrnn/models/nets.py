@@ -88,9 +88,10 @@ def scaled_unary(unary: Callable[[Tensor], Tensor], image: Tensor, unary_scale: 
         (B, L, H, W) logits.
     """
     unary_scale = check_unary_scale(unary_scale)
-    if not isinstance(image, Tensor) or image.dim() != 4:
-        got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-        raise ValueError(f"image must be a (B, C, H, W) tensor to be resized by unary_scale, got {got}")
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a torch.Tensor (B, C, H, W), got {type(image).__name__}")
+    if image.dim() != 4:
+        raise ValueError(f"image must have shape (B, C, H, W) to be resized by unary_scale, got {tuple(image.shape)}")
     x = image if image.is_floating_point() else image.to(torch.get_default_dtype())
     H, W = int(x.shape[2]), int(x.shape[3])
 
@@ -104,9 +105,11 @@ def scaled_unary(unary: Callable[[Tensor], Tensor], image: Tensor, unary_scale: 
 
     if valid_mask is None:
         return score(x)
-    if not isinstance(valid_mask, Tensor) or tuple(valid_mask.shape) != (x.shape[0], 1, H, W):
-        got = tuple(valid_mask.shape) if isinstance(valid_mask, Tensor) else type(valid_mask).__name__
-        raise ValueError(f"valid_mask must have shape (B, 1, H, W) = {(x.shape[0], 1, H, W)}, got {got}")
+    if not isinstance(valid_mask, Tensor):
+        raise TypeError(f"valid_mask must be a torch.Tensor (B, 1, H, W), got {type(valid_mask).__name__}")
+    if tuple(valid_mask.shape) != (x.shape[0], 1, H, W):
+        raise ValueError(f"valid_mask must have shape (B, 1, H, W) = {(x.shape[0], 1, H, W)}, "
+                         f"got {tuple(valid_mask.shape)}")
     boxes = _valid_boxes(valid_mask, (H, W))
     if all(b == (0, 0, H, W) for b in boxes):
         return score(x)

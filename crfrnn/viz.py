@@ -1,4 +1,4 @@
-"""Pictures for segmentation results, drawn with Pillow only (no matplotlib).
+"""Pictures for segmentation results: label pictures with Pillow, figures with matplotlib.
 
 * Palettes: :func:`palette` (``"voc"``, ``"camvid"`` or a generic set of distinct colours,
   :func:`distinct_palette`), all ``(N, 3)`` uint8 arrays indexed by label.
@@ -7,8 +7,11 @@
 * :func:`compat_heatmap` a label-compatibility matrix as a labelled heat-map with a diverging colour map
   and a colour bar (as Figure 5 of the CRF-RNN paper).
 * :func:`training_curves` the training loss and validation mean IU of a run folder's ``metrics.jsonl``.
-* :func:`save_image` writes any of these atomically (temporary file in the same folder, then
-  ``os.replace``).
+* :func:`save_image` writes any of these atomically (:func:`crfrnn.engine.runfiles.atomic_write`).
+
+The two figures need matplotlib, the optional ``plot`` extra (``pip install "crfrnn[plot]"``), imported when
+they are drawn; each is drawn on its own ``Figure`` and Agg canvas, never through pyplot's global state.
+The palette and label pictures need only Pillow.
 
 Inputs: labels are integer ``(H, W)`` arrays or tensors; images are ``(H, W, 3)`` uint8 arrays,
 ``(3, H, W)`` float/uint8 tensors in 0..255, or PIL images. Every function returns a PIL image.
@@ -16,7 +19,7 @@ Inputs: labels are integer ``(H, W)`` arrays or tensors; images are ``(H, W, 3)`
 from __future__ import annotations
 
 import colorsys
-import contextlib
+import io
 import json
 import math
 import os
@@ -27,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from crfrnn.data import CAMVID_PALETTE, voc_palette
+from crfrnn.engine.runfiles import atomic_write
 
 __all__ = [
     "distinct_palette",
@@ -241,28 +245,40 @@ def side_by_side(panels: Sequence, titles: Sequence[str] | None = None, *, pad: 
     return canvas
 
 
-# ----------------------------------------------------------------------------------------------- heat-map
-def _diverging(t: np.ndarray) -> np.ndarray:
-    """Blue - white - red colour map of ``t`` in [-1, 1] -> (..., 3) uint8 (RdBu-like, reversed)."""
-    stops = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
-    cols = np.array([[5, 48, 97], [67, 147, 195], [247, 247, 247], [214, 96, 77], [103, 0, 31]], float)
-    t = np.clip(t, -1, 1)
-    out = np.stack([np.interp(t, stops, cols[:, c]) for c in range(3)], -1)
-    return np.rint(out).astype(np.uint8)
+# ------------------------------------------------------------------------------------------------ figures
+_PLOT_EXTRA = 'pip install "crfrnn[plot]"'
+_DPI = 100
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if v != 0 else "0"
+def _figure(width: float, height: float, **kw):
+    """A matplotlib Figure of ``width x height`` pixels on its own Agg canvas (no pyplot, no global backend).
 
-
-def compat_heatmap(matrix, class_names: Sequence[str] | None = None, *, title: str | None = None,
-                   cell: int = 26, annotate: bool | None = None) -> Image.Image:
-    """A compatibility matrix (L, L) as a labelled heat-map (cf. Figure 5 of the CRF-RNN paper).
-
-    Diverging colour map centred on 0 (blue negative, white 0, red positive, symmetric range
-    ``±max|m|``), class names along both axes (rows on the left, columns on top, written vertically),
-    a colour bar with its range on the right. With ``annotate`` (default: L <= 12) every cell shows its value.
+    matplotlib is the optional ``plot`` extra, imported here on first use.
     """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(f"crfrnn's plots need matplotlib, which is not installed: {_PLOT_EXTRA}") from e
+    # the Agg canvas truncates its pixel size: a quarter pixel more keeps (w/dpi)*dpi from rounding down
+    fig = Figure(figsize=((width + 0.25) / _DPI, (height + 0.25) / _DPI), dpi=_DPI, facecolor="white", **kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _rendered(fig, *, tight: bool = False) -> Image.Image:
+    """The figure as an RGB image: its full canvas, or with ``tight`` cropped to what it draws."""
+    if tight:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.1, facecolor="white")
+        buf.seek(0)
+        with Image.open(buf) as im:
+            return im.convert("RGB")
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy(), "RGB")
+
+
+def _square_matrix(matrix) -> np.ndarray:
     try:
         import torch
 
@@ -275,59 +291,52 @@ def compat_heatmap(matrix, class_names: Sequence[str] | None = None, *, title: s
         raise ValueError(f"matrix must be square (L, L), got shape {m.shape}")
     if not np.isfinite(m).all():
         raise ValueError(f"matrix (shape {m.shape}) contains NaN or infinite values")
+    return m
+
+
+def compat_heatmap(matrix, class_names: Sequence[str] | None = None, *, title: str | None = None,
+                   cell: int = 26, annotate: bool | None = None) -> Image.Image:
+    """A compatibility matrix (L, L) as a labelled heat-map (cf. Figure 5 of the CRF-RNN paper).
+
+    Diverging colour map centred on 0 (``RdBu_r``: blue negative, white 0, red positive, symmetric range
+    ``±max|m|``), class names along both axes (rows on the left, columns on top, written vertically),
+    a colour bar with its range on the right. Each cell is about ``cell`` pixels wide. With ``annotate``
+    (default: L <= 12) every cell shows its value. Needs matplotlib (the ``plot`` extra).
+    """
+    m = _square_matrix(matrix)
     L = m.shape[0]
     names = [str(k) for k in range(L)] if class_names is None else [str(n) for n in class_names]
     if len(names) != L:
         raise ValueError(f"class_names has {len(names)} names but the matrix is {L} x {L}")
+    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 4:
+        raise ValueError(f"cell must be an int >= 4 (pixels), got {cell!r}")
     annotate = L <= 12 if annotate is None else annotate
     vmax = float(np.abs(m).max()) or 1.0
-    font = _font(max(9, min(14, cell // 2)))
-    small = _font(max(8, min(12, cell // 2 - 2)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    name_w = max(_text_size(probe, n, font)[0] for n in names) + 8
-    title_h = (_text_size(probe, title, font)[1] + 12) if title else 0
-    pad, bar_w = 10, 16
     grid = L * cell
-    tick_w = max(_text_size(probe, _fmt(v), small)[0] for v in (vmax, -vmax, 0.0)) + 6
-    W = pad + name_w + grid + 2 * pad + bar_w + tick_w + pad
-    H = pad + title_h + name_w + grid + pad
-    img = Image.new("RGB", (W, H), _WHITE)
-    draw = ImageDraw.Draw(img)
-    x0, y0 = pad + name_w, pad + title_h + name_w
+    # generous canvas, axes placed in pixels; the tight crop below removes the unused margin
+    margin = 400
+    fig = _figure(grid + 2 * margin, grid + 2 * margin)
+    W, H = fig.bbox.width, fig.bbox.height
+    ax = fig.add_axes((margin / W, margin / H, grid / W, grid / H))
+    cax = fig.add_axes(((margin + grid + 12) / W, margin / H, 16 / W, grid / H))
+    font = max(6.0, min(10.0, 0.36 * cell))  # points
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
+    ax.set_xticks(range(L), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(L), names, fontsize=font)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    if annotate:
+        texts = {ij: f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}" for ij, v in np.ndenumerate(m)}
+        # a digit is about 0.6 em wide (DejaVu Sans): the longest value fits in 90 % of a cell
+        small = min(0.8 * font, 0.9 * cell / (0.6 * max(map(len, texts.values()))) * 72 / _DPI)
+        for (i, j), s in texts.items():
+            dark = abs(m[i, j]) > 0.6 * vmax  # the ends of RdBu_r are dark: white text there
+            ax.text(j, i, s, ha="center", va="center", fontsize=small, color="white" if dark else "black")
+    bar = fig.colorbar(im, cax=cax, ticks=[-vmax, 0.0, vmax])
+    bar.ax.set_yticklabels([f"{-vmax:.3g}", "0", f"{vmax:.3g}"], fontsize=0.85 * font)
     if title:
-        tw, _ = _text_size(draw, title, font)
-        draw.text(((W - tw) // 2, pad), title, fill=_BLACK, font=font)
-    colours = _diverging(m / vmax)
-    for i in range(L):
-        for j in range(L):
-            box = (x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1)
-            draw.rectangle(box, fill=tuple(int(c) for c in colours[i, j]))
-            if annotate:
-                s = f"{m[i, j]:.2f}" if abs(m[i, j]) < 10 else f"{m[i, j]:.0f}"
-                tw, th = _text_size(draw, s, small)
-                lum = colours[i, j].astype(float) @ [0.299, 0.587, 0.114]
-                draw.text((box[0] + (cell - tw) // 2, box[1] + (cell - th) // 2 - 1), s,
-                          fill=_WHITE if lum < 120 else _BLACK, font=small)
-    draw.rectangle((x0 - 1, y0 - 1, x0 + grid, y0 + grid), outline=_GREY)
-    for i, n in enumerate(names):  # row names, right-aligned left of the grid
-        tw, th = _text_size(draw, n, font)
-        draw.text((x0 - 6 - tw, y0 + i * cell + (cell - th) // 2 - 2), n, fill=_BLACK, font=font)
-    for j, n in enumerate(names):  # column names, vertical, above the grid
-        tw, th = _text_size(draw, n, font)
-        tile = Image.new("RGB", (tw + 2, th + 6), _WHITE)
-        ImageDraw.Draw(tile).text((1, 0), n, fill=_BLACK, font=font)
-        tile = tile.rotate(90, expand=True)
-        img.paste(tile, (x0 + j * cell + (cell - tile.width) // 2, y0 - 6 - tile.height))
-    # colour bar: top = +vmax, bottom = -vmax
-    bx = x0 + grid + 2 * pad
-    ramp = np.linspace(1, -1, grid)[:, None].repeat(bar_w, 1)
-    img.paste(Image.fromarray(_diverging(ramp), "RGB"), (bx, y0))
-    draw.rectangle((bx - 1, y0 - 1, bx + bar_w, y0 + grid), outline=_GREY)
-    for v, y in ((vmax, y0), (0.0, y0 + grid // 2), (-vmax, y0 + grid - 1)):
-        draw.line((bx + bar_w, y, bx + bar_w + 3, y), fill=_BLACK)
-        _, th = _text_size(draw, _fmt(v), small)
-        draw.text((bx + bar_w + 5, min(max(y - th // 2 - 2, 0), H - th - 4)), _fmt(v), fill=_BLACK, font=small)
-    return img
+        ax.set_title(title, fontsize=font + 1, pad=8)  # matplotlib lifts it above the column names
+    return _rendered(fig, tight=True)
 
 
 # ------------------------------------------------------------------------------------------ training curves
@@ -339,62 +348,25 @@ def read_metrics(path) -> list[dict[str, Any]]:
     return _read(path)
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if not hi > lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / max(1, n)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(s * mag for s in (1, 2, 2.5, 5, 10) if s * mag >= raw)
-    start = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    v = start
-    while v <= hi + 1e-9 * step:
-        ticks.append(round(v, 12))
-        v += step
-    return ticks
+def _curve(ax, xs: list, ys: list, colour: str, title: str, ylim=None) -> None:
+    """One panel: the line (with dots for up to 60 points), a light grid, integer steps on the x axis."""
+    from matplotlib.ticker import MaxNLocator
 
-
-def _plot(draw, box, xs, ys, colour, title, font, small, ylim=None):
-    """Line plot of (xs, ys) into box (x0, y0, x1, y1) with axes, ticks and a title."""
-    x0, y0, x1, y1 = box
-    draw.text((x0, y0 - 20), title, fill=_BLACK, font=font)
-    draw.rectangle((x0, y0, x1, y1), outline=_BLACK)
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.set_xlabel("step", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, color="0.88", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not xs:
-        draw.text((x0 + 10, y0 + 10), "no data", fill=_GREY, font=font)
+        ax.text(0.05, 0.92, "no data", transform=ax.transAxes, color="0.45", fontsize=11, va="top")
+        ax.set_xticks([])
+        ax.set_yticks([])
         return
-    xlo, xhi = min(xs), max(xs)
-    if xhi == xlo:
-        xlo, xhi = xlo - 1, xhi + 1
-    ylo, yhi = ylim if ylim is not None else (min(ys), max(ys))
-    if yhi == ylo:
-        ylo, yhi = ylo - 0.5 * (abs(ylo) or 1), yhi + 0.5 * (abs(yhi) or 1)
-    span = yhi - ylo
-    if ylim is None:
-        ylo, yhi = ylo - 0.05 * span, yhi + 0.05 * span
-    px = lambda x: x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)  # noqa: E731
-    py = lambda y: y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)  # noqa: E731
-    for t in _nice_ticks(ylo, yhi):
-        y = py(t)
-        draw.line((x0, y, x1, y), fill=(225, 225, 225))
-        s = f"{t:.4g}"
-        tw, th = _text_size(draw, s, small)
-        draw.text((x0 - tw - 5, y - th // 2 - 2), s, fill=_BLACK, font=small)
-    for t in _nice_ticks(xlo, xhi):
-        if xlo <= t <= xhi:
-            x = px(t)
-            draw.line((x, y1, x, y1 + 4), fill=_BLACK)
-            s = f"{t:g}"
-            tw, _ = _text_size(draw, s, small)
-            draw.text((x - tw // 2, y1 + 6), s, fill=_BLACK, font=small)
-    pts = [(px(x), py(y)) for x, y in zip(xs, ys)]
-    if len(pts) > 1:
-        draw.line(pts, fill=colour, width=2)
-    for x, y in pts if len(pts) <= 60 else []:
-        draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
-    if len(pts) == 1:
-        x, y = pts[0]
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-    draw.rectangle((x0, y0, x1, y1), outline=_BLACK)
+    ax.plot(xs, ys, color=colour, linewidth=1.8, marker="o" if len(xs) <= 60 else None, markersize=3.5)
+    if min(xs) == max(xs):  # one step: a range of whole steps around it, not matplotlib's +-5 %
+        ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
 
 
 def training_curves(metrics, *, title: str | None = None, size: tuple[int, int] = (900, 360)) -> Image.Image:
@@ -404,7 +376,9 @@ def training_curves(metrics, *, title: str | None = None, size: tuple[int, int] 
         metrics: a run folder, its ``metrics.jsonl`` path, or the list of records (``{"kind": "train",
             "step", "loss"}`` and ``{"kind": "val", "step", "mean_iou"}``, as :func:`crfrnn.train.train` writes).
         title: optional heading (default: the run folder's name when a path is given).
-        size: (width, height) of the picture.
+        size: (width, height) of the picture in pixels.
+
+    Needs matplotlib (the ``plot`` extra).
     """
     if isinstance(metrics, (str, os.PathLike)):
         p = Path(metrics)
@@ -412,53 +386,37 @@ def training_curves(metrics, *, title: str | None = None, size: tuple[int, int] 
         records = read_metrics(p)
     else:
         records = list(metrics)
+    w, h = size
+    if min(w, h) < 100:
+        raise ValueError(f"size must be at least (100, 100) pixels, got {size!r}")
     train = [(r["step"], r["loss"]) for r in records
              if r.get("kind") == "train" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
     val = [(r["step"], 100.0 * r["mean_iou"]) for r in records
            if r.get("kind") == "val" and isinstance(r.get("mean_iou"), (int, float))]
     if not train and not val:
         raise ValueError("no training or validation records (kind 'train' with 'loss', kind 'val' with 'mean_iou')")
-    w, h = size
-    img = Image.new("RGB", (w, h), _WHITE)
-    draw = ImageDraw.Draw(img)
-    font, small = _font(14), _font(11)
-    top = 34 + (24 if title else 0)
+    fig = _figure(w, h, layout="constrained")
+    left, right = fig.subplots(1, 2)
     if title:
-        tw, _ = _text_size(draw, str(title), font)
-        draw.text(((w - tw) // 2, 8), str(title), fill=_BLACK, font=font)
-    left, gap, bottom = 60, 80, 40
-    pw = (w - left - gap - 20) // 2
-    b1 = (left, top, left + pw, h - bottom)
-    b2 = (left + pw + gap, top, left + 2 * pw + gap, h - bottom)
-    _plot(draw, b1, [s for s, _ in train], [v for _, v in train], (31, 119, 180), "training loss", font, small)
+        fig.suptitle(str(title), fontsize=12)
+    _curve(left, [s for s, _ in train], [v for _, v in train], "tab:blue", "training loss")
     vals = [v for _, v in val]
     ylim = (max(0.0, min(vals) - 5), min(100.0, max(vals) + 5)) if vals else None
-    _plot(draw, b2, [s for s, _ in val], vals, (214, 39, 40), "validation mean IU (%)", font, small, ylim)
-    for b in (b1, b2):
-        tw, _ = _text_size(draw, "step", small)
-        draw.text(((b[0] + b[2] - tw) // 2, h - 18), "step", fill=_BLACK, font=small)
-    return img
+    _curve(right, [s for s, _ in val], vals, "tab:red", "validation mean IU (%)", ylim)
+    return _rendered(fig)
 
 
 # --------------------------------------------------------------------------------------------------- files
 def save_image(image: Image.Image, path, *, format: str | None = None) -> Path:
-    """Write ``image`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
+    """Write ``image`` to ``path`` atomically (:func:`crfrnn.engine.runfiles.atomic_write`).
 
     The format follows the suffix (``.png`` when there is none and ``format`` is not given). Parent folders
     are created. Returns the path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = format or (Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG")
     if fmt is None:
         raise ValueError(f"cannot tell the image format of {path} from its suffix; use .png")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: image.save(f, format=fmt))
     return path

@@ -7,7 +7,55 @@ import torch
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOC = DATA / "voc2012-sample"
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: Device parametrisations: the CUDA case is always collected, marked ``cuda``, and skips without a GPU.
+CUDA = [pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+DEVICES = ["cpu", *CUDA]
+
+#: Size of the generated scenes: about a VOC image's area / 2.4, with objects as large relative to it.
+SCENE_SIZE = (240, 320)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker 'cuda'); none available")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+def scene_pairs(count=4, start=0):
+    """``count`` generated scenes (:func:`crfrnn.demo.make_scene`, seeds ``start``, ``start + 1``, ...) as
+    ``(name, image uint8 (H, W, 3), mask uint8 (H, W))``, the form :func:`voc_pairs` gives; always available.
+
+    Textured shapes of 5 classes on a textured background with pixel noise and exact labels: the stand-in
+    for the VOC sample when ``../shared`` is absent.
+    """
+    from crfrnn.demo import make_scene
+
+    out = []
+    for seed in range(start, start + count):
+        img, mask = make_scene(*SCENE_SIZE, seed=seed)
+        rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy().astype(np.uint8))
+        out.append((f"scene{seed}", rgb, mask.numpy().astype(np.uint8)))
+    return out
+
+
+def image_pairs(source, count=4, start=0):
+    """:func:`scene_pairs` (``source="scene"``) or :func:`voc_pairs` (``"voc"``, skips without the data)."""
+    if source not in IMAGE_SOURCES:
+        raise ValueError(f"source must be one of {IMAGE_SOURCES}, got {source!r}")
+    return scene_pairs(count, start) if source == "scene" else voc_pairs(count, start)
+
+
+#: Image sources of the accuracy tests whose thresholds depend on the content: each source has its own.
+IMAGE_SOURCES = ("scene", "voc")
+
+
+@pytest.fixture(params=IMAGE_SOURCES)
+def image_source(request):
+    """Runs a test on the generated scenes and (when ``../shared`` is present) on the VOC sample."""
+    return request.param
 
 
 def voc_pairs(count=4, start=0):

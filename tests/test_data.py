@@ -39,7 +39,8 @@ from crfrnn.data import (
     voc_palette,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from conftest import DATA
+
 VOC_SAMPLE = DATA / "voc2012-sample"
 CAMVID_ROOT = DATA / "camvid"
 

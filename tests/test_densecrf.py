@@ -1,5 +1,5 @@
 """crfrnn.densecrf / crfrnn.utils against pydensecrf2 (the reference implementation they replace) and against
-the reference outputs shipped with pydensecrf's own example, on real images."""
+the reference outputs shipped with pydensecrf's own example, on generated scenes and (with ../shared) real images."""
 import warnings
 
 import numpy as np
@@ -8,7 +8,8 @@ import torch
 
 import crfrnn.densecrf as cd
 import crfrnn.utils as cu
-from conftest import DATA, DEVICES, voc_pairs
+
+from conftest import CUDA, DATA, image_pairs
 
 EXAMPLES = DATA / "pydensecrf-examples"
 
@@ -33,8 +34,10 @@ def _noisy_softmax(mask, n_labels, seed, strength=2.0, noise=1.5):
     return np.ascontiguousarray(p / p.sum(0), dtype=np.float32)
 
 
-def _voc_problem(n_pixels_hw=None, start=0, seed=0):
-    name, img, mask = voc_pairs(count=1, start=start)[0]
+def _problem(n_pixels_hw=None, start=0, seed=0, source="scene"):
+    """(name, image (H, W, 3) uint8, labels (H, W), noisy softmax (21, H, W)) of one image of ``source``
+    (conftest.image_pairs: a generated scene, or the VOC sample), cut to its top-left ``n_pixels_hw``."""
+    name, img, mask = image_pairs(source, count=1, start=start)[0]
     mask = mask.astype(np.int64)
     mask[mask == 255] = 0
     if n_pixels_hw is not None:
@@ -118,11 +121,11 @@ def test_pydensecrf_example_2d_path():
     assert (colorize[our_map] == out.reshape(-1, 3)).all(1).mean() >= 0.99
 
 
-# ----------------------------------------------------------------------------------------- VOC images
+# ------------------------------------------------------------------------- whole images (scenes and VOC)
 @pytest.mark.parametrize("start,all_labels", [(0, True), (1, True), (2, False)])
-def test_voc_softmax_unaries_match_pydensecrf(start, all_labels):
+def test_softmax_unaries_match_pydensecrf(image_source, start, all_labels):
     pd = _pd()
-    name, img, mask = voc_pairs(count=1, start=start)[0]
+    name, img, mask = image_pairs(image_source, count=1, start=start)[0]
     lab = mask.astype(np.int64)
     lab[lab == 255] = 0
     if not all_labels:  # only the classes present, relabelled 0..K-1
@@ -157,7 +160,7 @@ def test_variants_match_pydensecrf(norm, kernel):
     """Every compatibility kind (Potts +/-, per-label vector, non-symmetric matrix) under each normalisation:
     marginals, step-by-step inference and the KL objective agree with pydensecrf."""
     pd = _pd()
-    _, img, mask, probs = _voc_problem((60, 80), start=3)
+    _, img, mask, probs = _problem((60, 80), start=3)
     h, w = mask.shape
     U = cu.unary_from_softmax(probs)
     rng = np.random.default_rng(1)
@@ -196,10 +199,10 @@ def test_variants_match_pydensecrf(norm, kernel):
     np.testing.assert_allclose(b[0], np.array(ref.inference(3)), atol=2e-5, rtol=0)
 
 
-def test_compat_conventions():
+def test_compat_conventions(image_source):
     """Potts w == diagonal -w == matrix w(1 - I) (signs), a matrix acts through its symmetric part."""
     pd = _pd()
-    _, img, mask, probs = _voc_problem((60, 80), start=4)
+    _, img, mask, probs = _problem((60, 80), start=4, source=image_source)
     h, w = mask.shape
     U = cu.unary_from_softmax(probs)
     rng = np.random.default_rng(0)
@@ -265,7 +268,7 @@ def test_constants_match_pydensecrf():
 
 
 def test_inputs_are_copied_not_modified():
-    _, img, mask, probs = _voc_problem((40, 50), start=5)
+    _, img, mask, probs = _problem((40, 50), start=5)
     U = cu.unary_from_softmax(probs)
     U0, img0 = U.copy(), img.copy()
     d = cd.DenseCRF2D(50, 40, 21)
@@ -282,9 +285,9 @@ def test_inputs_are_copied_not_modified():
     np.testing.assert_array_equal(U, U0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", CUDA)
 def test_device(device):
-    _, img, mask, probs = _voc_problem((60, 80), start=6)
+    _, img, mask, probs = _problem((60, 80), start=6)
     U = cu.unary_from_softmax(probs)
     qs = []
     for dev in ("cpu", device):
@@ -297,9 +300,9 @@ def test_device(device):
 
 
 # --------------------------------------------------------------------------------------------- refine
-def test_refine_matches_pydensecrf_recipe():
+def test_refine_matches_pydensecrf_recipe(image_source):
     pd = _pd()
-    name, img, mask, probs = _voc_problem(start=7)
+    name, img, mask, probs = _problem(start=7, source=image_source)
     h, w = mask.shape
     d = pd.DenseCRF2D(w, h, 21)
     d.setUnaryEnergy(_pdu().unary_from_softmax(probs))
@@ -441,7 +444,7 @@ def test_fused_inference_matches_per_term_loop(n_labels):
     """The fused CPU mean field (all terms + softmax in one compiled pass per iteration) equals the
     per-term loop (one lattice filter call per term, torch softmax) for every compatibility kind,
     normalisation, feature dimension and label count (padding to whole SIMD registers included)."""
-    _, img, mask, _ = _voc_problem((45, 70), start=5)
+    _, img, mask, _ = _problem((45, 70), start=5)
     h, w = mask.shape
     rng = np.random.default_rng(n_labels)
     U = np.ascontiguousarray(rng.normal(0, 2, (n_labels, h * w)), dtype=np.float32)
@@ -467,7 +470,7 @@ def test_fused_inference_is_independent_of_thread_count():
     """Fixed splat copies summed in a fixed order: bit-identical marginals for 1 and 2 threads."""
     import numba
 
-    _, img, mask, probs = _voc_problem((60, 80), start=2)
+    _, img, mask, probs = _problem((60, 80), start=2)
     h, w = mask.shape
     d = cd.DenseCRF2D(w, h, 21)
     d.setUnaryEnergy(cu.unary_from_softmax(probs))

@@ -120,7 +120,11 @@ def _attempt(work: Callable[[Any], dict], item) -> tuple[bool, Any]:
 
 
 def _init_worker(threads: int) -> None:
+    import signal
+
     import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool and cleans up
 
     torch.set_num_threads(threads)
     with contextlib.suppress(ImportError, ValueError):

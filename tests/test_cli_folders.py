@@ -125,6 +125,24 @@ def test_refine_bad_pair_at_the_end(tmp_path, capsys, kind):
     assert snapshot(tmp_path / "images") == inputs
 
 
+def test_bad_pair_in_a_worker_process(tmp_path, capsys):
+    """The failure travels back from the worker: same message, nothing written; --keep-going writes the rest."""
+    images, probs, _, stems = voc_folder(tmp_path, 3)
+    rc, _, _ = run(["refine", images, "--probs", probs, "-o", tmp_path / "good", *FAST], capsys)
+    assert rc == 0
+    BREAKERS["nan"](None, probs / f"{stems[-1]}.npy", None)
+    before = snapshot(tmp_path)
+    rc, _, err = run(["refine", images, "--probs", probs, "-o", tmp_path / "out", "--workers", 2, *FAST], capsys)
+    assert rc == 2 and err.count("\n") == 1 and str(probs / f"{stems[-1]}.npy") in err and "NaN" in err
+    assert snapshot(tmp_path) == before
+    rc, _, err = run(["refine", images, "--probs", probs, "-o", tmp_path / "out", "--workers", 2, "--keep-going",
+                      *FAST], capsys)
+    assert rc == 2 and "crfrnn: skipped" in err and "NaN" in err
+    good = snapshot(tmp_path / "good")
+    del good[f"{stems[-1]}.png"]
+    assert snapshot(tmp_path / "out") == good
+
+
 def test_keep_going_json_lists_the_failures(tmp_path, capsys):
     images, probs, _, stems = voc_folder(tmp_path, 2)
     np.save(probs / f"{stems[1]}.npy", np.full((21, SIZE - 4, SIZE), 1 / 21, np.float32))  # caught up front
@@ -154,6 +172,15 @@ def test_segment_bad_image_at_the_end(tmp_path, capsys):
     assert rc == 2 and "1 of 3 inputs failed" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}{x}.png" for s in stems[:-1] for x in ("", "_overlay"))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # shards of the good images together equal one run, byte for byte
+    (images / f"{stems[-1]}.jpg").unlink()
+    rc, _, _ = run(["segment", images, "--weights", tmp_path / "tiny.pt", "--out", tmp_path / "whole", "-q"], capsys)
+    assert rc == 0
+    for k in (1, 2):
+        rc, _, _ = run(["segment", images, "--weights", tmp_path / "tiny.pt", "--out", tmp_path / "parts", "-q",
+                        "--shard", f"{k}/2"], capsys)
+        assert rc == 0
+    assert snapshot(tmp_path / "parts") == snapshot(tmp_path / "whole") == snapshot(out)
 
 
 # ------------------------------------------------------------------------------------------ suspicious inputs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
 from pathlib import Path
@@ -72,44 +73,51 @@ def add_arguments(r) -> None:
 def run(args) -> int:
     if not 0.0 < args.gt_prob < 1.0:
         raise UsageError(f"--gt-prob must lie in (0, 1), got {args.gt_prob}")
-    dev = device(args.device)
-    folder = Path(args.image).is_dir()
+    dev = device("cpu" if args.workers > 1 and args.device == "auto" else args.device)
     if args.workers > 1 and dev.type != "cpu":
-        raise UsageError(f"--workers {args.workers} spreads images over CPU processes; add --device cpu "
-                         f"(the device is {dev})")
+        raise UsageError(f"--workers {args.workers} spreads images over CPU processes; --device {args.device} "
+                         f"is not a CPU")
+    folder = Path(args.image).is_dir()
     jobs = _jobs(args)
+    good, failures = _checked(args, jobs, folder)
+    check_outputs([o for _, _, o in jobs], [p for j in jobs for p in j[:2]])
+    params = dict(n_iterations=args.iterations, sxy_gaussian=args.sxy_gaussian, compat_gaussian=args.compat_gaussian,
+                  sxy_bilateral=args.sxy_bilateral, srgb=args.srgb, compat_bilateral=args.compat_bilateral)
+    workers = min(args.workers, max(len(good), 1))
+    run_kw = dict(desc="refine", name=_job_name, workers=workers, threads=args.threads or 1)
+    out_dir = _out_dir(args) if folder else jobs[0][2]
+    with staged(out_dir) if folder else contextlib.nullcontext() as stage:
+        results, failed, seconds = run_items(functools.partial(_refine_one, args, params, dev, stage), good, args,
+                                             **run_kw)
+    failures += failed
+    _note_void(args, results)
+    rate = len(results) / seconds if seconds > 0 else 0.0
+    if folder:
+        report_rate(args, "images", len(results), seconds, workers)
+    emit_json(args, {"results": results, "failed": failures, "params": params, "device": str(dev),
+                     "workers": workers, "shard": args.shard, "seconds": seconds, "images_per_second": rate})
+    return finish(args, failures, len(jobs), len(results), out_dir)
+
+
+def _job_name(job) -> str:
+    return f"{job[0]} ({job[1]})"
+
+
+def _checked(args, jobs: list, folder: bool) -> tuple[list, list]:
+    """Check every pair before anything is written: (good jobs, failures). A bad pair raises unless this is a
+    folder job with --keep-going, which skips (and names) it."""
     good, failures = [], []
-    for job in jobs:  # check every pair before writing anything
+    for job in jobs:
         try:
             _check_pair(args, *job)
         except USER_ERRORS as e:
             if not (folder and args.keep_going):
                 raise
-            failures.append(failure(str(job[0]), e))
+            failures.append(failure(_job_name(job), e))
             say_skipped(failures[-1])
             continue
         good.append(job)
-    check_outputs([o for _, _, o in jobs], [p for j in jobs for p in j[:2]])
-    params = dict(n_iterations=args.iterations, sxy_gaussian=args.sxy_gaussian, compat_gaussian=args.compat_gaussian,
-                  sxy_bilateral=args.sxy_bilateral, srgb=args.srgb, compat_bilateral=args.compat_bilateral)
-    workers = min(args.workers, max(len(good), 1))
-    run_kw = dict(desc="refine", name=lambda job: f"{job[0]} ({job[1]})", workers=workers,
-                  threads=args.threads or 1)
-    if folder:
-        out_dir = _out_dir(args)
-        with staged(out_dir) as stage:
-            results, failed, seconds = run_items(functools.partial(_refine_one, args, params, dev, stage), good,
-                                                 args, **run_kw)
-    else:
-        out_dir = jobs[0][2]
-        results, failed, seconds = run_items(functools.partial(_refine_one, args, params, dev, None), good, args,
-                                             **run_kw)
-    failures += failed
-    _note_void(args, results)
-    rate = report_rate(args, "images", len(results), seconds, workers) if folder else len(results) / max(seconds, 1e-9)
-    emit_json(args, {"results": results, "failed": failures, "params": params, "device": str(dev),
-                     "workers": workers, "shard": args.shard, "seconds": seconds, "images_per_second": rate})
-    return finish(args, failures, len(jobs), len(results), out_dir)
+    return good, failures
 
 
 def _out_dir(args) -> Path:

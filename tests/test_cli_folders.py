@@ -280,3 +280,18 @@ def test_shard_of_a_single_file_is_refused(tmp_path, capsys):
     rc, _, err = run(["refine", images / f"{stems[0]}.jpg", "--probs", probs / f"{stems[0]}.npy", "-o",
                       tmp_path / "a.png", "--shard", "1/2"], capsys)
     assert rc == 2 and "--shard" in err and "is a file" in err and not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("command", ["refine", "segment"])
+def test_flags_named_in_the_docs_exist(command):
+    import argparse
+    import re
+
+    from crfrnn.cli import build_parser
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = text.split(f"## `crfrnn {command}`", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", section))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = {o for a in sub._actions for o in a.option_strings}
+    assert {"--keep-going", "--shard"} <= named <= options, sorted(named - options)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import shutil
 import sys
@@ -149,21 +148,44 @@ def _thread_env(threads: int) -> Iterator[None]:
 
 
 def _outcomes(work, items: list, workers: int, threads: int) -> Iterator[tuple[bool, Any]]:
-    """(ok, record-or-exception) per item, in the items' order."""
+    """(ok, record-or-exception) per item, in the items' order. A worker that dies (a crash, the OOM killer)
+    raises ``BrokenProcessPool`` here instead of leaving the job waiting for it."""
     if workers <= 1 or len(items) <= 1:
         for item in items:
             yield _attempt(work, item)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding OpenMP / numba thread pools
-    with _thread_env(threads):
-        pool = ctx.Pool(min(workers, len(items)), initializer=_init_worker, initargs=(threads,))
+    pool = ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads,))
+    done = False
     try:
-        yield from pool.imap(functools.partial(_attempt, work), items, chunksize=1)
+        with _thread_env(threads):  # the workers start while the tasks are submitted
+            futures = [pool.submit(_attempt, work, item) for item in items]
+        for f in futures:
+            yield f.result()
+        done = True
     finally:
-        pool.terminate()
-        pool.join()
+        if done:
+            pool.shutdown(wait=True)
+        else:
+            _stop(pool)
+
+
+def _stop(pool) -> None:
+    """Stop the pool now (after a failure without --keep-going, or Ctrl-C): queued items are dropped and running
+    ones killed rather than waited for."""
+    procs = getattr(pool, "_processes", None)  # private, but the executor has no public way to kill its workers
+    processes = list(procs.values()) if isinstance(procs, dict) else []
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    for proc in processes:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=10)
 
 
 class Failure(dict):

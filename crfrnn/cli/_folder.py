@@ -217,8 +217,9 @@ def run_items(work: Callable[[Any], dict], items: list, args, *, desc: str, name
             if ok:
                 for w in value.pop("warnings", ()):
                     warn(w)
-                if value.get("message"):
-                    say(args, value.pop("message"))
+                message = value.pop("message", None)
+                if message:
+                    say(args, message)
                 records.append(value)
                 continue
             if not getattr(args, "keep_going", False):

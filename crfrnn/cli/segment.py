@@ -1,14 +1,14 @@
 """``crfrnn segment``: run a trained CRF-RNN / FCN-8s checkpoint on images; palette PNGs and overlays."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 from ._args import add_common, add_weights_flags, load_weights, positive_int
-from ._common import (
-    EXIT_OK, UsageError, check_out_dir, check_outputs, class_names_for, device, emit_json, list_images, palette_for,
-    progress, say,
-)
+from ._common import UsageError, check_out_dir, check_outputs, class_names_for, device, emit_json, list_images, \
+    palette_for
+from ._folder import add_folder_flags, finish, report_rate, run_items, staged, take_shard
 
 NAME = "segment"
 HELP = "segment images with a trained checkpoint"
@@ -31,6 +31,7 @@ def add_arguments(s) -> None:
     s.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours")
     s.add_argument("--palette", default="auto", choices=("auto", "voc", "camvid", "distinct"))
     add_weights_flags(s)
+    add_folder_flags(s, workers=False)
     add_common(s)
 
 
@@ -51,14 +52,10 @@ def _images(items) -> list[Path]:
 
 
 def run(args) -> int:
-    import torch
-
-    from crfrnn import viz
-    from crfrnn.data import read_image
     from crfrnn.models.checkpoints import unary_only
 
     dev = device(args.device)
-    images = _images(args.images)
+    images = take_shard(_images(args.images), args.shard)
     model, info = load_weights(args)
     L = info["num_classes"]
     class_names = class_names_for(L, info.get("class_names"))
@@ -70,23 +67,37 @@ def run(args) -> int:
     if args.no_crf:
         model = unary_only(model)
     model.to(dev).eval()
-    results = []
-    for p, (lab_path, ov_path) in zip(progress(images, args, desc="segment"), outs):
-        image = read_image(p)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = model(image[None].to(dev))
-        labels = logits[0].argmax(0).cpu()
-        seconds = time.perf_counter() - t0
-        viz.save_image(viz.label_image(labels, pal), lab_path)
-        viz.save_image(viz.overlay(image, labels, pal, alpha=args.alpha), ov_path)
-        counts = torch.bincount(labels.reshape(-1), minlength=L)
-        present = {class_names[k]: float(counts[k]) / labels.numel() for k in range(L) if counts[k] > 0}
-        results.append({"image": str(p), "labels": str(lab_path), "overlay": str(ov_path),
-                        "height": int(labels.shape[0]), "width": int(labels.shape[1]), "classes": present,
-                        "seconds": seconds})
-        top = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(present.items(), key=lambda kv: -kv[1])[:4])
-        say(args, f"{p} -> {lab_path}  [{top}]  {seconds:.2f} s")
+    with staged(out_dir) as stage:
+        work = functools.partial(_segment_one, args, model, dev, pal, class_names, stage)
+        results, failures, seconds = run_items(work, list(zip(images, outs)), args, desc="segment",
+                                               name=lambda item: str(item[0]))
+    report_rate(args, "images", len(results), seconds, 1)
     emit_json(args, {"model": info["kind"], "checkpoint": info["checkpoint"], "num_classes": L,
-                     "class_names": class_names, "device": str(dev), "crf": not args.no_crf, "results": results})
-    return EXIT_OK
+                     "class_names": class_names, "device": str(dev), "crf": not args.no_crf, "results": results,
+                     "failed": failures, "shard": args.shard, "seconds": seconds})
+    return finish(args, failures, len(images), len(results), out_dir)
+
+
+def _segment_one(args, model, dev, pal, class_names: list[str], stage: Path, item) -> dict:
+    """Segment one image; write its label PNG and overlay into ``stage``; returns its JSON record."""
+    import torch
+
+    from crfrnn import viz
+    from crfrnn.data import read_image
+
+    p, (lab_path, ov_path) = item
+    image = read_image(p)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        logits = model(image[None].to(dev))
+    labels = logits[0].argmax(0).cpu()
+    seconds = time.perf_counter() - t0
+    viz.save_image(viz.label_image(labels, pal), stage / lab_path.name)
+    viz.save_image(viz.overlay(image, labels, pal, alpha=args.alpha), stage / ov_path.name)
+    L = len(class_names)
+    counts = torch.bincount(labels.reshape(-1), minlength=L)
+    present = {class_names[k]: float(counts[k]) / labels.numel() for k in range(L) if counts[k] > 0}
+    top = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(present.items(), key=lambda kv: -kv[1])[:4])
+    return {"image": str(p), "labels": str(lab_path), "overlay": str(ov_path), "height": int(labels.shape[0]),
+            "width": int(labels.shape[1]), "classes": present, "seconds": seconds,
+            "message": f"{p} -> {lab_path}  [{top}]  {seconds:.2f} s"}

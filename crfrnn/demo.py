@@ -23,9 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-from crfrnn.meanfield import mean_field
 from crfrnn.engine.metrics import confusion_matrix
+from crfrnn.meanfield import mean_field
 
 __all__ = [
     "SCENE_CLASSES",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import colorsys
 import io
-import json
 import math
 import os
 from pathlib import Path

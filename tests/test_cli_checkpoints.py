@@ -13,7 +13,14 @@ import torch
 from crfrnn.cli import main
 from crfrnn.models import CrfRnnNet, TinyCrfRnnNet
 from crfrnn.models.checkpoints import (
-    CONVENTIONS, RUN_CHECKPOINTS, SIDECAR, build_model, init_weights, load_model, load_state_dict, read_compatibility,
+    CONVENTIONS,
+    RUN_CHECKPOINTS,
+    SIDECAR,
+    build_model,
+    init_weights,
+    load_model,
+    load_state_dict,
+    read_compatibility,
     unary_only,
 )
 from crfrnn.models.weights import crfasrnn_state_dict_shapes, flip_compatibility, load_crfasrnn_weights

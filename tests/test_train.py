@@ -17,13 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from crfrnn.engine.metrics import (
-    class_iou,
-    confusion_matrix,
-    format_iou_table,
-    mean_iou,
-    pixel_accuracy,
-)
 from crfrnn.engine import (
     CheckpointError,
     TrainConfig,
@@ -31,6 +24,13 @@ from crfrnn.engine import (
     load_checkpoint,
     param_groups,
     train,
+)
+from crfrnn.engine.metrics import (
+    class_iou,
+    confusion_matrix,
+    format_iou_table,
+    mean_iou,
+    pixel_accuracy,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

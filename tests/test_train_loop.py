@@ -8,12 +8,12 @@ import json
 
 import torch
 import torch.nn.functional as F
+from test_train import SyntheticSet, TinyNet, small_cfg
 from torch import nn
 
 from crfrnn.engine import TrainConfig, accepts_valid_mask, evaluate, load_checkpoint, param_groups, read_metrics, train
 from crfrnn.engine.samplers import collate
 from crfrnn.engine.step import train_step
-from test_train import SyntheticSet, TinyNet, small_cfg
 
 
 def _strip_time(records):

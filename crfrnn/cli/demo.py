@@ -7,8 +7,18 @@ from pathlib import Path
 
 from ._args import add_common, nonneg_int, parse_size, positive_int
 from ._common import (
-    EXIT_OK, UsageError, check_out_dir, check_outputs, class_names_for, device, emit_json, finite, palette_for,
-    progress, read_names_file, say,
+    EXIT_OK,
+    UsageError,
+    check_out_dir,
+    check_outputs,
+    class_names_for,
+    device,
+    emit_json,
+    finite,
+    palette_for,
+    progress,
+    read_names_file,
+    say,
 )
 
 NAME = "demo"

@@ -5,7 +5,7 @@ import time
 
 from ._args import add_common, add_weights_flags, load_weights, positive_int
 from ._common import EXIT_OK, UsageError, device, emit_json, finite, note, say, show_progress
-from ._datasets import DATASETS, short_names, dataset, limit
+from ._datasets import DATASETS, dataset, limit, short_names
 
 NAME = "eval"
 HELP = "mean IU and per-class IU of a checkpoint on a data set"

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 from ._args import add_common, finite_float, nonneg_int, positive_float, positive_int
-from ._common import USER_ERRORS, UsageError, check_outputs, device, emit_json, list_images, need_file, palette_for, \
-    say
+from ._common import USER_ERRORS, UsageError, check_outputs, device, emit_json, list_images, need_file, palette_for, say
 from ._folder import add_folder_flags, failure, finish, report_rate, run_items, say_skipped, staged, take_shard, warn
 
 NAME = "refine"

@@ -6,8 +6,16 @@ import time
 from pathlib import Path
 
 from ._args import add_common, add_weights_flags, load_weights, positive_int
-from ._common import UsageError, check_out_dir, check_outputs, class_names_for, device, emit_json, list_images, \
-    palette_for
+from ._common import (
+    UsageError,
+    check_out_dir,
+    check_outputs,
+    class_names_for,
+    device,
+    emit_json,
+    list_images,
+    palette_for,
+)
 from ._folder import add_folder_flags, finish, report_rate, run_items, staged, take_shard
 
 NAME = "segment"

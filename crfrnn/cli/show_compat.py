@@ -6,8 +6,16 @@ from pathlib import Path
 from crfrnn.models.checkpoints import CONVENTIONS
 
 from ._args import add_common
-from ._common import EXIT_OK, UsageError, check_outputs, check_png_suffix, class_names_for, emit_json, \
-    read_names_file, say
+from ._common import (
+    EXIT_OK,
+    UsageError,
+    check_outputs,
+    check_png_suffix,
+    class_names_for,
+    emit_json,
+    read_names_file,
+    say,
+)
 
 NAME = "show-compat"
 HELP = "heat-map of a learned compatibility matrix"

@@ -47,10 +47,21 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-
 from .io import (  # noqa: F401 - PathLike is part of the signatures
-    _CAMVID_VOID, _MASK_EXTENSIONS, _MASK_MODES, CAMVID_CLASSES, IMAGE_EXTENSIONS, PASCAL_CONTEXT_CLASSES, VOC_CLASSES,
-    PathLike, _as_id_list, _image_size, _require_scipy_io, read_ids, read_image, read_mask,
+    _CAMVID_VOID,
+    _MASK_EXTENSIONS,
+    _MASK_MODES,
+    CAMVID_CLASSES,
+    IMAGE_EXTENSIONS,
+    PASCAL_CONTEXT_CLASSES,
+    VOC_CLASSES,
+    PathLike,
+    _as_id_list,
+    _image_size,
+    _require_scipy_io,
+    read_ids,
+    read_image,
+    read_mask,
 )
 
 __all__ = [

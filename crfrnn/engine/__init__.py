@@ -7,9 +7,9 @@ epochs, the hooks), ``step.py`` (:func:`train_step`, parameter groups, the sched
 loading, collate), ``distributed.py`` (DDP helpers), ``runfiles.py`` (atomic writes, checkpoints,
 ``metrics.jsonl``), ``metrics.py`` (confusion matrix, IU).
 """
-from .metrics import *  # noqa: F401,F403
-from .train import *  # noqa: F401,F403
 from .evaluate import accepts_valid_mask  # noqa: F401
+from .metrics import *  # noqa: F401,F403
 from .runfiles import atomic_write, read_metrics, write_metrics  # noqa: F401
 from .state import RunSpec, TrainState, load_state, save_state  # noqa: F401
 from .step import StepOutput  # noqa: F401
+from .train import *  # noqa: F401,F403

@@ -54,12 +54,26 @@ from crfrnn.engine.config import PAPER_LR_SUM, PAPER_NUM_PIXELS, TrainConfig, _j
 from crfrnn.engine.distributed import agree, all_gather, setup_distributed
 from crfrnn.engine.evaluate import accepts_valid_mask, evaluate, nan_to_none
 from crfrnn.engine.runfiles import (
-    BEST_FILE, LAST_FILE, METRICS_FILE, CheckpointError, load_checkpoint, prepare_run_dir, read_metrics,
-    save_checkpoint, write_metrics,
+    BEST_FILE,
+    LAST_FILE,
+    METRICS_FILE,
+    CheckpointError,
+    load_checkpoint,
+    prepare_run_dir,
+    read_metrics,
+    save_checkpoint,
+    write_metrics,
 )
 from crfrnn.engine.samplers import ResumableSampler, SeededDataset, collate
 from crfrnn.engine.state import (
-    RunSpec, TrainState, load_state, preserve_rng, rng_state, save_best, save_state, seed_all,
+    RunSpec,
+    TrainState,
+    load_state,
+    preserve_rng,
+    rng_state,
+    save_best,
+    save_state,
+    seed_all,
 )
 from crfrnn.engine.step import lr_factor, make_scaler, param_groups, train_step
 

@@ -31,8 +31,13 @@ from torch import Tensor, nn
 from .fcn8s import FCN8s
 from .nets import CrfRnnNet, TinyCrfRnnNet
 from .weights import (
-    _h5_datasets, as_state_dict, fcn8s_from_vgg16, flip_compatibility, load_crfasrnn_keras_weights,
-    load_crfasrnn_weights, torch_load,
+    _h5_datasets,
+    as_state_dict,
+    fcn8s_from_vgg16,
+    flip_compatibility,
+    load_crfasrnn_keras_weights,
+    load_crfasrnn_weights,
+    torch_load,
 )
 
 __all__ = [

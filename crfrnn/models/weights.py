@@ -358,7 +358,7 @@ def load_crfasrnn_keras_weights(
                 raise ValueError(f"{source}: missing weight {layer_name}/{weight}:0")
             return torch.from_numpy(datasets[weight][()].astype("float32", copy=False))
 
-        for kname, (tname, kind) in _KERAS_LAYERS.items():
+        for kname, (tname, _kind) in _KERAS_LAYERS.items():
             ds = layer(kname)
             kernel = get(ds, kname, "kernel")
             if kernel.dim() != 4:

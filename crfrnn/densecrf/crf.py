@@ -44,7 +44,8 @@ labels in one call per term (the fused path's test oracle). The fused softmax co
 accuracy but raises arguments below ``-60 ln 2`` to it, so marginals are never below ``2^-60 / n_labels``
 (~1e-19; pydensecrf's go down to ~1e-38 before they underflow to 0); otherwise marginals agree with
 pydensecrf's to float32 rounding. Arrays are stored as float32 torch tensors (on ``device``, CPU by default);
-what is returned to the caller is a float32 numpy array ``(n_labels, n_pixels)`` like pydensecrf's (``np.array(Q)``, ``np.argmax(Q, 0)`` work).
+what is returned to the caller is a float32 numpy array ``(n_labels, n_pixels)`` like pydensecrf's
+(``np.array(Q)``, ``np.argmax(Q, 0)`` work).
 
 Arguments are checked as pydensecrf checks them (unaries and features must be float32 and C-contiguous,
 images uint8), plus the checks pydensecrf leaves to crashes: shapes of ``compat``, non-finite inputs,

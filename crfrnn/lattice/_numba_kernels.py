@@ -435,26 +435,64 @@ def _sum_copies(partial, lo, hi, v, dst, clear):  # pragma: no cover - compiled
                 src[:] = 0
 
 
+@intrinsic
+def _prefetch_row(typingctx, arr, i):  # pragma: no cover - compiled
+    """Hint the cache to fetch row ``i`` of the C-contiguous 2-D ``arr`` (both ends: a row of 24 float32
+    spans two lines). No effect on results; rows are fetched ahead of the irregular reads that the OoO
+    core cannot see coming (blur neighbours, a point's simplex vertices)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        width = builder.extract_value(a.shape, 1)
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        first = builder.mul(idx, width)
+        last = builder.add(first, builder.sub(width, ir.Constant(width.type, 1)))
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        for k in (first, last):  # read, keep in all levels, data cache
+            ptr = builder.bitcast(builder.gep(a.data, [k]), i8p)
+            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+_AHEAD = 16  # the blur prefetches the neighbours of the vertex this many rows ahead
+_AHEAD_POINTS = 2  # the splat and slice prefetch the vertex rows of the point this many points ahead
+
+
 @njit(inline="always")
-def _blur_row(src, dst, v, a, b, half):  # pragma: no cover - compiled
-    """``dst = src[v] + half * (src[a] + src[b])``, a missing neighbour (index -1) left out."""
-    s = src[v]
-    if a >= 0 and b >= 0:
-        sa = src[a]
-        sb = src[b]
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
-    elif a >= 0:
-        sa = src[a]
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch] + half * sa[ch]
-    elif b >= 0:
-        sb = src[b]
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch] + half * sb[ch]
-    else:
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch]
+def _or_zero(a, zero):  # pragma: no cover - compiled
+    # a select, not a branch: whether a neighbour exists is unpredictable, and a mispredicted branch
+    # would also discard the loads in flight
+    return a if a >= 0 else zero
+
+
+@njit(inline="always")
+def _prefetch_vertices(lat, offsets, k0, d1):  # pragma: no cover - compiled
+    """Prefetch the rows ``lat[offsets[k0 : k0 + d1]]`` (one point's simplex vertices)."""
+    for r in range(d1):
+        _prefetch_row(lat, offsets[k0 + r])
+
+
+@njit(inline="always")
+def _blur_vertex(src, dst, row, pairs, k, zero, half):  # pragma: no cover - compiled
+    """``dst = src[row] + half * (src[a] + src[b])`` with ``(a, b) = pairs[2k], pairs[2k + 1]``, a missing
+    neighbour (-1) read as row ``zero`` of ``src`` (all zeros: adding it changes no value); prefetches
+    the neighbours of ``k + _AHEAD``."""
+    ka = 2 * (k + _AHEAD)
+    if ka < pairs.shape[0]:
+        _prefetch_row(src, _or_zero(pairs[ka], zero))
+        _prefetch_row(src, _or_zero(pairs[ka + 1], zero))
+    s = src[row]
+    sa = src[_or_zero(pairs[2 * k], zero)]
+    sb = src[_or_zero(pairs[2 * k + 1], zero)]
+    for ch in range(dst.shape[0]):
+        dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
 
 
 @njit(inline="always")
@@ -489,7 +527,9 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     nblk = nb * nblk_img
     parts = max(1, min(parts, nblk))
     one = consts[0] + consts[0]
-    partial = np.zeros((parts, m, cp), dtype=vals.dtype)  # pages of a copy never written stay unmapped
+    # pages of a copy never written stay unmapped; row m of every lattice array is the zero row that
+    # stands for a missing blur neighbour
+    partial = np.zeros((parts, m + 1, cp), dtype=vals.dtype)
     lo = np.empty(parts, dtype=np.int64)  # the band of vertex rows each copy's points touch
     hi = np.empty(parts, dtype=np.int64)
     for t in prange(parts):
@@ -510,25 +550,32 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     for ch in range(c):
                         buf[i - i0, ch] *= sp
             for i in range(i0, i1):
+                if i + _AHEAD_POINTS < i1:
+                    _prefetch_vertices(acc, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1)
                 _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0])
     if parts == 1:
         lat = partial[0]
     else:
-        lat = np.empty((m, cp), dtype=vals.dtype)
+        lat = np.empty((m + 1, cp), dtype=vals.dtype)
+        lat[m] = 0
         for v in prange(m):
             _sum_copies(partial, lo, hi, v, lat[v], False)
-    tmp = np.empty((m, cp), dtype=vals.dtype)
+    tmp = np.empty((m + 1, cp), dtype=vals.dtype)
+    tmp[m] = 0
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
+        pairs = nbr[j].reshape(2 * m)
         for v in prange(m):
-            _blur_row(lat, tmp[v], v, nbr[j, v, 0], nbr[j, v, 1], half)
+            _blur_vertex(lat, tmp[v], v, pairs, v, m, half)
         lat, tmp = tmp, lat
     al = consts[1]
     for blk in prange(nblk):
         b, i0, i1 = _block_range(blk, nblk_img, n)
         buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)
         for i in range(i0, i1):
+            if i + _AHEAD_POINTS < i1:
+                _prefetch_vertices(lat, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1)
             _slice_rows(buf[i - i0], lat, offsets, bary, (b * n + i) * d1, d1, al)
         if post.shape[0] > 0:
             for i in range(i0, i1):
@@ -570,27 +617,20 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
                 for r in range(d1):
                     o = offsets[base + r]
                     acc[o] = _fma(bary[base + r] * one, x, acc[o])
-    lat = np.empty(m, dtype=vals.dtype)
+    lat = np.empty(m + 1, dtype=vals.dtype)  # + the zero row read for missing blur neighbours
+    lat[m] = 0
     for v in prange(m):
         a = partial[0, v]
         for t in range(1, parts):
             a += partial[t, v]
         lat[v] = a
-    tmp = np.empty(m, dtype=vals.dtype)
+    tmp = np.empty(m + 1, dtype=vals.dtype)
+    tmp[m] = 0
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
         for v in prange(m):
-            a = nbr[j, v, 0]
-            b = nbr[j, v, 1]
-            s = lat[v]
-            if a >= 0 and b >= 0:
-                s = s + half * (lat[a] + lat[b])
-            elif a >= 0:
-                s = s + half * lat[a]
-            elif b >= 0:
-                s = s + half * lat[b]
-            tmp[v] = s
+            tmp[v] = lat[v] + half * (lat[_or_zero(nbr[j, v, 0], m)] + lat[_or_zero(nbr[j, v, 1], m)])
         lat, tmp = tmp, lat
     al = consts[1]
     for blk in prange(nblk):
@@ -705,6 +745,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
         for t in range(nt):
             lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
+    lat[mtot] = 0  # the zero row read for missing blur neighbours
+    tmp[mtot] = 0
     for it in range(n_iter + 1):
         if it > 0:
             # sum the private copies (and clear them for this iteration's splat), then blur each term
@@ -718,9 +760,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 for j in range(d1):
                     src_a = lat if j % 2 == 0 else tmp
                     dst_a = tmp if j % 2 == 0 else lat
-                    nb0 = nstart[t] + j * mt * 2
+                    pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
                     for v in prange(mt):
-                        _blur_row(src_a, dst_a[v0 + v], v0 + v, nbr[nb0 + 2 * v], nbr[nb0 + 2 * v + 1], _F32(0.5))
+                        _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
                 # the compatibility applied to the blurred vertices, not to every point (the slice
                 # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
                 fin = lat if d1 % 2 == 0 else tmp
@@ -753,6 +795,13 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 i0 = blk * _BLOCK
                 i1 = min(i0 + _BLOCK, n)
                 for i in range(i0, i1):
+                    ia = i + _AHEAD_POINTS
+                    if ia < n:
+                        for t in range(nt):
+                            if it > 0:
+                                _prefetch_vertices(msg_lat, offsets, tstart[t] + ia * td1[t], td1[t])
+                            if not last:
+                                _prefetch_vertices(acc, offsets, tstart[t] + ia * td1[t], td1[t])
                     row = buf[i - i0]
                     un = neg_unary[i]
                     for ch in range(cp):

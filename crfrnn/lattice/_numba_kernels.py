@@ -28,6 +28,37 @@ from numba.extending import intrinsic
 
 _EMPTY = -1
 _ELEVATE_CHUNK = 1024  # points per work item of the elevation
+_AHEAD_HASH = 8  # hash look-ups are computed and their table slots prefetched this many keys ahead
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):  # pragma: no cover - compiled
+    """Hint the cache to fetch ``arr[i]``: an element of a 1-D array, or row ``i`` of a C-contiguous
+    2-D array (both ends: a row of 24 float32 spans two lines). No effect on results. Used ahead of
+    the irregular reads that the out-of-order core cannot see coming (hash slots, blur neighbours,
+    a point's simplex vertices), so that many misses are in flight at once."""
+    if not (isinstance(arr, types.Array) and arr.ndim in (1, 2) and arr.layout == "C" and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        if signature.args[0].ndim == 1:
+            where = [idx]
+        else:
+            width = builder.extract_value(a.shape, 1)
+            first = builder.mul(idx, width)
+            where = [first, builder.add(first, builder.sub(width, ir.Constant(width.type, 1)))]
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        for k in where:  # read, keep in all levels, data cache
+            ptr = builder.bitcast(builder.gep(a.data, [k]), i8p)
+            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
 
 
 @njit(parallel=True, cache=True)
@@ -161,7 +192,16 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
     table = np.full(cap, _EMPTY, dtype=np.int32)
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
+    ring = np.empty(_AHEAD_HASH, dtype=np.uint64)  # hashes of the keys ahead, their slots prefetched
+    for q in range(q0, min(q1, q0 + _AHEAD_HASH)):
+        ring[q % _AHEAD_HASH] = _hash(keys, q, d)
     for q in range(q0, q1):
+        h = ring[q % _AHEAD_HASH] & mask
+        qa = q + _AHEAD_HASH
+        if qa < q1:
+            ha = _hash(keys, qa, d)
+            ring[qa % _AHEAD_HASH] = ha
+            _prefetch(table, ha & mask)
         if q - q0 >= stride:
             same = True
             for i in range(d):
@@ -171,7 +211,6 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
             if same:
                 offsets[q] = offsets[q - stride]
                 continue
-        h = _hash(keys, q, d) & mask
         while True:
             v = table[h]
             if v == _EMPTY:
@@ -242,19 +281,32 @@ def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _find_neighbour(vkeys, table, v, j, sign, d):  # pragma: no cover - compiled
-    """Index of vertex ``v`` moved by ``sign`` along lattice direction ``j``, or -1.
+def _neighbour_hashes(vkeys, v, d, out):  # pragma: no cover - compiled
+    """Hashes (before masking) of the ``2 (d+1)`` blur neighbours of vertex ``v``: ``out[2j]`` for
+    ``+((d+1) e_j - 1)``, ``out[2j + 1]`` for its negative (``j = d`` moves only the implied last
+    coordinate). The hash is a sum of per-coordinate terms, so each neighbour's is the vertex's
+    shifted sum with one term replaced."""
+    hp = np.uint64(0)
+    hm = np.uint64(0)
+    for i in range(d):
+        hp += _hash_term(vkeys[v, i] - 1, i)
+        hm += _hash_term(vkeys[v, i] + 1, i)
+    for j in range(d):
+        c = vkeys[v, j]
+        out[2 * j] = _hash_mix(hp - _hash_term(c - 1, j) + _hash_term(c + d, j))
+        out[2 * j + 1] = _hash_mix(hm - _hash_term(c + 1, j) + _hash_term(c - d, j))
+    out[2 * d] = _hash_mix(hp)
+    out[2 * d + 1] = _hash_mix(hm)
+
+
+@njit(inline="always")
+def _find_neighbour(vkeys, table, v, j, sign, d, h, mask):  # pragma: no cover - compiled
+    """Index of vertex ``v`` moved by ``sign`` along lattice direction ``j``, or -1; ``h`` its hash.
 
     Direction ``j`` adds ``(d+1) e_j - 1`` (``sign=+1``) or its negative; only the first ``d``
     coordinates are stored (the last is implied by the zero sum).
     """
-    cap = table.shape[0]
-    mask = np.uint64(cap - 1)
-    h = np.uint64(0)
-    for i in range(d):
-        c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
-        h += _hash_term(c, i)
-    h = _hash_mix(h) & mask
+    h &= mask
     while True:
         u = table[h]
         if u == _EMPTY:
@@ -270,17 +322,36 @@ def _find_neighbour(vkeys, table, v, j, sign, d):  # pragma: no cover - compiled
         h = (h + np.uint64(1)) & mask
 
 
+_NBR_CHUNK = 4096  # vertices per work item of the neighbour search
+
+
 @njit(parallel=True, cache=True)
 def neighbours(vkeys, table, base):  # pragma: no cover - compiled
-    """Blur neighbours ``(d+1, M, 2)`` int32 of every vertex, offset by ``base``; -1 = missing."""
+    """Blur neighbours ``(d+1, M, 2)`` int32 of every vertex, offset by ``base``; -1 = missing.
+
+    Software-pipelined: the table slots of vertex ``v + _AHEAD_HASH``'s neighbours are prefetched
+    while ``v``'s are looked up (a table of ~1 vertex per pixel is larger than the L2 cache)."""
     m, d = vkeys.shape
     nbr = np.empty((d + 1, m, 2), dtype=np.int32)
-    for v in prange(m):
-        for j in range(d + 1):
-            a = _find_neighbour(vkeys, table, v, j, 1, d)
-            b = _find_neighbour(vkeys, table, v, j, -1, d)
-            nbr[j, v, 0] = a + base if a >= 0 else -1
-            nbr[j, v, 1] = b + base if b >= 0 else -1
+    mask = np.uint64(table.shape[0] - 1)
+    for ck in prange((m + _NBR_CHUNK - 1) // _NBR_CHUNK):
+        v0 = ck * _NBR_CHUNK
+        v1 = min(m, v0 + _NBR_CHUNK)
+        ring = np.empty((_AHEAD_HASH, 2 * (d + 1)), dtype=np.uint64)  # hashes of the vertices ahead
+        for v in range(v0, min(v1, v0 + _AHEAD_HASH)):
+            _neighbour_hashes(vkeys, v, d, ring[v % _AHEAD_HASH])
+        for v in range(v0, v1):
+            hs = ring[v % _AHEAD_HASH]
+            for j in range(d + 1):
+                a = _find_neighbour(vkeys, table, v, j, 1, d, hs[2 * j], mask)
+                b = _find_neighbour(vkeys, table, v, j, -1, d, hs[2 * j + 1], mask)
+                nbr[j, v, 0] = a + base if a >= 0 else -1
+                nbr[j, v, 1] = b + base if b >= 0 else -1
+            va = v + _AHEAD_HASH
+            if va < v1:
+                _neighbour_hashes(vkeys, va, d, hs)
+                for k in range(2 * (d + 1)):
+                    _prefetch(table, hs[k] & mask)
     return nbr
 
 
@@ -435,32 +506,6 @@ def _sum_copies(partial, lo, hi, v, dst, clear):  # pragma: no cover - compiled
                 src[:] = 0
 
 
-@intrinsic
-def _prefetch_row(typingctx, arr, i):  # pragma: no cover - compiled
-    """Hint the cache to fetch row ``i`` of the C-contiguous 2-D ``arr`` (both ends: a row of 24 float32
-    spans two lines). No effect on results; rows are fetched ahead of the irregular reads that the OoO
-    core cannot see coming (blur neighbours, a point's simplex vertices)."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        a = context.make_array(signature.args[0])(context, builder, args[0])
-        width = builder.extract_value(a.shape, 1)
-        idx = context.cast(builder, args[1], signature.args[1], types.intp)
-        first = builder.mul(idx, width)
-        last = builder.add(first, builder.sub(width, ir.Constant(width.type, 1)))
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        for k in (first, last):  # read, keep in all levels, data cache
-            ptr = builder.bitcast(builder.gep(a.data, [k]), i8p)
-            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(arr, i), codegen
-
-
 _AHEAD = 16  # the blur prefetches the neighbours of the vertex this many rows ahead
 _AHEAD_POINTS = 2  # the splat and slice prefetch the vertex rows of the point this many points ahead
 
@@ -476,7 +521,7 @@ def _or_zero(a, zero):  # pragma: no cover - compiled
 def _prefetch_vertices(lat, offsets, k0, d1):  # pragma: no cover - compiled
     """Prefetch the rows ``lat[offsets[k0 : k0 + d1]]`` (one point's simplex vertices)."""
     for r in range(d1):
-        _prefetch_row(lat, offsets[k0 + r])
+        _prefetch(lat, offsets[k0 + r])
 
 
 @njit(inline="always")
@@ -486,8 +531,8 @@ def _blur_vertex(src, dst, row, pairs, k, zero, half):  # pragma: no cover - com
     the neighbours of ``k + _AHEAD``."""
     ka = 2 * (k + _AHEAD)
     if ka < pairs.shape[0]:
-        _prefetch_row(src, _or_zero(pairs[ka], zero))
-        _prefetch_row(src, _or_zero(pairs[ka + 1], zero))
+        _prefetch(src, _or_zero(pairs[ka], zero))
+        _prefetch(src, _or_zero(pairs[ka + 1], zero))
     s = src[row]
     sa = src[_or_zero(pairs[2 * k], zero)]
     sb = src[_or_zero(pairs[2 * k + 1], zero)]

@@ -720,36 +720,100 @@ _EXP_FLOOR = _F32(-60 * 0.6931471805599453)  # exp() >= 2^-60 ~ 8.7e-19: Q > 0 a
 _E1, _E2, _E3, _E4, _E5, _E6 = _F32(1.0), _F32(0.5), _F32(1 / 6), _F32(1 / 24), _F32(1 / 120), _F32(1 / 720)
 
 
-@njit(inline="always")
-def _softmax_row(row, c, bits, scale):  # pragma: no cover - compiled
-    """In-place softmax of ``row[:c]`` (float32); ``row[c:]`` (padding) is set to 0.
+class _Vec8:
+    """llvmlite helpers for 8-lane float32 code: splats, lane-wise max, FMA and tree reductions."""
 
-    ``exp(x) = 2^k e^f`` by range reduction: ``2^k`` from the exponent bits (``bits`` int32 viewed as
-    ``scale`` float32), ``e^f`` (``|f| <= ln2/2``) by its series to 6th order (relative error ~1e-7),
-    with arguments below ``-60 ln 2`` raised to it (smaller values would head for denormals: slow).
-    Written as fixed-trip loops over the whole padded row so that they compile to SIMD code.
-    """
-    cp = row.shape[0]
-    mx = row[0]
-    for ch in range(1, c):
-        mx = max(mx, row[ch])
-    for ch in range(cp):
-        x = max(row[ch] - mx, _EXP_FLOOR)
-        k = np.int32(x * _LOG2E - _F32(0.5))  # round(x / ln 2) for x <= 0 (truncation toward zero)
-        kf = _F32(k)
-        f = (x - kf * _LN2_HI) - kf * _LN2_LO  # Cody-Waite: exact k ln2 in two parts, |f| <= ln2 / 2
-        row[ch] = _E1 + f * (_E1 + f * (_E2 + f * (_E3 + f * (_E4 + f * (_E5 + f * _E6)))))
-        bits[ch] = (k + 127) << 23
-    tot = _F32(0.0)
-    for ch in range(c):
-        e = row[ch] * scale[ch]
-        row[ch] = e
-        tot += e
-    inv = _F32(1.0) / tot
-    for ch in range(c):
-        row[ch] *= inv
-    for ch in range(c, cp):
-        row[ch] = _F32(0.0)
+    def __init__(self, builder):
+        self.b = builder
+        self.f32, self.i32 = ir.FloatType(), ir.IntType(32)
+        self.vec, self.ivec = ir.VectorType(self.f32, 8), ir.VectorType(self.i32, 8)
+        self.fma_fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vec, [self.vec] * 3), "llvm.fma.v8f32")
+
+    def const(self, x):
+        return ir.Constant(self.vec, [float(x)] * 8)
+
+    def splat(self, x):
+        v = ir.Constant(self.vec if x.type == self.f32 else self.ivec, ir.Undefined)
+        for j in range(8):
+            v = self.b.insert_element(v, x, ir.Constant(self.i32, j))
+        return v
+
+    def max(self, a, b):
+        return self.b.select(self.b.fcmp_ordered(">", a, b), a, b)
+
+    def fma(self, a, b, c):
+        return self.b.call(self.fma_fn, [a, b, c])
+
+    def reduce(self, v, op):
+        """``op`` over the 8 lanes as a fixed tree (the same order every time)."""
+        n = 8
+        while n > 1:
+            n //= 2
+            lo = self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, n), list(range(n))))
+            hi = self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, n), list(range(n, 2 * n))))
+            v = op(lo, hi)
+        return self.b.extract_element(v, ir.Constant(self.i32, 0))
+
+
+@intrinsic
+def _softmax_row(typingctx, row, c):  # pragma: no cover - compiled
+    """In-place softmax of ``row[:c]`` (float32, ``len(row)`` a multiple of 8); ``row[c:]`` (padding,
+    any values) is set to 0. Explicit 8-lane SIMD: three passes over the row's vectors (max; exp and
+    sum; scale), the padding lanes masked, the lane reductions in a fixed tree order.
+
+    ``exp(x) = 2^k e^f`` by range reduction: ``k = round(x / ln 2)``, ``2^k`` built in the exponent
+    bits, ``f = x - k ln 2`` in two FMAs (Cody-Waite: ``|f| <= ln2/2``) and ``e^f`` by its series to
+    6th order (relative error ~1e-7), with arguments below ``-60 ln 2`` raised to it (smaller values
+    would head for denormals: slow)."""
+    if not (isinstance(row, types.Array) and row.dtype == types.float32 and row.ndim == 1 and row.layout == "C"
+            and isinstance(c, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rowa = context.make_array(signature.args[0])(context, builder, args[0])
+        v8 = _Vec8(builder)
+        b = builder
+        intp = builder.extract_value(rowa.shape, 0).type
+        n_lab = context.cast(builder, args[1], signature.args[1], types.intp)
+        nchunk = b.lshr(b.extract_value(rowa.shape, 0), ir.Constant(intp, 3))
+        lane = ir.Constant(v8.ivec, list(range(8)))
+
+        def chunk(index):  # (pointer to the index-th vector, mask of its label lanes)
+            c0 = b.shl(index, ir.Constant(intp, 3))
+            ptr = b.bitcast(b.gep(rowa.data, [c0]), v8.vec.as_pointer())
+            left = b.trunc(b.sub(n_lab, c0), v8.i32)  # labels from c0 on (< 0: none)
+            return ptr, b.icmp_signed("<", lane, v8.splat(left))
+
+        acc = cgutils.alloca_once_value(b, v8.const(float("-inf")))
+        with cgutils.for_range(b, nchunk) as lp:
+            ptr, valid = chunk(lp.index)
+            x = b.select(valid, b.load(ptr, align=4), v8.const(float("-inf")))
+            b.store(v8.max(x, b.load(acc)), acc)
+        mx = v8.splat(v8.reduce(b.load(acc), v8.max))
+        b.store(v8.const(0.0), acc)
+        with cgutils.for_range(b, nchunk) as lp:
+            ptr, valid = chunk(lp.index)
+            x = v8.max(b.fsub(b.load(ptr, align=4), mx), v8.const(_EXP_FLOOR))
+            k = b.fptosi(b.fsub(b.fmul(x, v8.const(_LOG2E)), v8.const(0.5)), v8.ivec)  # toward zero: x <= 0
+            kf = b.sitofp(k, v8.vec)
+            f = v8.fma(b.fneg(kf), v8.const(_LN2_HI), x)
+            f = v8.fma(b.fneg(kf), v8.const(_LN2_LO), f)
+            poly = v8.const(_E6)
+            for e in (_E5, _E4, _E3, _E2, _E1, _E1):
+                poly = v8.fma(poly, f, v8.const(e))
+            scale = b.bitcast(b.shl(b.add(k, v8.splat(ir.Constant(v8.i32, 127))), v8.splat(ir.Constant(v8.i32, 23))),
+                              v8.vec)
+            e = b.select(valid, b.fmul(poly, scale), v8.const(0.0))
+            b.store(e, ptr, align=4)
+            b.store(b.fadd(b.load(acc), e), acc)
+        inv = v8.splat(b.fdiv(ir.Constant(v8.f32, 1.0), v8.reduce(b.load(acc), b.fadd)))
+        with cgutils.for_range(b, nchunk) as lp:
+            ptr, _ = chunk(lp.index)
+            b.store(b.fmul(b.load(ptr, align=4), inv), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(row, c), codegen
 
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
@@ -834,8 +898,6 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         for p in prange(parts):
             acc = partial[p]
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
-            bits = np.empty(cp, dtype=np.int32)
-            scale = bits.view(np.float32)
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
                 i1 = min(i0 + _BLOCK, n)
@@ -855,7 +917,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for t in range(nt):
                             d1 = td1[t]
                             _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
-                    _softmax_row(row, c, bits, scale)
+                    _softmax_row(row, c)
                     if not last:
                         for t in range(nt):
                             d1 = td1[t]

@@ -547,7 +547,8 @@ def _block_range(blk, nblk_img, n):  # pragma: no cover - compiled
     return b, i0, min(i0 + _BLOCK, n)
 
 
-def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
+def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate,
+                   work=None):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
@@ -556,7 +557,10 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     count). Writes ``out (B, C, N)`` (allocated by the caller: NumPy asks the kernel for huge pages,
     which matters above ~32 MB). Optional per-point scales fused into the passes: ``pre (B*N,)``
     multiplies the input, ``post (B*N,)`` the output (empty arrays = none); ``accumulate`` adds into
-    ``out`` instead of writing: ``out (+)= post * F(pre * vals)``.
+    ``out`` instead of writing: ``out (+)= post * F(pre * vals)``. ``work``: optional fresh ``(partial,
+    lat, tmp)`` from :func:`filter_work` (NumPy asks for huge pages: Numba's own allocations of
+    lattice-sized arrays fault in 4 KB pages, a third of the filter's time at ~1 vertex per pixel);
+    allocated here if None.
 
     Points are processed in blocks of ``_BLOCK`` consecutive pixels of one image, moved through a
     small channel-last buffer so that every lattice row access reads or writes contiguous values;
@@ -574,7 +578,13 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     one = consts[0] + consts[0]
     # pages of a copy never written stay unmapped; row m of every lattice array is the zero row that
     # stands for a missing blur neighbour
-    partial = np.zeros((parts, m + 1, cp), dtype=vals.dtype)
+    if work is None:
+        partial = np.zeros((parts, m + 1, cp), dtype=vals.dtype)
+        lat_w = np.empty((m + 1, cp), dtype=vals.dtype)
+        tmp = np.empty((m + 1, cp), dtype=vals.dtype)
+    else:
+        partial, lat_w, tmp = work
+        partial = partial[:parts]
     lo = np.empty(parts, dtype=np.int64)  # the band of vertex rows each copy's points touch
     hi = np.empty(parts, dtype=np.int64)
     for t in prange(parts):
@@ -601,11 +611,10 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     if parts == 1:
         lat = partial[0]
     else:
-        lat = np.empty((m + 1, cp), dtype=vals.dtype)
+        lat = lat_w
         lat[m] = 0
         for v in prange(m):
             _sum_copies(partial, lo, hi, v, lat[v], False)
-    tmp = np.empty((m + 1, cp), dtype=vals.dtype)
     tmp[m] = 0
     half = consts[0]
     for jj in range(d1):
@@ -691,6 +700,17 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
                 out[b, 0, i] += y
             else:
                 out[b, 0, i] = y
+
+
+def filter_work(vals_shape, num_vertices, parts, dtype):
+    """Work arrays for :func:`filter_values` (allocated by NumPy: huge pages): ``partial (parts, M+1,
+    Cp)`` zeros (the splat's private copies; pages never written stay unmapped), ``lat``, ``tmp``
+    ``(M+1, Cp)`` uninitialised. ``parts`` is clamped as the kernel clamps it."""
+    nb, c, n = vals_shape
+    cp = (c + _LANES - 1) // _LANES * _LANES
+    parts = max(1, min(parts, nb * ((n + _BLOCK - 1) // _BLOCK)))
+    shape = (num_vertices + 1, cp)
+    return np.zeros((parts,) + shape, dtype=dtype), np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype)
 
 
 # one algorithm, two compilations: multi-threaded, and serial for small inputs (where waking threads

@@ -388,9 +388,13 @@ class _RowKernel:
     def vec_ptr(self, data, index):
         return self.builder.bitcast(self.builder.gep(data, [index]), self.vec.as_pointer())
 
-    def vertex(self, k):
+    def vertex(self, k, split=None, shift=None):
+        """Row start and broadcast weight of simplex vertex ``k``; with ``split``/``shift``, vertices
+        numbered below ``split`` are moved ``shift`` rows on (into the splat's private copy)."""
         b = self.builder
         off = b.sext(b.load(b.gep(self.offa.data, [k])), self.intp)
+        if split is not None:
+            off = b.add(off, b.select(b.icmp_signed("<", off, split), shift, ir.Constant(self.intp, 0)))
         x = b.fmul(b.load(b.gep(self.bara.data, [k])), self.scale)
         w = cgutils.get_null_value(self.vec)
         for j in range(self.lanes):
@@ -450,21 +454,21 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
 
 
 @intrinsic
-def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma: no cover - compiled
-    """``lat[offsets[base + r], :] += (bary[base + r] * scale) * row[:]`` for ``r < d1`` (``len(row)`` a
-    multiple of the vector width, ``lat (M, len(row))``)."""
+def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row, split, shift):  # pragma: no cover - compiled
+    """``lat[o, :] += (bary[base + r] * scale) * row[:]`` for ``r < d1``, ``o = offsets[base + r]``, plus
+    ``shift`` if ``o < split`` (``len(row)`` a multiple of the vector width, ``lat (rows, len(row))``)."""
     if not (_same_float_arrays(lat, bary, row) and row.ndim == 1 and lat.ndim == 2 and _is_i32_vector(offsets)):
         return None
     kind = _float_kind(row)
-    sig = types.void(lat, offsets, bary, types.intp, types.intp, row.dtype, row)
+    sig = types.void(lat, offsets, bary, types.intp, types.intp, row.dtype, row, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
         lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
         rowa = context.make_array(signature.args[6])(context, builder, args[6])
-        base, d1, scale = args[3], args[4], args[5]
+        base, d1, scale, split, shift = args[3], args[4], args[5], args[7], args[8]
         k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
         with cgutils.for_range(builder, d1) as lr:
-            row0, w = k_.vertex(builder.add(base, lr.index))
+            row0, w = k_.vertex(builder.add(base, lr.index), split, shift)
             with cgutils.for_range(builder, k_.nchunk) as lc:
                 c0 = builder.shl(lc.index, k_.shift)
                 rv = builder.load(k_.vec_ptr(rowa.data, c0), align=4)
@@ -518,10 +522,40 @@ def _or_zero(a, zero):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _prefetch_vertices(lat, offsets, k0, d1):  # pragma: no cover - compiled
-    """Prefetch the rows ``lat[offsets[k0 : k0 + d1]]`` (one point's simplex vertices)."""
+def _prefetch_vertices(lat, offsets, k0, d1, split, shift):  # pragma: no cover - compiled
+    """Prefetch the rows ``lat[offsets[k0 : k0 + d1]]`` (one point's simplex vertices), those below
+    ``split`` moved by ``shift`` (as :func:`_splat_rows`)."""
     for r in range(d1):
-        _prefetch(lat, offsets[k0 + r])
+        o = offsets[k0 + r]
+        _prefetch(lat, o + (shift if o < split else 0))
+
+
+@njit(inline="always")
+def _owner_split(lo, hi, v0, v1):  # pragma: no cover - compiled
+    """The splat's owner rule, from the rows ``[lo[p], hi[p])`` each part's points touch.
+
+    Vertices are numbered in order of first appearance and the parts are consecutive runs of points,
+    so the vertices that parts ``< p`` touch are the rows below ``split[p]`` = max of their ``hi``.
+    Part ``p`` splats a vertex at or above ``split[p]`` (first seen in part ``p``: no earlier part
+    touched it, no later part writes it there) straight into copy 0, the shared lattice, and one
+    below into its private copy ``p``. Every row of copy 0 then holds the contributions of the first
+    part that touches it, the private copies those of later parts: summed in copy order, the values
+    are those of one private copy per part, bit for bit, in a fraction of the memory (a vertex
+    shared by several parts is the exception, not the rule). The rule depends on the offsets only,
+    and copy 0's rows are written by one part each whatever the numbering, so no write races.
+    Returns ``split (parts,)`` and rewrites ``lo``/``hi`` as the bands of the copies (``[v0, v1)``,
+    the whole lattice, for copy 0; for copy ``p`` the part of its band below ``split[p]``)."""
+    parts = lo.shape[0]
+    split = np.empty(parts, dtype=np.int64)
+    seen = v0
+    for p in range(parts):
+        split[p] = seen
+        top = max(seen, hi[p])
+        hi[p] = max(lo[p], min(hi[p], seen))
+        seen = top
+    lo[0] = v0
+    hi[0] = v1
+    return split
 
 
 @njit(inline="always")
@@ -606,8 +640,8 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                         buf[i - i0, ch] *= sp
             for i in range(i0, i1):
                 if i + _AHEAD_POINTS < i1:
-                    _prefetch_vertices(acc, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1)
-                _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0])
+                    _prefetch_vertices(acc, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1, 0, 0)
+                _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0], 0, 0)
     if parts == 1:
         lat = partial[0]
     else:
@@ -629,7 +663,7 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
         buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)
         for i in range(i0, i1):
             if i + _AHEAD_POINTS < i1:
-                _prefetch_vertices(lat, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1)
+                _prefetch_vertices(lat, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1, 0, 0)
             _slice_rows(buf[i - i0], lat, offsets, bary, (b * n + i) * d1, d1, al)
         if post.shape[0] > 0:
             for i in range(i0, i1):
@@ -874,6 +908,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
         for t in range(nt):
             lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
+    split = np.empty((parts, nt), dtype=np.int64)  # the owner rule of :func:`_owner_split`, per term
+    for t in range(nt):
+        split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
+    flat = partial.reshape((parts * mtot, cp))  # copy p's row v is row p * mtot + v
     lat[mtot] = 0  # the zero row read for missing blur neighbours
     tmp[mtot] = 0
     for it in range(n_iter + 1):
@@ -916,7 +954,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             dst[ch] = wd[ch] * s[ch]
         last = it == n_iter
         for p in prange(parts):
-            acc = partial[p]
+            shift = p * mtot
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
@@ -926,9 +964,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     if ia < n:
                         for t in range(nt):
                             if it > 0:
-                                _prefetch_vertices(msg_lat, offsets, tstart[t] + ia * td1[t], td1[t])
+                                _prefetch_vertices(msg_lat, offsets, tstart[t] + ia * td1[t], td1[t], 0, 0)
                             if not last:
-                                _prefetch_vertices(acc, offsets, tstart[t] + ia * td1[t], td1[t])
+                                _prefetch_vertices(flat, offsets, tstart[t] + ia * td1[t], td1[t], split[p, t], shift)
                     row = buf[i - i0]
                     un = neg_unary[i]
                     for ch in range(cp):
@@ -941,7 +979,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     if not last:
                         for t in range(nt):
                             d1 = td1[t]
-                            _splat_rows(acc, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row)
+                            _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row, split[p, t], shift)
                 if last:
                     for ch in range(c):
                         for i in range(i0, i1):

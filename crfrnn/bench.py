@@ -430,18 +430,23 @@ def run_meanfield(quick: bool = False, log: Callable[[str], object] = lambda s: 
     images = voc_images(2 if quick else 5) or [None]
     rounds = 2 if quick else 3
     rows = []
+
+    def add(new):
+        rows.extend(new)
+        s = summarize(new)[0]
+        log(f"  {s['kernels']:6s} {s['threads']} thread(s) L={s['labels']} {s['size']}: crfrnn {s['crfrnn_ms']:.0f} ms"
+            + (f", {s['ratio_median']:.2f}x pydensecrf2 ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
+               if "ratio_median" in s else ""))
+
     for kernels in kernel_sets():
         for th in (1, 2):
-            rows += bench_densecrf(images, kernels, th, rounds=rounds)
-            log(_table(summarize(rows[-len(images):])))
+            add(bench_densecrf(images, kernels, th, rounds=rounds))
     if not quick:
         few = images[:3]
         for kernels in kernel_sets():
             for th in (1, 2):
-                rows += bench_densecrf(few, kernels, th, labels=59, rounds=2)
-                log(_table(summarize(rows[-len(few):])))
-                rows += bench_densecrf(few, kernels, th, size=(750, 1000), rounds=2)
-                log(_table(summarize(rows[-len(few):])))
+                add(bench_densecrf(few, kernels, th, labels=59, rounds=2))
+                add(bench_densecrf(few, kernels, th, size=(750, 1000), rounds=2))
     res = {"densecrf_per_image": rows, "densecrf": summarize(rows), "scaling": _scaling(rows)}
     log("== crfrnn.densecrf vs pydensecrf2: setup + 10 iterations (ratio: median of per-round ratios; over images: "
         "median and min-max of the per-image medians) ==")

@@ -203,9 +203,11 @@ def _densecrf(mod, rgb, unary, kernels, iterations):
 
 
 def bench_densecrf(images: Sequence[Optional[Path]], kernels: str = "voc", n_threads: int = 1, labels: int = 21,
-                   size=SIZE, rounds: int = 3, iterations: int = 10) -> List[Dict[str, object]]:
+                   size=SIZE, rounds: int = 3, iterations: int = 10, base_size=None) -> List[Dict[str, object]]:
     """Setup + ``inference(iterations)`` of ``crfrnn.densecrf`` and pydensecrf2 (same calls), alternating,
-    per image: medians over ``rounds``, the median per-round ratio, the MAP agreement."""
+    per image: medians over ``rounds``, the median per-round ratio, the MAP agreement. With ``base_size``,
+    ours at that size joins the rounds: ``growth`` = the median per-round ratio of ours at ``size`` to ours
+    at ``base_size`` (the cost of more pixels, measured side by side)."""
     from . import densecrf as ours
 
     peer = None
@@ -220,6 +222,9 @@ def bench_densecrf(images: Sequence[Optional[Path]], kernels: str = "voc", n_thr
             fns = [lambda: res.__setitem__("ours", _densecrf(ours, rgb, unary, ks, iterations))]
             if peer is not None:
                 fns.append(lambda: res.__setitem__("peer", _densecrf(peer, rgb, unary, ks, iterations)))
+            if base_size is not None:
+                small_rgb, small_unary = _case(path, base_size, labels)
+                fns.append(lambda: _densecrf(ours, small_rgb, small_unary, ks, iterations))
             fns[0]()  # compile / load the kernels
             t = _alternate(fns, rounds)
             row = {"kernels": kernels, "threads": n_threads, "labels": labels, "size": f"{size[1]}x{size[0]}",
@@ -227,6 +232,8 @@ def bench_densecrf(images: Sequence[Optional[Path]], kernels: str = "voc", n_thr
             if peer is not None:
                 row.update({"pydensecrf_ms": 1000 * _med(r[1] for r in t), "ratio": _med(r[0] / r[1] for r in t),
                             "map_agreement": float((res["ours"] == res["peer"]).mean())})
+            if base_size is not None:
+                row[f"growth_over_{base_size[1]}x{base_size[0]}"] = _med(r[0] / r[-1] for r in t)
             rows.append(row)
     return rows
 
@@ -409,15 +416,13 @@ def _table(rows: List[Dict[str, object]]) -> str:
 
 
 def _scaling(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Cost of 1000x750 over 500x375 (4x the pixels), per kernel set and thread count, from the same
-    images (median over images of the ratio of their medians)."""
+    """Cost of 1000x750 over 500x375 (4x the pixels), per kernel set and thread count: the per-image
+    growth measured side by side, median and max over the images."""
     out = []
-    for k in {r["kernels"] for r in rows}:
+    key = f"growth_over_{SIZE[1]}x{SIZE[0]}"
+    for k in dict.fromkeys(r["kernels"] for r in rows):
         for th in sorted({r["threads"] for r in rows}):
-            by = {(r["image"], r["size"]): r["crfrnn_ms"] for r in rows if r["kernels"] == k and r["threads"] == th
-                  and r["labels"] == 21}
-            growth = [by[(im, "1000x750")] / by[(im, "500x375")] for (im, s) in by if s == "1000x750"
-                      and (im, "500x375") in by]
+            growth = [r[key] for r in rows if r["kernels"] == k and r["threads"] == th and key in r]
             if growth:
                 out.append({"kernels": k, "threads": th, "images": len(growth), "growth_median": _med(growth),
                             "growth_max": max(growth)})
@@ -446,7 +451,7 @@ def run_meanfield(quick: bool = False, log: Callable[[str], object] = lambda s: 
         for kernels in kernel_sets():
             for th in (1, 2):
                 add(bench_densecrf(few, kernels, th, labels=59, rounds=2))
-                add(bench_densecrf(few, kernels, th, size=(750, 1000), rounds=2))
+                add(bench_densecrf(few, kernels, th, size=(750, 1000), rounds=2, base_size=SIZE))
     res = {"densecrf_per_image": rows, "densecrf": summarize(rows), "scaling": _scaling(rows)}
     log("== crfrnn.densecrf vs pydensecrf2: setup + 10 iterations (ratio: median of per-round ratios; over images: "
         "median and min-max of the per-image medians) ==")
@@ -473,7 +478,11 @@ def run(which=("lattice", "meanfield", "memory"), repeats: int = 5, quick: bool 
         log("== lattice build and filter (median ms, all threads) ==")
         log(_table(rows))
         if _have_pydensecrf() and device == "cpu":
-            peer = [bench_vs_pydensecrf(k, rounds=max(repeats, 5), image=image) for k in kernel_sets()]
+            peer = []
+            for th in (1, 2):
+                with threads(th):
+                    peer += [dict(threads=th, **bench_vs_pydensecrf(k, rounds=max(repeats, 5), image=image))
+                             for k in kernel_sets()]
             results["vs_pydensecrf"] = peer
             log("== lattices vs pydensecrf2, 500x375, 21 labels (alternating rounds, medians) ==")
             log(_table(peer))

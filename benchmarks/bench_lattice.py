@@ -1,5 +1,6 @@
-"""Lattice build/filter times (D=5 bilateral, D=2 spatial; 500x375 and 1000x750; C = 2, 21, 59; both
-backends) and pydensecrf2's setup / per-iteration time on the same image, alternating, median ratios.
+"""Lattice build/filter times per kernel (VOC and README bilateral D=5, spatial D=2; 500x375 and 1000x750;
+C = 2, 21, 59; the numba backend, and the torch one at 500x375) and pydensecrf2's setup / per-iteration
+time on the same image and kernels, alternating, median ratios.
 
     python benchmarks/bench_lattice.py            # table on stdout, JSON in benchmarks/results/
     python benchmarks/bench_lattice.py --quick    # 500x375 only

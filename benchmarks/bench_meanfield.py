@@ -1,7 +1,10 @@
-"""crfrnn.densecrf inference vs pydensecrf2 (setup + 10 iterations, 500x375, 21 labels, alternating),
-CrfRnn forward vs forward+backward (T=5), and the peak RSS of CrfRnn forward+backward in a fresh process.
+"""crfrnn.densecrf inference against pydensecrf2 (setup + 10 iterations, alternating rounds) on 5 real VOC
+images: CRF-RNN's VOC kernels first, then pydensecrf's README kernels; 1 and 2 threads; L = 21, then L = 59
+and 1000x750 on 3 images; MAP agreement. The CrfRnn layer (T=5) forward and forward + backward against
+pydensecrf2's 5 iterations, and its peak RSS in a fresh process.
 
-    python benchmarks/bench_meanfield.py          # table on stdout, JSON in benchmarks/results/
+    python benchmarks/bench_meanfield.py          # tables on stdout, JSON in benchmarks/results/
+    python benchmarks/bench_meanfield.py --quick  # 2 images, 500x375 and 21 labels only
 """
 import sys
 from pathlib import Path

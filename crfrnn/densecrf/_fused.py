@@ -27,7 +27,8 @@ def fused_meanfield(unary: torch.Tensor, stacked: tuple, n_iterations: int) -> t
     q = np.empty((L, n), dtype=np.float32)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
-    work = np.zeros((parts, m, un.shape[1]), np.float32), *(np.empty((m, un.shape[1]), np.float32) for _ in range(3))
+    work = (np.zeros((parts, m, un.shape[1]), np.float32),
+            *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(3)))  # + the zero row
     _nb.dense_meanfield(un, q, *stacked, n_iterations, *work)
     return torch.from_numpy(q)
 

@@ -28,27 +28,88 @@ from numba.extending import intrinsic
 
 _EMPTY = -1
 _ELEVATE_CHUNK = 1024  # points per work item of the elevation
+_AHEAD_HASH = 8  # hash look-ups are computed and their table slots prefetched this many keys ahead
 
 
-@njit(parallel=True, cache=True)
-def elevate(feat, scale, keys, bary):  # pragma: no cover - compiled
+@intrinsic
+def _prefetch(typingctx, arr, i):  # pragma: no cover - compiled
+    """Hint the cache to fetch ``arr[i]``: an element of a 1-D array, or row ``i`` of a C-contiguous
+    2-D array (both ends: a row of 24 float32 spans two lines). No effect on results. Used ahead of
+    the irregular reads that the out-of-order core cannot see coming (hash slots, blur neighbours,
+    a point's simplex vertices), so that many misses are in flight at once."""
+    if not (isinstance(arr, types.Array) and arr.ndim in (1, 2) and arr.layout == "C" and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        if signature.args[0].ndim == 1:
+            where = [idx]
+        else:
+            width = builder.extract_value(a.shape, 1)
+            first = builder.mul(idx, width)
+            where = [first, builder.add(first, builder.sub(width, ir.Constant(width.type, 1)))]
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        for k in where:  # read, keep in all levels, data cache
+            ptr = builder.bitcast(builder.gep(a.data, [k]), i8p)
+            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+def elevate(feat, scale, keys, bary):
     """Embed ``feat (N, d)`` float64 in the lattice.
 
     Writes ``keys (N, d+1, d)`` int32: the first ``d`` coordinates of the ``d+1`` enclosing
     simplex vertices, and ``bary (N, d+1)`` float64: the barycentric weights of the point
-    (both allocated by the caller with NumPy, which asks for huge pages).
+    (both allocated by the caller with NumPy, which asks for huge pages). Dimensions up to
+    ``_ELEVATE_FIXED`` run a kernel compiled for that ``d`` (its loops unroll: 1.3-1.5x faster).
     """
-    n, d = feat.shape
+    d = feat.shape[1]
+    if d > _ELEVATE_FIXED:
+        return _elevate_any(feat, scale, keys, bary)
+    kernel = _elevate_fixed.get(d)
+    if kernel is None:
+        kernel = _elevate_fixed[d] = _elevate_for(d)
+    return kernel(feat, scale, keys, bary)
+
+
+_ELEVATE_FIXED = 8
+_elevate_fixed = {}
+
+
+def _elevate_for(d):
+    """:func:`elevate` compiled for one dimension ``d`` (a constant of the closure; cached per ``d``)."""
+
+    @njit(parallel=True, cache=True)
+    def kernel(feat, scale, keys, bary):  # pragma: no cover - compiled
+        for ck in prange((feat.shape[0] + _ELEVATE_CHUNK - 1) // _ELEVATE_CHUNK):
+            _elevate_chunk(feat, scale, keys, bary, ck, d)
+
+    return kernel
+
+
+@njit(parallel=True, cache=True)
+def _elevate_any(feat, scale, keys, bary):  # pragma: no cover - compiled
+    for ck in prange((feat.shape[0] + _ELEVATE_CHUNK - 1) // _ELEVATE_CHUNK):
+        _elevate_chunk(feat, scale, keys, bary, ck, feat.shape[1])
+
+
+@njit(inline="always")
+def _elevate_chunk(feat, scale, keys, bary, ck, d):  # pragma: no cover - compiled
+    """Points ``ck * _ELEVATE_CHUNK ...`` of :func:`elevate` (scratch allocated once per chunk)."""
+    n = feat.shape[0]
     down = 1.0 / (d + 1)
-    nchunk = (n + _ELEVATE_CHUNK - 1) // _ELEVATE_CHUNK
-    for ck in prange(nchunk):
-        # scratch allocated once per chunk of points, not per point
-        elevated = np.empty(d + 1, dtype=np.float64)
-        rem0 = np.empty(d + 1, dtype=np.int64)
-        rank = np.empty(d + 1, dtype=np.int64)
-        b = np.empty(d + 2, dtype=np.float64)
-        for k in range(ck * _ELEVATE_CHUNK, min(n, (ck + 1) * _ELEVATE_CHUNK)):
-            _elevate_point(feat, scale, keys, bary, k, d, down, elevated, rem0, rank, b)
+    elevated = np.empty(d + 1, dtype=np.float64)
+    rem0 = np.empty(d + 1, dtype=np.int64)
+    rank = np.empty(d + 1, dtype=np.int64)
+    b = np.empty(d + 2, dtype=np.float64)
+    for k in range(ck * _ELEVATE_CHUNK, min(n, (ck + 1) * _ELEVATE_CHUNK)):
+        _elevate_point(feat, scale, keys, bary, k, d, down, elevated, rem0, rank, b)
 
 
 @njit(inline="always")
@@ -161,7 +222,16 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
     table = np.full(cap, _EMPTY, dtype=np.int32)
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
+    ring = np.empty(_AHEAD_HASH, dtype=np.uint64)  # hashes of the keys ahead, their slots prefetched
+    for q in range(q0, min(q1, q0 + _AHEAD_HASH)):
+        ring[q % _AHEAD_HASH] = _hash(keys, q, d)
     for q in range(q0, q1):
+        h = ring[q % _AHEAD_HASH] & mask
+        qa = q + _AHEAD_HASH
+        if qa < q1:
+            ha = _hash(keys, qa, d)
+            ring[qa % _AHEAD_HASH] = ha
+            _prefetch(table, ha & mask)
         if q - q0 >= stride:
             same = True
             for i in range(d):
@@ -171,7 +241,6 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
             if same:
                 offsets[q] = offsets[q - stride]
                 continue
-        h = _hash(keys, q, d) & mask
         while True:
             v = table[h]
             if v == _EMPTY:
@@ -242,19 +311,32 @@ def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _find_neighbour(vkeys, table, v, j, sign, d):  # pragma: no cover - compiled
-    """Index of vertex ``v`` moved by ``sign`` along lattice direction ``j``, or -1.
+def _neighbour_hashes(vkeys, v, d, out):  # pragma: no cover - compiled
+    """Hashes (before masking) of the ``2 (d+1)`` blur neighbours of vertex ``v``: ``out[2j]`` for
+    ``+((d+1) e_j - 1)``, ``out[2j + 1]`` for its negative (``j = d`` moves only the implied last
+    coordinate). The hash is a sum of per-coordinate terms, so each neighbour's is the vertex's
+    shifted sum with one term replaced."""
+    hp = np.uint64(0)
+    hm = np.uint64(0)
+    for i in range(d):
+        hp += _hash_term(vkeys[v, i] - 1, i)
+        hm += _hash_term(vkeys[v, i] + 1, i)
+    for j in range(d):
+        c = vkeys[v, j]
+        out[2 * j] = _hash_mix(hp - _hash_term(c - 1, j) + _hash_term(c + d, j))
+        out[2 * j + 1] = _hash_mix(hm - _hash_term(c + 1, j) + _hash_term(c - d, j))
+    out[2 * d] = _hash_mix(hp)
+    out[2 * d + 1] = _hash_mix(hm)
+
+
+@njit(inline="always")
+def _find_neighbour(vkeys, table, v, j, sign, d, h, mask):  # pragma: no cover - compiled
+    """Index of vertex ``v`` moved by ``sign`` along lattice direction ``j``, or -1; ``h`` its hash.
 
     Direction ``j`` adds ``(d+1) e_j - 1`` (``sign=+1``) or its negative; only the first ``d``
     coordinates are stored (the last is implied by the zero sum).
     """
-    cap = table.shape[0]
-    mask = np.uint64(cap - 1)
-    h = np.uint64(0)
-    for i in range(d):
-        c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
-        h += _hash_term(c, i)
-    h = _hash_mix(h) & mask
+    h &= mask
     while True:
         u = table[h]
         if u == _EMPTY:
@@ -270,17 +352,36 @@ def _find_neighbour(vkeys, table, v, j, sign, d):  # pragma: no cover - compiled
         h = (h + np.uint64(1)) & mask
 
 
+_NBR_CHUNK = 4096  # vertices per work item of the neighbour search
+
+
 @njit(parallel=True, cache=True)
 def neighbours(vkeys, table, base):  # pragma: no cover - compiled
-    """Blur neighbours ``(d+1, M, 2)`` int32 of every vertex, offset by ``base``; -1 = missing."""
+    """Blur neighbours ``(d+1, M, 2)`` int32 of every vertex, offset by ``base``; -1 = missing.
+
+    Software-pipelined: the table slots of vertex ``v + _AHEAD_HASH``'s neighbours are prefetched
+    while ``v``'s are looked up (a table of ~1 vertex per pixel is larger than the L2 cache)."""
     m, d = vkeys.shape
     nbr = np.empty((d + 1, m, 2), dtype=np.int32)
-    for v in prange(m):
-        for j in range(d + 1):
-            a = _find_neighbour(vkeys, table, v, j, 1, d)
-            b = _find_neighbour(vkeys, table, v, j, -1, d)
-            nbr[j, v, 0] = a + base if a >= 0 else -1
-            nbr[j, v, 1] = b + base if b >= 0 else -1
+    mask = np.uint64(table.shape[0] - 1)
+    for ck in prange((m + _NBR_CHUNK - 1) // _NBR_CHUNK):
+        v0 = ck * _NBR_CHUNK
+        v1 = min(m, v0 + _NBR_CHUNK)
+        ring = np.empty((_AHEAD_HASH, 2 * (d + 1)), dtype=np.uint64)  # hashes of the vertices ahead
+        for v in range(v0, min(v1, v0 + _AHEAD_HASH)):
+            _neighbour_hashes(vkeys, v, d, ring[v % _AHEAD_HASH])
+        for v in range(v0, v1):
+            hs = ring[v % _AHEAD_HASH]
+            for j in range(d + 1):
+                a = _find_neighbour(vkeys, table, v, j, 1, d, hs[2 * j], mask)
+                b = _find_neighbour(vkeys, table, v, j, -1, d, hs[2 * j + 1], mask)
+                nbr[j, v, 0] = a + base if a >= 0 else -1
+                nbr[j, v, 1] = b + base if b >= 0 else -1
+            va = v + _AHEAD_HASH
+            if va < v1:
+                _neighbour_hashes(vkeys, va, d, hs)
+                for k in range(2 * (d + 1)):
+                    _prefetch(table, hs[k] & mask)
     return nbr
 
 
@@ -317,9 +418,13 @@ class _RowKernel:
     def vec_ptr(self, data, index):
         return self.builder.bitcast(self.builder.gep(data, [index]), self.vec.as_pointer())
 
-    def vertex(self, k):
+    def vertex(self, k, split=None, shift=None):
+        """Row start and broadcast weight of simplex vertex ``k``; with ``split``/``shift``, vertices
+        numbered below ``split`` are moved ``shift`` rows on (into the splat's private copy)."""
         b = self.builder
         off = b.sext(b.load(b.gep(self.offa.data, [k])), self.intp)
+        if split is not None:
+            off = b.add(off, b.select(b.icmp_signed("<", off, split), shift, ir.Constant(self.intp, 0)))
         x = b.fmul(b.load(b.gep(self.bara.data, [k])), self.scale)
         w = cgutils.get_null_value(self.vec)
         for j in range(self.lanes):
@@ -379,21 +484,21 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
 
 
 @intrinsic
-def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row):  # pragma: no cover - compiled
-    """``lat[offsets[base + r], :] += (bary[base + r] * scale) * row[:]`` for ``r < d1`` (``len(row)`` a
-    multiple of the vector width, ``lat (M, len(row))``)."""
+def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row, split, shift):  # pragma: no cover - compiled
+    """``lat[o, :] += (bary[base + r] * scale) * row[:]`` for ``r < d1``, ``o = offsets[base + r]``, plus
+    ``shift`` if ``o < split`` (``len(row)`` a multiple of the vector width, ``lat (rows, len(row))``)."""
     if not (_same_float_arrays(lat, bary, row) and row.ndim == 1 and lat.ndim == 2 and _is_i32_vector(offsets)):
         return None
     kind = _float_kind(row)
-    sig = types.void(lat, offsets, bary, types.intp, types.intp, row.dtype, row)
+    sig = types.void(lat, offsets, bary, types.intp, types.intp, row.dtype, row, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
         lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
         rowa = context.make_array(signature.args[6])(context, builder, args[6])
-        base, d1, scale = args[3], args[4], args[5]
+        base, d1, scale, split, shift = args[3], args[4], args[5], args[7], args[8]
         k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
         with cgutils.for_range(builder, d1) as lr:
-            row0, w = k_.vertex(builder.add(base, lr.index))
+            row0, w = k_.vertex(builder.add(base, lr.index), split, shift)
             with cgutils.for_range(builder, k_.nchunk) as lc:
                 c0 = builder.shl(lc.index, k_.shift)
                 rv = builder.load(k_.vec_ptr(rowa.data, c0), align=4)
@@ -435,26 +540,68 @@ def _sum_copies(partial, lo, hi, v, dst, clear):  # pragma: no cover - compiled
                 src[:] = 0
 
 
+_AHEAD = 16  # the blur prefetches the neighbours of the vertex this many rows ahead
+_AHEAD_POINTS = 2  # the splat and slice prefetch the vertex rows of the point this many points ahead
+
+
 @njit(inline="always")
-def _blur_row(src, dst, v, a, b, half):  # pragma: no cover - compiled
-    """``dst = src[v] + half * (src[a] + src[b])``, a missing neighbour (index -1) left out."""
-    s = src[v]
-    if a >= 0 and b >= 0:
-        sa = src[a]
-        sb = src[b]
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
-    elif a >= 0:
-        sa = src[a]
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch] + half * sa[ch]
-    elif b >= 0:
-        sb = src[b]
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch] + half * sb[ch]
-    else:
-        for ch in range(dst.shape[0]):
-            dst[ch] = s[ch]
+def _or_zero(a, zero):  # pragma: no cover - compiled
+    # a select, not a branch: whether a neighbour exists is unpredictable, and a mispredicted branch
+    # would also discard the loads in flight
+    return a if a >= 0 else zero
+
+
+@njit(inline="always")
+def _prefetch_vertices(lat, offsets, k0, d1, split, shift):  # pragma: no cover - compiled
+    """Prefetch the rows ``lat[offsets[k0 : k0 + d1]]`` (one point's simplex vertices), those below
+    ``split`` moved by ``shift`` (as :func:`_splat_rows`)."""
+    for r in range(d1):
+        o = offsets[k0 + r]
+        _prefetch(lat, o + (shift if o < split else 0))
+
+
+@njit(inline="always")
+def _owner_split(lo, hi, v0, v1):  # pragma: no cover - compiled
+    """The splat's owner rule, from the rows ``[lo[p], hi[p])`` each part's points touch.
+
+    Vertices are numbered in order of first appearance and the parts are consecutive runs of points,
+    so the vertices that parts ``< p`` touch are the rows below ``split[p]`` = max of their ``hi``.
+    Part ``p`` splats a vertex at or above ``split[p]`` (first seen in part ``p``: no earlier part
+    touched it, no later part writes it there) straight into copy 0, the shared lattice, and one
+    below into its private copy ``p``. Every row of copy 0 then holds the contributions of the first
+    part that touches it, the private copies those of later parts: summed in copy order, the values
+    are those of one private copy per part, bit for bit, in a fraction of the memory (a vertex
+    shared by several parts is the exception, not the rule). The rule depends on the offsets only,
+    and copy 0's rows are written by one part each whatever the numbering, so no write races.
+    Returns ``split (parts,)`` and rewrites ``lo``/``hi`` as the bands of the copies (``[v0, v1)``,
+    the whole lattice, for copy 0; for copy ``p`` the part of its band below ``split[p]``)."""
+    parts = lo.shape[0]
+    split = np.empty(parts, dtype=np.int64)
+    seen = v0
+    for p in range(parts):
+        split[p] = seen
+        top = max(seen, hi[p])
+        hi[p] = max(lo[p], min(hi[p], seen))
+        seen = top
+    lo[0] = v0
+    hi[0] = v1
+    return split
+
+
+@njit(inline="always")
+def _blur_vertex(src, dst, row, pairs, k, zero, half):  # pragma: no cover - compiled
+    """``dst = src[row] + half * (src[a] + src[b])`` with ``(a, b) = pairs[2k], pairs[2k + 1]``, a missing
+    neighbour (-1) read as row ``zero`` of ``src`` (all zeros: adding it changes no value); prefetches
+    the neighbours of ``k + _AHEAD``."""
+    ka = 2 * (k + _AHEAD)
+    if ka < pairs.shape[0]:
+        _prefetch(src, _or_zero(pairs[ka], zero))
+        _prefetch(src, _or_zero(pairs[ka + 1], zero))
+    s = src[row]
+    sa = src[_or_zero(pairs[2 * k], zero)]
+    sb = src[_or_zero(pairs[2 * k + 1], zero)]
+    for ch in range(dst.shape[0]):
+        dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
 
 
 @njit(inline="always")
@@ -464,7 +611,8 @@ def _block_range(blk, nblk_img, n):  # pragma: no cover - compiled
     return b, i0, min(i0 + _BLOCK, n)
 
 
-def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
+def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate,
+                   work=None):  # pragma: no cover
     """Splat → blur (d+1 directions, reversed if ``reverse``) → slice.
 
     ``vals (B, C, N)`` (the caller's layout), ``bary``/``offsets`` flat ``(B*N*(d+1),)``,
@@ -473,7 +621,10 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     count). Writes ``out (B, C, N)`` (allocated by the caller: NumPy asks the kernel for huge pages,
     which matters above ~32 MB). Optional per-point scales fused into the passes: ``pre (B*N,)``
     multiplies the input, ``post (B*N,)`` the output (empty arrays = none); ``accumulate`` adds into
-    ``out`` instead of writing: ``out (+)= post * F(pre * vals)``.
+    ``out`` instead of writing: ``out (+)= post * F(pre * vals)``. ``work``: optional fresh ``(partial,
+    lat, tmp)`` from :func:`filter_work` (NumPy asks for huge pages: Numba's own allocations of
+    lattice-sized arrays fault in 4 KB pages, a third of the filter's time at ~1 vertex per pixel);
+    allocated here if None.
 
     Points are processed in blocks of ``_BLOCK`` consecutive pixels of one image, moved through a
     small channel-last buffer so that every lattice row access reads or writes contiguous values;
@@ -489,7 +640,15 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
     nblk = nb * nblk_img
     parts = max(1, min(parts, nblk))
     one = consts[0] + consts[0]
-    partial = np.zeros((parts, m, cp), dtype=vals.dtype)  # pages of a copy never written stay unmapped
+    # pages of a copy never written stay unmapped; row m of every lattice array is the zero row that
+    # stands for a missing blur neighbour
+    if work is None:
+        partial = np.zeros((parts, m + 1, cp), dtype=vals.dtype)
+        lat_w = np.empty((m + 1, cp), dtype=vals.dtype)
+        tmp = np.empty((m + 1, cp), dtype=vals.dtype)
+    else:
+        partial, lat_w, tmp = work
+        partial = partial[:parts]
     lo = np.empty(parts, dtype=np.int64)  # the band of vertex rows each copy's points touch
     hi = np.empty(parts, dtype=np.int64)
     for t in prange(parts):
@@ -510,25 +669,31 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     for ch in range(c):
                         buf[i - i0, ch] *= sp
             for i in range(i0, i1):
-                _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0])
+                if i + _AHEAD_POINTS < i1:
+                    _prefetch_vertices(acc, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1, 0, 0)
+                _splat_rows(acc, offsets, bary, (b * n + i) * d1, d1, one, buf[i - i0], 0, 0)
     if parts == 1:
         lat = partial[0]
     else:
-        lat = np.empty((m, cp), dtype=vals.dtype)
+        lat = lat_w
+        lat[m] = 0
         for v in prange(m):
             _sum_copies(partial, lo, hi, v, lat[v], False)
-    tmp = np.empty((m, cp), dtype=vals.dtype)
+    tmp[m] = 0
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
+        pairs = nbr[j].reshape(2 * m)
         for v in prange(m):
-            _blur_row(lat, tmp[v], v, nbr[j, v, 0], nbr[j, v, 1], half)
+            _blur_vertex(lat, tmp[v], v, pairs, v, m, half)
         lat, tmp = tmp, lat
     al = consts[1]
     for blk in prange(nblk):
         b, i0, i1 = _block_range(blk, nblk_img, n)
         buf = np.zeros((_BLOCK, cp), dtype=vals.dtype)
         for i in range(i0, i1):
+            if i + _AHEAD_POINTS < i1:
+                _prefetch_vertices(lat, offsets, (b * n + i + _AHEAD_POINTS) * d1, d1, 0, 0)
             _slice_rows(buf[i - i0], lat, offsets, bary, (b * n + i) * d1, d1, al)
         if post.shape[0] > 0:
             for i in range(i0, i1):
@@ -570,27 +735,20 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
                 for r in range(d1):
                     o = offsets[base + r]
                     acc[o] = _fma(bary[base + r] * one, x, acc[o])
-    lat = np.empty(m, dtype=vals.dtype)
+    lat = np.empty(m + 1, dtype=vals.dtype)  # + the zero row read for missing blur neighbours
+    lat[m] = 0
     for v in prange(m):
         a = partial[0, v]
         for t in range(1, parts):
             a += partial[t, v]
         lat[v] = a
-    tmp = np.empty(m, dtype=vals.dtype)
+    tmp = np.empty(m + 1, dtype=vals.dtype)
+    tmp[m] = 0
     half = consts[0]
     for jj in range(d1):
         j = d1 - 1 - jj if reverse else jj
         for v in prange(m):
-            a = nbr[j, v, 0]
-            b = nbr[j, v, 1]
-            s = lat[v]
-            if a >= 0 and b >= 0:
-                s = s + half * (lat[a] + lat[b])
-            elif a >= 0:
-                s = s + half * lat[a]
-            elif b >= 0:
-                s = s + half * lat[b]
-            tmp[v] = s
+            tmp[v] = lat[v] + half * (lat[_or_zero(nbr[j, v, 0], m)] + lat[_or_zero(nbr[j, v, 1], m)])
         lat, tmp = tmp, lat
     al = consts[1]
     for blk in prange(nblk):
@@ -606,6 +764,17 @@ def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, p
                 out[b, 0, i] += y
             else:
                 out[b, 0, i] = y
+
+
+def filter_work(vals_shape, num_vertices, parts, dtype):
+    """Work arrays for :func:`filter_values` (allocated by NumPy: huge pages): ``partial (parts, M+1,
+    Cp)`` zeros (the splat's private copies; pages never written stay unmapped), ``lat``, ``tmp``
+    ``(M+1, Cp)`` uninitialised. ``parts`` is clamped as the kernel clamps it."""
+    nb, c, n = vals_shape
+    cp = (c + _LANES - 1) // _LANES * _LANES
+    parts = max(1, min(parts, nb * ((n + _BLOCK - 1) // _BLOCK)))
+    shape = (num_vertices + 1, cp)
+    return np.zeros((parts,) + shape, dtype=dtype), np.empty(shape, dtype=dtype), np.empty(shape, dtype=dtype)
 
 
 # one algorithm, two compilations: multi-threaded, and serial for small inputs (where waking threads
@@ -635,36 +804,100 @@ _EXP_FLOOR = _F32(-60 * 0.6931471805599453)  # exp() >= 2^-60 ~ 8.7e-19: Q > 0 a
 _E1, _E2, _E3, _E4, _E5, _E6 = _F32(1.0), _F32(0.5), _F32(1 / 6), _F32(1 / 24), _F32(1 / 120), _F32(1 / 720)
 
 
-@njit(inline="always")
-def _softmax_row(row, c, bits, scale):  # pragma: no cover - compiled
-    """In-place softmax of ``row[:c]`` (float32); ``row[c:]`` (padding) is set to 0.
+class _Vec8:
+    """llvmlite helpers for 8-lane float32 code: splats, lane-wise max, FMA and tree reductions."""
 
-    ``exp(x) = 2^k e^f`` by range reduction: ``2^k`` from the exponent bits (``bits`` int32 viewed as
-    ``scale`` float32), ``e^f`` (``|f| <= ln2/2``) by its series to 6th order (relative error ~1e-7),
-    with arguments below ``-60 ln 2`` raised to it (smaller values would head for denormals: slow).
-    Written as fixed-trip loops over the whole padded row so that they compile to SIMD code.
-    """
-    cp = row.shape[0]
-    mx = row[0]
-    for ch in range(1, c):
-        mx = max(mx, row[ch])
-    for ch in range(cp):
-        x = max(row[ch] - mx, _EXP_FLOOR)
-        k = np.int32(x * _LOG2E - _F32(0.5))  # round(x / ln 2) for x <= 0 (truncation toward zero)
-        kf = _F32(k)
-        f = (x - kf * _LN2_HI) - kf * _LN2_LO  # Cody-Waite: exact k ln2 in two parts, |f| <= ln2 / 2
-        row[ch] = _E1 + f * (_E1 + f * (_E2 + f * (_E3 + f * (_E4 + f * (_E5 + f * _E6)))))
-        bits[ch] = (k + 127) << 23
-    tot = _F32(0.0)
-    for ch in range(c):
-        e = row[ch] * scale[ch]
-        row[ch] = e
-        tot += e
-    inv = _F32(1.0) / tot
-    for ch in range(c):
-        row[ch] *= inv
-    for ch in range(c, cp):
-        row[ch] = _F32(0.0)
+    def __init__(self, builder):
+        self.b = builder
+        self.f32, self.i32 = ir.FloatType(), ir.IntType(32)
+        self.vec, self.ivec = ir.VectorType(self.f32, 8), ir.VectorType(self.i32, 8)
+        self.fma_fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vec, [self.vec] * 3), "llvm.fma.v8f32")
+
+    def const(self, x):
+        return ir.Constant(self.vec, [float(x)] * 8)
+
+    def splat(self, x):
+        v = ir.Constant(self.vec if x.type == self.f32 else self.ivec, ir.Undefined)
+        for j in range(8):
+            v = self.b.insert_element(v, x, ir.Constant(self.i32, j))
+        return v
+
+    def max(self, a, b):
+        return self.b.select(self.b.fcmp_ordered(">", a, b), a, b)
+
+    def fma(self, a, b, c):
+        return self.b.call(self.fma_fn, [a, b, c])
+
+    def reduce(self, v, op):
+        """``op`` over the 8 lanes as a fixed tree (the same order every time)."""
+        n = 8
+        while n > 1:
+            n //= 2
+            lo = self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, n), list(range(n))))
+            hi = self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(self.i32, n), list(range(n, 2 * n))))
+            v = op(lo, hi)
+        return self.b.extract_element(v, ir.Constant(self.i32, 0))
+
+
+@intrinsic
+def _softmax_row(typingctx, row, c):  # pragma: no cover - compiled
+    """In-place softmax of ``row[:c]`` (float32, ``len(row)`` a multiple of 8); ``row[c:]`` (padding,
+    any values) is set to 0. Explicit 8-lane SIMD: three passes over the row's vectors (max; exp and
+    sum; scale), the padding lanes masked, the lane reductions in a fixed tree order.
+
+    ``exp(x) = 2^k e^f`` by range reduction: ``k = round(x / ln 2)``, ``2^k`` built in the exponent
+    bits, ``f = x - k ln 2`` in two FMAs (Cody-Waite: ``|f| <= ln2/2``) and ``e^f`` by its series to
+    6th order (relative error ~1e-7), with arguments below ``-60 ln 2`` raised to it (smaller values
+    would head for denormals: slow)."""
+    if not (isinstance(row, types.Array) and row.dtype == types.float32 and row.ndim == 1 and row.layout == "C"
+            and isinstance(c, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rowa = context.make_array(signature.args[0])(context, builder, args[0])
+        v8 = _Vec8(builder)
+        b = builder
+        intp = builder.extract_value(rowa.shape, 0).type
+        n_lab = context.cast(builder, args[1], signature.args[1], types.intp)
+        nchunk = b.lshr(b.extract_value(rowa.shape, 0), ir.Constant(intp, 3))
+        lane = ir.Constant(v8.ivec, list(range(8)))
+
+        def chunk(index):  # (pointer to the index-th vector, mask of its label lanes)
+            c0 = b.shl(index, ir.Constant(intp, 3))
+            ptr = b.bitcast(b.gep(rowa.data, [c0]), v8.vec.as_pointer())
+            left = b.trunc(b.sub(n_lab, c0), v8.i32)  # labels from c0 on (< 0: none)
+            return ptr, b.icmp_signed("<", lane, v8.splat(left))
+
+        acc = cgutils.alloca_once_value(b, v8.const(float("-inf")))
+        with cgutils.for_range(b, nchunk) as lp:
+            ptr, valid = chunk(lp.index)
+            x = b.select(valid, b.load(ptr, align=4), v8.const(float("-inf")))
+            b.store(v8.max(x, b.load(acc)), acc)
+        mx = v8.splat(v8.reduce(b.load(acc), v8.max))
+        b.store(v8.const(0.0), acc)
+        with cgutils.for_range(b, nchunk) as lp:
+            ptr, valid = chunk(lp.index)
+            x = v8.max(b.fsub(b.load(ptr, align=4), mx), v8.const(_EXP_FLOOR))
+            k = b.fptosi(b.fsub(b.fmul(x, v8.const(_LOG2E)), v8.const(0.5)), v8.ivec)  # toward zero: x <= 0
+            kf = b.sitofp(k, v8.vec)
+            f = v8.fma(b.fneg(kf), v8.const(_LN2_HI), x)
+            f = v8.fma(b.fneg(kf), v8.const(_LN2_LO), f)
+            poly = v8.const(_E6)
+            for e in (_E5, _E4, _E3, _E2, _E1, _E1):
+                poly = v8.fma(poly, f, v8.const(e))
+            scale = b.bitcast(b.shl(b.add(k, v8.splat(ir.Constant(v8.i32, 127))), v8.splat(ir.Constant(v8.i32, 23))),
+                              v8.vec)
+            e = b.select(valid, b.fmul(poly, scale), v8.const(0.0))
+            b.store(e, ptr, align=4)
+            b.store(b.fadd(b.load(acc), e), acc)
+        inv = v8.splat(b.fdiv(ir.Constant(v8.f32, 1.0), v8.reduce(b.load(acc), b.fadd)))
+        with cgutils.for_range(b, nchunk) as lp:
+            ptr, _ = chunk(lp.index)
+            b.store(b.fmul(b.load(ptr, align=4), inv), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(row, c), codegen
 
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
@@ -705,6 +938,12 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
         for t in range(nt):
             lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
+    split = np.empty((parts, nt), dtype=np.int64)  # the owner rule of :func:`_owner_split`, per term
+    for t in range(nt):
+        split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
+    flat = partial.reshape((parts * mtot, cp))  # copy p's row v is row p * mtot + v
+    lat[mtot] = 0  # the zero row read for missing blur neighbours
+    tmp[mtot] = 0
     for it in range(n_iter + 1):
         if it > 0:
             # sum the private copies (and clear them for this iteration's splat), then blur each term
@@ -718,9 +957,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 for j in range(d1):
                     src_a = lat if j % 2 == 0 else tmp
                     dst_a = tmp if j % 2 == 0 else lat
-                    nb0 = nstart[t] + j * mt * 2
+                    pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
                     for v in prange(mt):
-                        _blur_row(src_a, dst_a[v0 + v], v0 + v, nbr[nb0 + 2 * v], nbr[nb0 + 2 * v + 1], _F32(0.5))
+                        _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
                 # the compatibility applied to the blurred vertices, not to every point (the slice
                 # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
                 fin = lat if d1 % 2 == 0 else tmp
@@ -745,14 +984,19 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             dst[ch] = wd[ch] * s[ch]
         last = it == n_iter
         for p in prange(parts):
-            acc = partial[p]
+            shift = p * mtot
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
-            bits = np.empty(cp, dtype=np.int32)
-            scale = bits.view(np.float32)
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
                 i1 = min(i0 + _BLOCK, n)
                 for i in range(i0, i1):
+                    ia = i + _AHEAD_POINTS
+                    if ia < n:
+                        for t in range(nt):
+                            if it > 0:
+                                _prefetch_vertices(msg_lat, offsets, tstart[t] + ia * td1[t], td1[t], 0, 0)
+                            if not last:
+                                _prefetch_vertices(flat, offsets, tstart[t] + ia * td1[t], td1[t], split[p, t], shift)
                     row = buf[i - i0]
                     un = neg_unary[i]
                     for ch in range(cp):
@@ -761,11 +1005,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for t in range(nt):
                             d1 = td1[t]
                             _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
-                    _softmax_row(row, c, bits, scale)
+                    _softmax_row(row, c)
                     if not last:
                         for t in range(nt):
                             d1 = td1[t]
-                            _splat_rows(acc, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row)
+                            _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row, split[p, t], shift)
                 if last:
                     for ch in range(c):
                         for i in range(i0, i1):

@@ -382,20 +382,17 @@ class PermutohedralLattice:
             consts = np.array([0.5, self._alpha], dtype=x.dtype)
             parts = _SPLAT_COPIES
             serial = x.size * (self.dim + 1) < _SERIAL_WORK
-            if C == 1:  # normalisers: a scalar kernel (rows of one value gain nothing from SIMD padding)
-                kernel = _nb.filter_one_channel_serial if serial else _nb.filter_one_channel
-            else:
-                kernel = _nb.filter_values_serial if serial else _nb.filter_values
             empty = np.empty(0, dtype=x.dtype)
             sc = [empty if t is None else t.detach().reshape(-1).to(work).contiguous().numpy() for t in (pre, post)]
-            if out is None:
-                res = np.empty(x.shape, dtype=x.dtype)  # NumPy advises huge pages for large arrays
-                kernel(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, res,
-                                  sc[0], sc[1], False)
-                return torch.from_numpy(res).to(values.dtype).reshape(values.shape)
-            kernel(x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts,
-                              out.detach().reshape(B, C, n).numpy(), sc[0], sc[1], True)
-            return out
+            res = np.empty(x.shape, dtype=x.dtype) if out is None else out.detach().reshape(B, C, n).numpy()
+            args = (x, self._bary(work), self._offsets, self._nbr, reverse, consts, parts, res, sc[0], sc[1],
+                    out is not None)
+            if C == 1:  # normalisers: a scalar kernel (rows of one value gain nothing from SIMD padding)
+                (_nb.filter_one_channel_serial if serial else _nb.filter_one_channel)(*args)
+            else:  # the lattice-sized work arrays from NumPy, which advises huge pages for large arrays
+                (_nb.filter_values_serial if serial else _nb.filter_values)(
+                    *args, _nb.filter_work(x.shape, self.num_vertices, parts, x.dtype))
+            return out if out is not None else torch.from_numpy(res).to(values.dtype).reshape(values.shape)
         shape = (B, 1) + tuple(values.shape[2:])
         v = values if pre is None else values * pre.reshape(shape)
         flat = v.reshape(B, C, n).permute(0, 2, 1).reshape(B * n, C)

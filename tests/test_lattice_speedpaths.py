@@ -1,0 +1,183 @@
+"""The compiled lattice's fast paths against slow twins written here in NumPy: the filter (branch-free
+blur with a zero row for missing neighbours, prefetching splat/slice, caller-allocated work arrays)
+against a float64 splat / blur / slice over the lattice's own arrays; the pipelined neighbour search
+against a dictionary of the keys; the pipelined hash insert against first-appearance numbering."""
+import numpy as np
+import pytest
+import torch
+
+from crfrnn import PermutohedralLattice, available_backends
+from conftest import crop, grid_features, voc_pairs
+
+pytestmark = pytest.mark.skipif("numba" not in available_backends(), reason="numba not available")
+
+
+def _reference(lat, x, reverse=False, pre=None, post=None):
+    """``post * F(pre * x)`` in float64 NumPy from the lattice's offsets, weights and neighbours:
+    scatter-add splat, one ``[1/2, 1, 1/2]`` pass per direction (missing neighbour = nothing), gather
+    slice. ``x (B, C, N)``."""
+    B, C, n = x.shape
+    d1 = lat.dim + 1
+    off = lat._offsets.reshape(B * n, d1).astype(np.int64)
+    w = lat._bary64.reshape(B * n, d1)
+    v = x.transpose(0, 2, 1).reshape(B * n, C).astype(np.float64)
+    if pre is not None:
+        v = v * pre.reshape(-1, 1)
+    grid = np.zeros((lat.num_vertices, C))
+    np.add.at(grid, off, w[..., None] * v[:, None, :])
+    for j in (range(d1 - 1, -1, -1) if reverse else range(d1)):
+        new = grid.copy()
+        for side in (0, 1):
+            nb = lat._nbr[j, :, side].astype(np.int64)
+            has = nb >= 0
+            new[has] += 0.5 * grid[nb[has]]
+        grid = new
+    out = (grid[off] * w[..., None]).sum(1) * lat._alpha
+    if post is not None:
+        out = out * post.reshape(-1, 1)
+    return out.reshape(B, n, C).transpose(0, 2, 1)
+
+
+def _features(d, B, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, d, h, w, dtype=torch.float64, generator=g) * 2.5
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_filter_equals_numpy_twin(d, dtype):
+    """Every option of the compiled filter against the float64 twin: batch of 2, a mask, C = 1 (the
+    scalar kernel), 3 and 21 (padded rows), forward and reverse, per-point scales, accumulation."""
+    B, h, w = 2, 23, 31  # 713 points per image: several blocks, four splat copies
+    f = _features(d, B, h, w, d)
+    mask = torch.ones(B, 1, h, w, dtype=torch.bool)
+    mask[1, :, 5:9, 3:20] = False
+    lat = PermutohedralLattice(f, backend="numba", mask=mask)
+    tol = dict(rtol=1e-11, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    g = torch.Generator().manual_seed(10 + d)
+    for c in (1, 3, 21):
+        x = torch.rand(B, c, h, w, dtype=dtype, generator=g)
+        pre, post = (torch.rand(B, 1, h, w, dtype=dtype, generator=g) + 0.5 for _ in range(2))
+        xn = x.reshape(B, c, -1).double().numpy()
+        pn, qn = pre.reshape(-1).double().numpy(), post.reshape(-1).double().numpy()
+        for reverse in (False, True):
+            got = lat.filter_scaled(x, reverse=reverse, pre=pre, post=post).reshape(B, c, -1)
+            ref = _reference(lat, xn, reverse, pn, qn)
+            scale = np.abs(ref).max()
+            np.testing.assert_allclose(got.double().numpy() / scale, ref / scale, **tol)
+            acc = torch.full_like(x, 0.5)
+            lat.filter_scaled(x, reverse=reverse, out=acc)
+            np.testing.assert_allclose(acc.reshape(B, c, -1).double().numpy(), 0.5 + _reference(lat, xn, reverse),
+                                       **tol)
+        assert float(got.reshape(B, c, h, w)[1, :, 5:9, 3:20].abs().max()) == 0.0  # masked out: no output
+
+
+def test_filter_on_real_image_lattices_equals_numpy_twin():
+    """The VOC kernels (θβ = 3: about one vertex per pixel, many missing neighbours) and the README
+    kernels on a real image crop, float32, against the float64 twin."""
+    _, img, _ = voc_pairs(count=1, start=3)[0]
+    im = torch.from_numpy(crop(img, 90, 120).copy()).permute(2, 0, 1).float()
+    for sxy, srgb in ((160.0, 3.0), (80.0, 13.0), (3.0, None)):
+        lat = PermutohedralLattice(grid_features(im, sxy, srgb), backend="numba")
+        x = torch.rand(1, 21, 90, 120, generator=torch.Generator().manual_seed(1))
+        ref = _reference(lat, x.reshape(1, 21, -1).double().numpy())
+        got = lat.filter(x).reshape(1, 21, -1).double().numpy()
+        np.testing.assert_allclose(got / ref.max(), ref / ref.max(), rtol=0, atol=3e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_work_arrays_from_the_caller_change_nothing(dtype):
+    """``filter_values`` with NumPy work arrays (the library's path; ``lat``/``tmp`` uninitialised, here
+    NaN-filled) is bit-identical to the kernel allocating its own, for 1 and 4 splat copies."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    lat = PermutohedralLattice(_features(5, 2, 30, 40, 3), backend="numba")
+    x = np.random.default_rng(0).random((2, 13, 1200)).astype(dtype)
+    consts = np.array([0.5, lat._alpha], dtype=dtype)
+    empty = np.empty(0, dtype=dtype)
+    bary = lat._bary64.astype(dtype)
+    for parts in (1, 4):
+        for reverse in (False, True):
+            ref, got = np.empty_like(x), np.empty_like(x)
+            args = (bary, lat._offsets, lat._nbr, reverse, consts, parts)
+            nb.filter_values(x, *args, ref, empty, empty, False)
+            work = nb.filter_work(x.shape, lat.num_vertices, parts, dtype)
+            work[1][:] = np.nan
+            work[2][:] = np.nan
+            nb.filter_values(x, *args, got, empty, empty, False, work)
+            assert np.array_equal(ref, got)
+
+
+def test_filter_is_independent_of_thread_count_and_serial_compilation():
+    import numba
+
+    from crfrnn.lattice import _numba_kernels as nb
+
+    lat = PermutohedralLattice(_features(4, 1, 60, 70, 5), backend="numba")
+    x = torch.rand(1, 21, 60, 70, generator=torch.Generator().manual_seed(2))
+    before = numba.get_num_threads()
+    try:
+        outs = []
+        for nt in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(nt)
+            outs.append(lat.filter(x, reverse=True))
+    finally:
+        numba.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    xn = x.reshape(1, 21, -1).numpy()
+    serial = np.empty_like(xn)
+    empty = np.empty(0, dtype=np.float32)
+    nb.filter_values_serial(xn, lat._bary(torch.float32), lat._offsets, lat._nbr, True,
+                            np.array([0.5, lat._alpha], dtype=np.float32), 4, serial, empty, empty, False,
+                            nb.filter_work(xn.shape, lat.num_vertices, 4, np.float32))
+    assert np.array_equal(serial, outs[0].reshape(1, 21, -1).numpy())
+
+
+def _keys(d, n, seed, spread=3.0):
+    from crfrnn.lattice import _numba_kernels as nb
+    from crfrnn.lattice.permutohedral import _scale_factors
+
+    pts = np.random.default_rng(seed).normal(0, spread, (n, d))
+    keys = np.empty((n, d + 1, d), dtype=np.int32)
+    nb.elevate(pts, _scale_factors(d).numpy(), keys, np.empty((n, d + 1)))
+    return keys.reshape(-1, d)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
+def test_neighbour_search_equals_dictionary(d):
+    """The software-pipelined neighbour search (hashes derived from the vertex's shifted sum, table
+    slots prefetched ahead) against a Python dictionary of the keys, with a vertex offset."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    flat = _keys(d, 3000, d)
+    vkeys, table = nb.insert(flat, np.empty(flat.shape[0], dtype=np.int32), 0, d + 1, 1)
+    got = nb.neighbours(vkeys, table, 7)
+    index = {tuple(k): i for i, k in enumerate(vkeys.tolist())}
+    m = vkeys.shape[0]
+    want = np.full((d + 1, m, 2), -1, dtype=np.int64)
+    for j in range(d + 1):
+        step = np.full(d, -1, dtype=np.int64)
+        if j < d:
+            step[j] = d
+        for side, sign in ((0, 1), (1, -1)):
+            for v in range(m):
+                u = index.get(tuple((vkeys[v] + sign * step).tolist()))
+                want[j, v, side] = -1 if u is None else u + 7
+    assert np.array_equal(got, want)
+    assert 0 < (got >= 0).mean() < 1  # some neighbours present, some missing
+
+
+@pytest.mark.parametrize("n_points", [1, 2, 3, 50, 20000])
+def test_pipelined_insert_numbers_in_order_of_first_appearance(n_points):
+    """Hash insert with the slots of the keys ahead prefetched, including inputs shorter than the
+    look-ahead: vertex v is the v-th distinct key in order of appearance, every key maps to its vertex."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    d = 3
+    flat = _keys(d, n_points, n_points, spread=1.0)
+    for threads in (1, 3):
+        off = np.empty(flat.shape[0], dtype=np.int32)
+        vkeys, _ = nb.insert(flat, off, 2, d + 1, threads)
+        _, first = np.unique(flat, axis=0, return_index=True)
+        np.testing.assert_array_equal(vkeys, flat[np.sort(first)])
+        np.testing.assert_array_equal(vkeys[off - 2], flat)

@@ -29,65 +29,89 @@ def geometric_backward(ctx, grad):
     lat = ctx.lattice
     values, out, pre, post = ctx.saved_tensors
     need = ctx.needs_input_grad
-    B, C, n, D = values.shape[0], values.shape[1], lat.num_points, lat.dim
+    B, C, n = values.shape[0], values.shape[1], lat.num_points
     spatial = tuple(values.shape[2:])
     dt = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
-    scale = lambda t: None if t is None else t.reshape(B, 1, n).to(dt)  # noqa: E731
-    pre_s, post_s = scale(pre), scale(post)
+    pre_s = None if pre is None else pre.reshape(B, 1, n).to(dt)
     g = grad.reshape(B, C, n).to(dt)
-    gs = g if post_s is None else g * post_s
     v = values.reshape(B, C, n).to(dt)
     vs = v if pre_s is None else v * pre_s
-    if post_s is None:
-        y = out.reshape(B, C, n).to(dt)
-    elif bool((post_s != 0).all()):
-        y = out.reshape(B, C, n).to(dt) / post_s
-    else:
-        y = lat.filter_scaled(values, reverse=ctx.reverse, pre=pre).reshape(B, C, n).to(dt)
-    fc = _centred(lat, dt)
-    stack = torch.empty(B, D + 1, C, n, dtype=dt, device=values.device)
-    torch.mul(fc[:, :, None], gs[:, None], out=stack[:, :D])
-    stack[:, D] = gs
-    adj = lat.filter_scaled(stack.reshape((B, (D + 1) * C) + spatial), reverse=not ctx.reverse)
-    del stack
-    adj = adj.reshape(B, D + 1, C, n)
-    bg = adj[:, D]
+    geometric = need[5] or need[6]
+    fc = _centred(lat, dt) if geometric else None
+    adj = _adjoint_pass(lat, g, post, fc, not ctx.reverse, spatial)  # [G^T(f^d post g), G^T(post g)]
+    bg = adj[:, -1]
     grads = [None] * 7
     if need[0]:
         grads[0] = (bg if pre_s is None else bg * pre_s).reshape(values.shape).to(values.dtype)
     if need[3]:
-        grads[3] = (v * bg).sum(1, keepdim=True).reshape(pre.shape).to(pre.dtype)
+        grads[3] = _sum_channels(v, bg).reshape(pre.shape).to(pre.dtype)
+    if need[4] or geometric:
+        go = _sum_channels(g, out.reshape(B, C, n).to(dt))  # sum_c g out = sum_c (post g) y, (B, n)
     if need[4]:
-        grads[4] = (g * y).sum(1, keepdim=True).reshape(post.shape).to(post.dtype)
-    if need[5] or need[6]:
-        common = (gs * y).sum(1) + (vs * bg).sum(1)  # (B, n)
-        second = torch.stack([(vs * adj[:, d]).sum(1) for d in range(D)], 1)  # (B, D, n)
-        del adj
-        if need[5]:
-            a = lat.filter_scaled((fc[:, :, None] * vs[:, None]).reshape((B, D * C) + spatial), reverse=ctx.reverse)
-            a = a.reshape(B, D, C, n)
-            first = torch.stack([(gs * a[:, d]).sum(1) for d in range(D)], 1)
-            del a
-            df = first + second - fc * common[:, None]  # dL/d(features / bandwidth), (B, D, n)
-            s = (fc * df).sum(2)
-            grads[5] = _features_grad(df, lat._geometry[1], spatial).to(lat._diff_features.dtype)
-        else:
-            s = (fc * (2.0 * second - fc * common[:, None])).sum(2)  # (B, D): sum_k f_k dL/df_k
-        if need[6]:
-            bw = lat._geometry[1].to(dt)
-            gb = -s / bw
-            if bw.shape[0] != B:
-                gb = gb.sum(0, keepdim=True)
-            grads[6] = gb.to(lat._diff_bandwidth.dtype)
+        post_s = post.reshape(B, n).to(dt)
+        if bool(post_s.abs().amin() > 0):
+            gp = go / post_s
+        else:  # y = out / post is lost where post = 0: filter again
+            gp = _sum_channels(g, lat.filter_scaled(values, reverse=ctx.reverse, pre=pre).reshape(B, C, n).to(dt))
+        grads[4] = gp.reshape(post.shape).to(post.dtype)
+    if geometric:
+        grads[5], grads[6] = _geometry_grads(ctx, fc, g, vs, adj, go, spatial)
     return tuple(grads)
 
 
-def _features_grad(df, bandwidth, spatial):
-    """dL/d(features) from dL/d(features / bandwidth), ``(B, D, *spatial)``."""
-    B, D = df.shape[:2]
-    if bandwidth is not None:
-        df = df / bandwidth.to(df.dtype).reshape(-1, D, 1)
-    return df.reshape((B, D) + spatial)
+def _sum_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_c a[..., c, :] * b[..., c, :]`` (broadcasting): a loop of fused multiply-adds reads each operand
+    once and keeps the small accumulator in cache (3-4x faster than einsum's permuted copy on CPU)."""
+    acc = a[..., 0, :] * b[..., 0, :]
+    for c in range(1, a.shape[-2]):
+        acc.addcmul_(a[..., c, :], b[..., c, :])
+    return acc
+
+
+def _adjoint_pass(lat, g, post, fc, reverse, spatial):
+    """One filter pass over the channels ``[f^1 g, ..., f^D g, g]`` (only ``g`` if ``fc`` is None), with
+    ``post`` (the forward's output scale) fused in as the input scale: ``(B, D + 1 or 1, C, n)``."""
+    B, C, n = g.shape
+    if fc is None:
+        res = lat.filter_scaled(g.reshape((B, C) + spatial), reverse=reverse, pre=post)
+        return res.reshape(B, 1, C, n)
+    D = fc.shape[1]
+    stack = torch.empty(B, D + 1, C, n, dtype=g.dtype, device=g.device)
+    torch.mul(fc[:, :, None], g[:, None], out=stack[:, :D])
+    stack[:, D] = g
+    res = lat.filter_scaled(stack.reshape((B, (D + 1) * C) + spatial), reverse=reverse, pre=post)
+    return res.reshape(B, D + 1, C, n)
+
+
+def _geometry_grads(ctx, fc, g, vs, adj, go, spatial):
+    """Gradients w.r.t. the features and the bandwidth (each None unless needed)."""
+    lat, need = ctx.lattice, ctx.needs_input_grad
+    B, D, n = fc.shape
+    C = g.shape[1]
+    vadj = _sum_channels(adj, vs[:, None])  # sum_c v G^T(f^d post g), d = 1..D, then sum_c v G^T(post g)
+    common = go + vadj[:, D]  # (B, n)
+    second = vadj[:, :D]  # (B, D, n)
+    feats = bw = None
+    bandwidth = lat._geometry[1]
+    if need[5]:
+        a = lat.filter_scaled((fc[:, :, None] * vs[:, None]).reshape((B, D * C) + spatial), reverse=ctx.reverse)
+        first = _sum_channels(a.reshape(B, D, C, n), g[:, None])  # sum_c g G(f^d v), before post
+        _, _, _, post = ctx.saved_tensors
+        if post is not None:
+            first = first * post.reshape(B, 1, n).to(first.dtype)
+        df = first + second - fc * common[:, None]  # dL/d(features / bandwidth), (B, D, n)
+        s = (fc * df).sum(2)
+        if bandwidth is not None:
+            df = df / bandwidth.to(df.dtype).reshape(-1, D, 1)
+        feats = df.reshape((B, D) + spatial).to(lat._diff_features.dtype)
+    else:  # only sum_k f_k dL/df_k is needed, where the two bilinear terms are equal
+        s = (fc * (2.0 * second - fc * common[:, None])).sum(2)  # (B, D)
+    if need[6]:
+        gb = -s / bandwidth.to(s.dtype)
+        if bandwidth.shape[0] != B:
+            gb = gb.sum(0, keepdim=True)
+        bw = gb.to(lat._diff_bandwidth.dtype)
+    return feats, bw
 
 
 def _centred(lat, dtype) -> torch.Tensor:

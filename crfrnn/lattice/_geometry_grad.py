@@ -30,7 +30,6 @@ def geometric_backward(ctx, grad):
     values, out, pre, post = ctx.saved_tensors
     need = ctx.needs_input_grad
     B, C, n = values.shape[0], values.shape[1], lat.num_points
-    spatial = tuple(values.shape[2:])
     dt = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
     pre_s = None if pre is None else pre.reshape(B, 1, n).to(dt)
     g = grad.reshape(B, C, n).to(dt)
@@ -38,65 +37,88 @@ def geometric_backward(ctx, grad):
     vs = v if pre_s is None else v * pre_s
     geometric = need[5] or need[6]
     fc = _centred(lat, dt) if geometric else None
-    adj = _adjoint_pass(lat, g, post, fc, not ctx.reverse, spatial)  # [G^T(f^d post g), G^T(post g)]
-    bg = adj[:, -1]
+    # G^T(post g), and sum_c v G^T(f^d post g) per pixel (features) or against f^d (bandwidth only)
+    bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, need[5], with_plain=True)
     grads = [None] * 7
     if need[0]:
         grads[0] = (bg if pre_s is None else bg * pre_s).reshape(values.shape).to(values.dtype)
     if need[3]:
-        grads[3] = _sum_channels(v, bg).reshape(pre.shape).to(pre.dtype)
+        grads[3] = _sum_channels(lat, v, bg).reshape(pre.shape).to(pre.dtype)
     if need[4] or geometric:
-        go = _sum_channels(g, out.reshape(B, C, n).to(dt))  # sum_c g out = sum_c (post g) y, (B, n)
-    if need[4]:
-        post_s = post.reshape(B, n).to(dt)
-        if bool(post_s.abs().amin() > 0):
-            gp = go / post_s
-        else:  # y = out / post is lost where post = 0: filter again
-            gp = _sum_channels(g, lat.filter_scaled(values, reverse=ctx.reverse, pre=pre).reshape(B, C, n).to(dt))
-        grads[4] = gp.reshape(post.shape).to(post.dtype)
+        go = _sum_channels(lat, g, out.reshape(B, C, n).to(dt))  # sum_c g out = sum_c (post g) y, (B, n)
+    if need[4]:  # sum_c g y with y = out / post: post is non-zero where it requires grad (see _filter_diff)
+        grads[4] = (go / post.reshape(B, n).to(dt)).reshape(post.shape).to(post.dtype)
     if geometric:
-        grads[5], grads[6] = _geometry_grads(ctx, fc, g, vs, adj, go, spatial)
+        common = go + _sum_channels(lat, vs, bg)  # sum_c (g y + v G^T g), (B, n)
+        del bg
+        grads[5], grads[6] = _geometry_grads(ctx, fc, g, vs, second, common, tuple(values.shape[2:]))
     return tuple(grads)
 
 
-def _sum_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_c a[..., c, :] * b[..., c, :]`` (broadcasting): a loop of fused multiply-adds reads each operand
-    once and keeps the small accumulator in cache (3-4x faster than einsum's permuted copy on CPU)."""
-    acc = a[..., 0, :] * b[..., 0, :]
-    for c in range(1, a.shape[-2]):
-        acc.addcmul_(a[..., c, :], b[..., c, :])
-    return acc
+# channels per filter pass of the gradient: [f^d g] for all d is (D + 1) C channels, whose input, output and
+# the lattice's own buffers (which grow with the channels) would otherwise all be alive at once
+_PASS_CHANNELS = 64
 
 
-def _adjoint_pass(lat, g, post, fc, reverse, spatial):
-    """One filter pass over the channels ``[f^1 g, ..., f^D g, g]`` (only ``g`` if ``fc`` is None), with
-    ``post`` (the forward's output scale) fused in as the input scale: ``(B, D + 1 or 1, C, n)``."""
-    B, C, n = g.shape
-    if fc is None:
-        res = lat.filter_scaled(g.reshape((B, C) + spatial), reverse=reverse, pre=post)
-        return res.reshape(B, 1, C, n)
-    D = fc.shape[1]
-    stack = torch.empty(B, D + 1, C, n, dtype=g.dtype, device=g.device)
-    torch.mul(fc[:, :, None], g[:, None], out=stack[:, :D])
-    stack[:, D] = g
-    res = lat.filter_scaled(stack.reshape((B, (D + 1) * C) + spatial), reverse=reverse, pre=post)
-    return res.reshape(B, D + 1, C, n)
+def _buffer(lat, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """A work tensor kept on the lattice for the next call (fresh pixel-sized allocations cost page faults)."""
+    cache = lat._grad_cache
+    key = (name, tuple(shape), like.dtype, like.device)
+    if key not in cache:
+        cache[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return cache[key]
 
 
-def _geometry_grads(ctx, fc, g, vs, adj, go, spatial):
-    """Gradients w.r.t. the features and the bandwidth (each None unless needed)."""
+def _sum_channels(lat, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_c a[:, c] * b[:, c]`` for ``(B, C, n)`` tensors: ``(B, n)``."""
+    return torch.mul(a, b, out=_buffer(lat, "product", a.shape, a)).sum(1)
+
+
+def _filter_groups(lat, x, scale, fc, reverse, w, per_pixel, with_plain):
+    """Filter the channel groups ``[f^1 x, ..., f^D x]`` (and ``x`` itself if ``with_plain``), with ``scale``
+    fused in as the input scale, in passes of at most ``_PASS_CHANNELS`` channels, and contract each
+    ``H_d = G(f^d scale x)`` with ``w`` at once: ``sum_c w H_d`` per pixel ``(B, D, n)`` if ``per_pixel``,
+    else ``sum_{c,k} f^d w H_d`` ``(B, D)``. Returns ``(G(scale x) or None, contractions or None)``."""
+    B, C, n = x.shape
+    spatial = lat.spatial_shape
+    D = 0 if fc is None else fc.shape[1]
+    groups = D + int(with_plain)
+    per = max(1, _PASS_CHANNELS // C)
+    plain, parts = None, []
+    for d0 in range(0, groups, per):
+        d1 = min(d0 + per, groups)
+        nd = min(d1, D) - d0  # groups f^d x in this pass; the rest is x itself
+        buf = _buffer(lat, "groups", (B, d1 - d0, C, n), x)
+        if nd > 0:
+            torch.mul(fc[:, d0 : d0 + nd, None], x[:, None], out=buf[:, :nd])
+        if d1 > D:
+            buf[:, nd] = x
+        res = lat.filter_scaled(buf.reshape((B, (d1 - d0) * C) + spatial), reverse=reverse, pre=scale)
+        res = res.reshape(B, d1 - d0, C, n)
+        if d1 > D:
+            plain = res[:, nd].clone()
+        if nd == 0:
+            continue
+        if per_pixel:
+            parts.append(torch.einsum("bcn,bdcn->bdn", w, res[:, :nd]))
+        else:  # reuse the input buffer for f^d w, then one dot product per dimension
+            torch.mul(fc[:, d0 : d0 + nd, None], w[:, None], out=buf[:, :nd])
+            dots = torch.bmm(res[:, :nd].reshape(B * nd, 1, C * n), buf[:, :nd].reshape(B * nd, C * n, 1))
+            parts.append(dots.reshape(B, nd))
+    return plain, (torch.cat(parts, 1) if parts else None)
+
+
+def _geometry_grads(ctx, fc, g, vs, second, common, spatial):
+    """Gradients w.r.t. the features and the bandwidth (each None unless needed). ``second``: the adjoint
+    term ``sum_c v G^T(f^d post g)``, per pixel ``(B, D, n)`` if the features need a gradient, else summed
+    against ``f^d`` ``(B, D)``; ``common = sum_c (g y + v G^T(post g))`` ``(B, n)``."""
     lat, need = ctx.lattice, ctx.needs_input_grad
     B, D, n = fc.shape
-    C = g.shape[1]
-    vadj = _sum_channels(adj, vs[:, None])  # sum_c v G^T(f^d post g), d = 1..D, then sum_c v G^T(post g)
-    common = go + vadj[:, D]  # (B, n)
-    second = vadj[:, :D]  # (B, D, n)
     feats = bw = None
     bandwidth = lat._geometry[1]
     if need[5]:
-        a = lat.filter_scaled((fc[:, :, None] * vs[:, None]).reshape((B, D * C) + spatial), reverse=ctx.reverse)
-        first = _sum_channels(a.reshape(B, D, C, n), g[:, None])  # sum_c g G(f^d v), before post
-        _, _, _, post = ctx.saved_tensors
+        _, first = _filter_groups(lat, vs, None, fc, ctx.reverse, g, True, with_plain=False)  # sum_c g G(f^d v)
+        post = ctx.saved_tensors[3]
         if post is not None:
             first = first * post.reshape(B, 1, n).to(first.dtype)
         df = first + second - fc * common[:, None]  # dL/d(features / bandwidth), (B, D, n)
@@ -104,8 +126,8 @@ def _geometry_grads(ctx, fc, g, vs, adj, go, spatial):
         if bandwidth is not None:
             df = df / bandwidth.to(df.dtype).reshape(-1, D, 1)
         feats = df.reshape((B, D) + spatial).to(lat._diff_features.dtype)
-    else:  # only sum_k f_k dL/df_k is needed, where the two bilinear terms are equal
-        s = (fc * (2.0 * second - fc * common[:, None])).sum(2)  # (B, D)
+    else:  # sum_k f_k dL/df_k, where the two bilinear terms are equal
+        s = 2.0 * second - torch.bmm(_centred(lat, fc.dtype, square=True), common[:, :, None]).reshape(B, D)
     if need[6]:
         gb = -s / bandwidth.to(s.dtype)
         if bandwidth.shape[0] != B:
@@ -114,21 +136,25 @@ def _geometry_grads(ctx, fc, g, vs, adj, go, spatial):
     return feats, bw
 
 
-def _centred(lat, dtype) -> torch.Tensor:
+def _centred(lat, dtype, square: bool = False) -> torch.Tensor:
     """The features as the lattice sees them (divided by the bandwidth) minus each image's mean over its
-    valid points, ``(B, D, N)`` in ``dtype`` (0 at left-out points), cached on the lattice. The kernel sees
-    only differences, so the gradient is unchanged; small magnitudes keep its products clear of float32
-    cancellation."""
-    if dtype not in lat._centred_cache:
-        feats, bw, valid = lat._geometry
-        f = divided(feats, bw).reshape(lat.batch_size, lat.dim, lat.num_points)
-        if valid is None:
-            f = f - f.mean(2, keepdim=True)
+    valid points, ``(B, D, N)`` in ``dtype`` (0 at left-out points), or their squares; cached on the lattice.
+    The kernel sees only differences, so the gradient is unchanged; small magnitudes keep its products
+    clear of float32 cancellation."""
+    key = ("centred", dtype, square)
+    if key not in lat._grad_cache:
+        if square:
+            lat._grad_cache[key] = _centred(lat, dtype) ** 2
         else:
-            w = valid[:, None].to(f.dtype)
-            f = (f - (f * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)) * w
-        lat._centred_cache[dtype] = f.to(dtype).contiguous()
-    return lat._centred_cache[dtype]
+            feats, bw, valid = lat._geometry
+            f = divided(feats, bw).reshape(lat.batch_size, lat.dim, lat.num_points)
+            if valid is None:
+                f = f - f.mean(2, keepdim=True)
+            else:
+                w = valid[:, None].to(f.dtype)
+                f = (f - (f * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)) * w
+            lat._grad_cache[key] = f.to(dtype).contiguous()
+    return lat._grad_cache[key]
 
 
 def divided(features: torch.Tensor, bandwidth) -> torch.Tensor:

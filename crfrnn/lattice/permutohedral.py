@@ -324,9 +324,9 @@ class PermutohedralLattice:
         self._diff_features = features if features.requires_grad else None
         self._diff_bandwidth = bandwidth if bandwidth is not None and bandwidth.requires_grad else None
         self._geometry = None
+        self._grad_cache = {}  # centred features and work buffers of the gradient, reused by every call
         if self._diff_features is not None or self._diff_bandwidth is not None:
             self._geometry = (features.detach(), None if bandwidth is None else bandwidth.detach(), valid)
-            self._centred_cache = {}
 
     # ------------------------------------------------------------------ apply
     def _bary(self, dtype):
@@ -383,7 +383,8 @@ class PermutohedralLattice:
         """Differentiable ``post * F(values * pre)`` with the scales fused into the compiled passes.
 
         ``pre``/``post`` ``(B, 1, *spatial)`` may require grad (the mean-field loop's normalisation by the
-        response to ones, which then costs no extra pass, depends on learned bandwidths).
+        response to ones, which then costs no extra pass, depends on learned bandwidths); a ``post`` that
+        requires grad must be non-zero (its gradient is taken from ``out / post``).
         """
         return _LatticeFilter.apply(values, self, False, pre, post, self._diff_features, self._diff_bandwidth)
 

@@ -49,6 +49,7 @@ from .lattice.permutohedral import _all_finite, _check_mask
 __all__ = ["mean_field", "CrfRnn", "crf_features"]
 
 Weight = Union[float, torch.Tensor]
+Theta = Union[float, torch.Tensor]
 _METHODS = ("permutohedral", "exact")
 
 
@@ -98,6 +99,31 @@ def _positive(name: str, value) -> None:
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
 
 
+def _check_theta(name: str, value, channels: Optional[int], ref: torch.Tensor):
+    """A kernel std θ: a positive number (for ``theta_beta`` also one per image channel), or a float tensor
+    of shape ``()``/``(1,)`` (``(K,)`` for ``theta_beta``) on ``ref``'s device, which may require grad.
+    Returns a float, a tuple of floats, or a 1-D tensor."""
+    what = "a number" if channels is None else f"a number or one value per image channel (K={channels})"
+    if not isinstance(value, torch.Tensor):
+        if channels is not None and isinstance(value, (list, tuple)):
+            if len(value) not in (1, channels):
+                raise ValueError(f"{name} must be {what}, got {len(value)} values {tuple(value)!r}")
+            _positive(name, list(value))
+            return tuple(float(v) for v in value)
+        _positive(name, value)
+        return float(value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a number or a floating-point tensor, got {_describe(value)}")
+    if value.dim() > 1 or value.numel() not in ((1,) if channels is None else (1, channels)):
+        raise ValueError(f"{name} must be {what}: a tensor of shape () or (1,)"
+                         f"{'' if channels is None else f' or ({channels},)'}, got {_describe(value)}")
+    if value.device != ref.device:
+        raise ValueError(f"{name} is on {value.device} but unary is on {ref.device}; move them to one device")
+    if not bool((torch.isfinite(value) & (value > 0)).all()):
+        raise ValueError(f"{name} must be positive and finite, got {value.detach().reshape(-1).tolist()}")
+    return value.reshape(-1)
+
+
 def _as_weight(name: str, w: Weight, L: int, ref: torch.Tensor) -> torch.Tensor:
     """A kernel weight / compatibility as a tensor of shape (), (L,) or (L, L) on ``ref``'s device."""
     if isinstance(w, torch.Tensor):
@@ -125,9 +151,9 @@ def _apply_labels(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- features
 def crf_features(
     image: torch.Tensor,
-    theta_alpha: float,
-    theta_beta: Union[float, Sequence[float]],
-    theta_gamma: float,
+    theta_alpha: Union[float, torch.Tensor],
+    theta_beta: Union[float, Sequence[float], torch.Tensor],
+    theta_gamma: Union[float, torch.Tensor],
     spacing: Optional[Sequence[float]] = None,
     dtype: Optional[torch.dtype] = None,
     valid_mask: Optional[torch.Tensor] = None,
@@ -139,15 +165,32 @@ def crf_features(
     (a number or one value per channel). With a ``valid_mask (B, 1, *spatial)`` positions count from
     the first valid index of each image along each axis, so padding on any side leaves the features
     of the valid pixels (and hence the lattice, which is not translation invariant) unchanged.
+    The θ may be tensors (differentiable).
     """
+    (bil, bw_bil), (spa, bw_spa) = _kernel_geometry(image, theta_alpha, theta_beta, theta_gamma, spacing, dtype,
+                                                    valid_mask)
+    return _divide(bil, bw_bil), _divide(spa, bw_spa)
+
+
+def _divide(features: torch.Tensor, bandwidth) -> torch.Tensor:
+    if not isinstance(bandwidth, torch.Tensor):
+        bandwidth = torch.tensor(bandwidth, dtype=features.dtype, device=features.device)
+    return features / bandwidth.to(features.dtype).view((1, -1) + (1,) * (features.dim() - 2))
+
+
+def _kernel_geometry(image, theta_alpha, theta_beta, theta_gamma, spacing, dtype=None, valid_mask=None):
+    """Undivided features and per-dimension stds of both kernels:
+    ``((positions + image (B, S+K, *spatial), [θα]*S + θβ), (positions (B, S, *spatial), [θγ]*S))``.
+    The stds are lists of floats, or 1-D tensors if any θ of the kernel is a tensor."""
     B, K = image.shape[:2]
     spatial = tuple(image.shape[2:])
+    S = len(spatial)
     dtype = dtype or (image.dtype if image.is_floating_point() else torch.float32)
     if spacing is None:
-        spacing = (1.0,) * len(spatial)
+        spacing = (1.0,) * S
     spacing = tuple(spacing)
-    if len(spacing) != len(spatial):
-        raise ValueError(f"spacing must have one entry per spatial axis ({len(spatial)}), got {spacing}")
+    if len(spacing) != S:
+        raise ValueError(f"spacing must have one entry per spatial axis ({S}), got {spacing}")
     _positive("spacing", spacing)
     axes = [torch.arange(s, dtype=dtype, device=image.device) * sp for s, sp in zip(spatial, spacing)]
     pos = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(B, -1, *spatial)
@@ -155,33 +198,50 @@ def crf_features(
         v = (valid_mask != 0).reshape(B, *spatial)
         origin = []
         for a, (s, sp) in enumerate(zip(spatial, spacing)):
-            other = tuple(i for i in range(1, len(spatial) + 1) if i != a + 1)
+            other = tuple(i for i in range(1, S + 1) if i != a + 1)
             hit = v.any(dim=other) if other else v  # (B, s)
             first = torch.where(hit, torch.arange(s, device=image.device), s).amin(1)
             origin.append(first.to(dtype) * sp)
-        pos = pos - torch.stack(origin, 1).view(B, len(spatial), *([1] * len(spatial)))
-    tb = torch.as_tensor(theta_beta, dtype=dtype, device=image.device).reshape(-1)
-    if tb.numel() not in (1, K):
+        pos = pos - torch.stack(origin, 1).view(B, S, *([1] * S))
+    tb = theta_beta if isinstance(theta_beta, (torch.Tensor, list, tuple)) else [theta_beta]
+    if len(tb) not in (1, K):
         raise ValueError(f"theta_beta must be a number or have one value per image channel (K={K}), got {theta_beta!r}")
-    colour = image.to(dtype) / tb.view(1, -1, *([1] * len(spatial)))
-    return torch.cat([pos / theta_alpha, colour], 1), pos / theta_gamma
+    bilateral = torch.cat([pos, image.to(dtype)], 1)
+    return (bilateral, _stds([theta_alpha] * S + [tb] * (K if len(tb) == 1 else 1))), (pos, _stds([theta_gamma] * S))
+
+
+def _stds(parts):
+    """Concatenate numbers / 1-D sequences / tensors into one list of floats, or a 1-D tensor if any is a tensor."""
+    if not any(isinstance(p, torch.Tensor) for p in parts):
+        out = []
+        for p in parts:
+            out.extend(float(x) for x in p) if isinstance(p, (list, tuple)) else out.append(float(p))
+        return out
+    tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.cat([torch.as_tensor(p, dtype=dtype, device=tensors[0].device).reshape(-1) for p in parts])
 
 
 class _Kernel:
-    """One Gaussian kernel, built once: ``__call__(Q)`` returns the normalised message (B, L, *spatial)."""
+    """One Gaussian kernel, built once: ``__call__(Q)`` returns the normalised message (B, L, *spatial).
 
-    def __init__(self, features, method, backend, valid_mask, dtype):
+    ``features (B, D, *spatial)`` undivided, ``stds`` the D standard deviations (floats, or a tensor that
+    may require grad: the lattice then differentiates its filter, normaliser included, w.r.t. them)."""
+
+    def __init__(self, features, stds, method, backend, valid_mask, dtype):
         B = features.shape[0]
         ones = torch.ones((B, 1) + tuple(features.shape[2:]), dtype=dtype, device=features.device)
         if valid_mask is not None:
             ones = (valid_mask != 0).to(dtype)
         if method == "permutohedral":
-            self.lattice = PermutohedralLattice(features, backend=backend, mask=valid_mask)
+            self.lattice = PermutohedralLattice(features, backend=backend, mask=valid_mask, bandwidth=stds)
             self.matrix = None
             norm = self.lattice.filter(ones)
         else:  # the exact O(N^2) kernel matrix, masked rows and columns removed
             w = ones.reshape(B, 1, -1)
-            self.matrix = dense_gaussian_kernel(features).to(dtype) * w * w.transpose(1, 2)
+            self.matrix = dense_gaussian_kernel(_divide(features, stds)).to(dtype) * w * w.transpose(1, 2)
             norm = self.matrix.sum(-1).reshape(ones.shape)
         if valid_mask is not None:
             norm = torch.where(valid_mask != 0, norm, torch.ones((), dtype=dtype, device=norm.device))
@@ -247,27 +307,34 @@ def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterati
     return logits
 
 
-def _build_kernels(image, theta_alpha, theta_beta, theta_gamma, spacing, method, backend, valid_mask, dtype):
+def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, method, backend):
+    """The one path of :func:`mean_field` and :meth:`CrfRnn.forward`: checks the inputs, θ and ``method``
+    once, builds both kernels once and iterates. ``weights(unary)`` returns the per-iteration lists of
+    spatial weights, bilateral weights and compatibilities (validated by the caller's rules)."""
+    _check_inputs(unary, image, valid_mask)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    _positive("theta_alpha", theta_alpha)
-    _positive("theta_gamma", theta_gamma)
-    _positive("theta_beta", list(theta_beta) if isinstance(theta_beta, (list, tuple)) else theta_beta)
-    with torch.no_grad():
-        bil, spa = crf_features(image.detach(), theta_alpha, theta_beta, theta_gamma, spacing, valid_mask=valid_mask)
-    return (
-        _Kernel(spa, method, backend, valid_mask, dtype),
-        _Kernel(bil, method, backend, valid_mask, dtype),
+    K = image.shape[1]
+    ta = _check_theta("theta_alpha", thetas[0], None, unary)
+    tb = _check_theta("theta_beta", thetas[1], K, unary)
+    tg = _check_theta("theta_gamma", thetas[2], None, unary)
+    ws, wb, c = weights(unary)
+    img = image.detach()  # the reference image is a constant
+    (bil, bw_bil), (spa, bw_spa) = _kernel_geometry(img, ta, tb, tg, spacing, valid_mask=valid_mask)
+    kernels = (
+        _Kernel(spa, bw_spa, method, backend, valid_mask, unary.dtype),
+        _Kernel(bil, bw_bil, method, backend, valid_mask, unary.dtype),
     )
+    return _mean_field_loop(unary, kernels, ws, wb, c, num_iterations, valid_mask)
 
 
 def mean_field(
     unary: torch.Tensor,
     image: torch.Tensor,
     *,
-    theta_alpha: float = 160.0,
-    theta_beta: Union[float, Sequence[float]] = 3.0,
-    theta_gamma: float = 3.0,
+    theta_alpha: Theta = 160.0,
+    theta_beta: Union[Theta, Sequence[float]] = 3.0,
+    theta_gamma: Theta = 3.0,
     spatial_weight: Weight = 3.0,
     bilateral_weight: Weight = 5.0,
     compatibility: Optional[torch.Tensor] = None,
@@ -285,6 +352,8 @@ def mean_field(
             For RGB use the 0..255 scale, as θβ assumes. Treated as a constant (no gradient).
         theta_alpha, theta_beta, theta_gamma: kernel stds θα (bilateral, positions, in pixels),
             θβ (bilateral, colour; a number or one per channel), θγ (spatial, positions). VOC: 160, 3, 3.
+            Numbers, or float tensors (shape ``()``/``(1,)``, ``(K,)`` for θβ) on the unary's device that
+            may require grad: the bandwidths are then learned (see ``docs/bandwidths.md``).
         spatial_weight, bilateral_weight: kernel weights :math:`w^{(m)}`: a scalar (shared), an
             ``(L,)`` vector (per class) or an ``(L, L)`` matrix (as the official code). May require grad.
         compatibility: ``(L, L)`` label compatibility :math:`\mu` (a penalty; asymmetric allowed);
@@ -300,24 +369,24 @@ def mean_field(
     Returns:
         refined logits ``(B, L, *spatial)``, dtype and device of ``unary``.
     """
-    _check_inputs(unary, image, valid_mask)
     if not isinstance(num_iterations, numbers.Integral) or num_iterations < 0:
         raise ValueError(f"num_iterations must be a non-negative integer, got {num_iterations!r}")
-    L = unary.shape[1]
-    ws = _as_weight("spatial_weight", spatial_weight, L, unary)
-    wb = _as_weight("bilateral_weight", bilateral_weight, L, unary)
-    if compatibility is None:
-        c = -torch.ones((), dtype=unary.dtype, device=unary.device)
-    else:
-        if not isinstance(compatibility, torch.Tensor) or tuple(compatibility.shape) != (L, L):
-            shape = tuple(compatibility.shape) if isinstance(compatibility, torch.Tensor) else type(compatibility).__name__
-            raise ValueError(f"compatibility must be an (L, L) = ({L}, {L}) tensor or None, got {shape}")
-        c = _as_weight("compatibility", compatibility, L, unary)
-    kernels = _build_kernels(
-        image, theta_alpha, theta_beta, theta_gamma, spacing, method, backend, valid_mask, unary.dtype
-    )
     T = int(num_iterations)
-    return _mean_field_loop(unary, kernels, [ws] * T, [wb] * T, [c] * T, T, valid_mask)
+
+    def weights(u):
+        L = u.shape[1]
+        ws = _as_weight("spatial_weight", spatial_weight, L, u)
+        wb = _as_weight("bilateral_weight", bilateral_weight, L, u)
+        if compatibility is None:
+            c = -torch.ones((), dtype=u.dtype, device=u.device)
+        else:
+            if not isinstance(compatibility, torch.Tensor) or tuple(compatibility.shape) != (L, L):
+                shape = tuple(compatibility.shape) if isinstance(compatibility, torch.Tensor) else type(compatibility).__name__
+                raise ValueError(f"compatibility must be an (L, L) = ({L}, {L}) tensor or None, got {shape}")
+            c = _as_weight("compatibility", compatibility, L, u)
+        return [ws] * T, [wb] * T, [c] * T
+
+    return _run(unary, image, valid_mask, (theta_alpha, theta_beta, theta_gamma), weights, T, spacing, method, backend)
 
 
 class CrfRnn(nn.Module):
@@ -330,7 +399,10 @@ class CrfRnn(nn.Module):
 
     * ``spatial_ker_weights`` — ``(L, L)``, ``spatial_weight * I``;
     * ``bilateral_ker_weights`` — ``(L, L)``, ``bilateral_weight * I``;
-    * ``compatibility_matrix`` — ``(L, L)``, Potts ``-I``; output = ``unary - compatibility @ messages``.
+    * ``compatibility_matrix`` — ``(L, L)``, Potts ``-I``; output = ``unary - compatibility @ messages``;
+    * with ``learn_bandwidths=True``: ``log_theta_alpha`` ``()``, ``log_theta_beta`` ``()`` (or ``(K,)`` if
+      ``theta_beta`` is given per channel), ``log_theta_gamma`` ``()`` — the kernel stds, log-parameterised
+      so that they stay positive (shared by all iterations; the lattices are built once per forward).
 
     Ablations of the paper's Section 7.1:
 
@@ -354,6 +426,7 @@ class CrfRnn(nn.Module):
         num_test_iterations: int = 10,
         kernel_weights: str = "matrix",
         learn_compatibility: bool = True,
+        learn_bandwidths: bool = False,
         untied: bool = False,
         spacing: Optional[Sequence[float]] = None,
         backend: Optional[str] = None,
@@ -371,7 +444,14 @@ class CrfRnn(nn.Module):
         _positive("theta_beta", list(theta_beta) if isinstance(theta_beta, (list, tuple)) else theta_beta)
         L = int(num_classes)
         self.num_classes = L
-        self.theta_alpha, self.theta_beta, self.theta_gamma = theta_alpha, theta_beta, theta_gamma
+        self.learn_bandwidths = bool(learn_bandwidths)
+        beta = tuple(float(b) for b in theta_beta) if isinstance(theta_beta, (list, tuple)) else float(theta_beta)
+        if self.learn_bandwidths:
+            self.log_theta_alpha = nn.Parameter(torch.tensor(math.log(theta_alpha)))
+            self.log_theta_beta = nn.Parameter(torch.tensor(beta).log())
+            self.log_theta_gamma = nn.Parameter(torch.tensor(math.log(theta_gamma)))
+        else:
+            self._thetas = (float(theta_alpha), beta, float(theta_gamma))
         self.num_iterations, self.num_test_iterations = int(num_iterations), int(num_test_iterations)
         self.kernel_weights, self.untied, self.spacing, self.backend = kernel_weights, untied, spacing, backend
         lead = (self.num_iterations,) if untied else ()
@@ -389,12 +469,41 @@ class CrfRnn(nn.Module):
         else:
             self.register_buffer("compatibility_matrix", potts)
 
+    def bandwidths(self):
+        """The kernel stds ``(θα, θβ, θγ)`` the forward pass uses: numbers, or (with ``learn_bandwidths``)
+        tensors ``exp(log_theta_*)`` that carry gradients."""
+        if not self.learn_bandwidths:
+            return self._thetas
+        return self.log_theta_alpha.exp(), self.log_theta_beta.exp(), self.log_theta_gamma.exp()
+
+    def _theta_value(self, i: int):
+        t = self.bandwidths()[i]
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach()
+        return float(t) if t.dim() == 0 else tuple(t.tolist())
+
+    @property
+    def theta_alpha(self) -> float:
+        """Current θα (a number; read-only)."""
+        return self._theta_value(0)
+
+    @property
+    def theta_beta(self):
+        """Current θβ (a number or one per channel; read-only)."""
+        return self._theta_value(1)
+
+    @property
+    def theta_gamma(self) -> float:
+        """Current θγ (a number; read-only)."""
+        return self._theta_value(2)
+
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha}, theta_beta={self.theta_beta}, "
-            f"theta_gamma={self.theta_gamma}, num_iterations={self.num_iterations}, "
-            f"num_test_iterations={self.num_test_iterations}, kernel_weights={self.kernel_weights!r}, "
-            f"untied={self.untied}"
+            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha:g}, theta_beta={self.theta_beta}, "
+            f"theta_gamma={self.theta_gamma:g}, learn_bandwidths={self.learn_bandwidths}, "
+            f"num_iterations={self.num_iterations}, num_test_iterations={self.num_test_iterations}, "
+            f"kernel_weights={self.kernel_weights!r}, untied={self.untied}"
         )
 
     def _per_iteration(self, p: torch.Tensor, T: int):
@@ -411,24 +520,16 @@ class CrfRnn(nn.Module):
         *,
         method: str = "permutohedral",
     ) -> torch.Tensor:
-        _check_inputs(unary, image, valid_mask)
-        if unary.shape[1] != self.num_classes:
-            raise ValueError(
-                f"unary has L={unary.shape[1]} labels but this CrfRnn was built for num_classes={self.num_classes} "
-                f"(unary {tuple(unary.shape)})"
-            )
         T = self.num_iterations if self.training else self.num_test_iterations
-        kernels = _build_kernels(
-            image, self.theta_alpha, self.theta_beta, self.theta_gamma, self.spacing, method, self.backend,
-            valid_mask, unary.dtype,
-        )
-        cast = lambda p: p.to(unary.dtype)  # noqa: E731  (float64 unaries with float32 parameters)
-        return _mean_field_loop(
-            unary,
-            kernels,
-            self._per_iteration(cast(self.spatial_ker_weights), T),
-            self._per_iteration(cast(self.bilateral_ker_weights), T),
-            self._per_iteration(cast(self.compatibility_matrix), T),
-            T,
-            valid_mask,
-        )
+
+        def weights(u):
+            if u.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"unary has L={u.shape[1]} labels but this CrfRnn was built for num_classes={self.num_classes} "
+                    f"(unary {tuple(u.shape)})"
+                )
+            # float64 unaries with float32 parameters
+            return tuple(self._per_iteration(p.to(u.dtype), T)
+                         for p in (self.spatial_ker_weights, self.bilateral_ker_weights, self.compatibility_matrix))
+
+        return _run(unary, image, valid_mask, self.bandwidths(), weights, T, self.spacing, method, self.backend)

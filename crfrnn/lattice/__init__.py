@@ -3,6 +3,7 @@
 * :mod:`.permutohedral` — :class:`PermutohedralLattice` (build once, filter many), :func:`permutohedral_filter`,
   the vectorised torch backend (any device) and the dispatch to the compiled CPU kernels;
 * :mod:`._numba_kernels` — the compiled CPU kernels (Numba): build, splat/blur/slice, fused dense-CRF pass;
+* :mod:`._geometry_grad` — the opt-in gradient w.r.t. the features / bandwidths (filters on the same lattice);
 * :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle.
 """
 from .exact import dense_gaussian_filter, dense_gaussian_kernel

@@ -19,6 +19,9 @@ for CRF-RNN's bilateral kernel.
 * ``filter(values, reverse=True)`` applies the exact transpose (blur directions in reverse order). The
   filter is linear in ``values`` and its gradient is the transpose, so the backward pass re-uses the
   lattice and stores nothing per pixel.
+* Opt-in gradients w.r.t. the features (or a per-dimension ``bandwidth`` they are divided by): the
+  gradient of the ideal Gaussian filter, each of its terms a filter on the same lattice (see
+  ``docs/bandwidths.md``). The lattice keeps the features only when they (or the bandwidth) require grad.
 
 Two backends share the maths:
 
@@ -34,6 +37,8 @@ import math
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
+
+from ._geometry_grad import divided as _divided, geometric_backward
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -149,16 +154,32 @@ class PermutohedralLattice:
         mask: optional ``(B, 1, *spatial)`` boolean tensor; points where it is False are left out of the
             lattice entirely (they neither send nor receive: their output is 0). Used for padded
             canvases: a padded image filters exactly like the unpadded one inside the mask.
+        bandwidth: optional per-dimension standard deviations the features are divided by: a number,
+            ``D`` numbers, or a tensor of shape ``()``, ``(D,)`` or ``(B, D)``; the kernel is then
+            :math:`\exp(-\frac12\sum_d (f_i^d - f_j^d)^2 / \sigma_d^2)`. A tensor may require grad.
+
+    Gradients w.r.t. ``features`` and ``bandwidth`` are opt-in: when either requires grad, :meth:`filter`
+    is differentiable in it too (the lattice keeps a reference to them; otherwise it keeps nothing).
+    A ``bandwidth`` gradient alone costs one filter pass of ``(D + 1) C`` channels in the backward
+    pass (instead of ``C``); a ``features`` gradient one more pass of ``D C`` channels.
 
     Attributes:
         batch_size, dim (D), spatial_shape, num_points (per image), num_vertices (all images),
         device, backend.
     """
 
-    def __init__(self, features: torch.Tensor, *, backend: Optional[str] = None, mask: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        *,
+        backend: Optional[str] = None,
+        mask: Optional[torch.Tensor] = None,
+        bandwidth=None,
+    ):
         _check_features(features)
         if mask is not None:
             _check_mask(mask, features)
+        bandwidth = None if bandwidth is None else _check_bandwidth(bandwidth, features)
         self.backend = _resolve_backend(backend, features.device)
         self.device = features.device
         self.batch_size = int(features.shape[0])
@@ -167,7 +188,7 @@ class PermutohedralLattice:
         self.num_points = int(math.prod(self.spatial_shape))
         d = self.dim
         with torch.no_grad():
-            f = features.detach().to(torch.float64).reshape(self.batch_size, d, self.num_points)
+            f = _divided(features.detach(), bandwidth).reshape(self.batch_size, d, self.num_points)
             valid = None
             if mask is not None:
                 valid = mask.reshape(self.batch_size, self.num_points) != 0
@@ -188,6 +209,7 @@ class PermutohedralLattice:
                 self._build_numba(f, scale, valid)
             else:
                 self._build_torch(f, scale, valid)
+        self._keep_geometry(features, bandwidth, valid)
 
     # ------------------------------------------------------------------ builds
     def _build_numba(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
@@ -296,6 +318,16 @@ class PermutohedralLattice:
         self._bary64_t = bary.contiguous()
         self._nbr_t = nbr  # index m = the all-zero row
 
+    # ------------------------------------------------------------------ gradients w.r.t. the geometry
+    def _keep_geometry(self, features, bandwidth, valid) -> None:
+        """Keep references to what the feature/bandwidth gradient needs, only if one of them requires grad."""
+        self._diff_features = features if features.requires_grad else None
+        self._diff_bandwidth = bandwidth if bandwidth is not None and bandwidth.requires_grad else None
+        self._geometry = None
+        self._grad_cache = {}  # centred features and work buffers of the gradient, reused by every call
+        if self._diff_features is not None or self._diff_bandwidth is not None:
+            self._geometry = (features.detach(), None if bandwidth is None else bandwidth.detach(), valid)
+
     # ------------------------------------------------------------------ apply
     def _bary(self, dtype):
         key = dtype
@@ -341,18 +373,20 @@ class PermutohedralLattice:
         """Gaussian-filter ``values (B, C, *spatial)`` on this lattice; returns the same shape.
 
         ``reverse=True`` applies the exact transpose (blur directions in reverse order).
-        Differentiable w.r.t. ``values``: the backward pass is the reverse filter on this lattice.
+        Differentiable w.r.t. ``values`` (the backward pass is the reverse filter on this lattice), and
+        w.r.t. the features / bandwidth the lattice was built from if they require grad.
         """
         self._check_values(values)
-        return _LatticeFilter.apply(values, self, bool(reverse), None, None)
+        return _LatticeFilter.apply(values, self, bool(reverse), None, None, self._diff_features, self._diff_bandwidth)
 
     def _filter_diff(self, values, *, pre=None, post=None) -> torch.Tensor:
         """Differentiable ``post * F(values * pre)`` with the scales fused into the compiled passes.
 
-        ``pre``/``post`` ``(B, 1, *spatial)`` are constants (no gradient); used by the mean-field
-        loop for the normalisation by the response to ones, which then costs no extra pass.
+        ``pre``/``post`` ``(B, 1, *spatial)`` may require grad (the mean-field loop's normalisation by the
+        response to ones, which then costs no extra pass, depends on learned bandwidths); a ``post`` that
+        requires grad must be non-zero (its gradient is taken from ``out / post``).
         """
-        return _LatticeFilter.apply(values, self, False, pre, post)
+        return _LatticeFilter.apply(values, self, False, pre, post, self._diff_features, self._diff_bandwidth)
 
     def filter_scaled(
         self,
@@ -448,19 +482,57 @@ def _encode_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _LatticeFilter(torch.autograd.Function):
-    """``post * F(pre * values)``; ``pre``/``post`` are constant per-point scales or None."""
+    """``post * F(pre * values)`` on ``lattice``; ``pre``/``post`` per-point scales or None. ``features`` and
+    ``bandwidth`` are the lattice's own (None unless they require grad): inputs only so that autograd
+    routes their gradients here."""
 
     @staticmethod
-    def forward(ctx, values, lattice, reverse, pre, post):
-        ctx.lattice, ctx.reverse, ctx.pre, ctx.post = lattice, reverse, pre, post
-        return lattice.filter_scaled(values, reverse=reverse, pre=pre, post=post)
+    def forward(ctx, values, lattice, reverse, pre, post, features, bandwidth):
+        ctx.lattice, ctx.reverse = lattice, reverse
+        out = lattice.filter_scaled(values, reverse=reverse, pre=pre, post=post)
+        ctx.geometric = any(ctx.needs_input_grad[3:])
+        if ctx.geometric:
+            ctx.save_for_backward(values, out, pre, post)
+        else:
+            ctx.pre, ctx.post = pre, post
+        return out
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.geometric:
+            return geometric_backward(ctx, grad)
         # linear: the adjoint is pre * F^T(post * grad), and F^T is the same lattice blurred in the
         # opposite order -- the same Function with the scales swapped (so double backward works too)
-        g = _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse, ctx.post, ctx.pre)
-        return g, None, None, None, None
+        g = _LatticeFilter.apply(grad.contiguous(), ctx.lattice, not ctx.reverse, ctx.post, ctx.pre, None, None)
+        return g, None, None, None, None, None, None
+
+
+def _check_bandwidth(bandwidth, features) -> torch.Tensor:
+    """``bandwidth`` as a ``(1, D)`` or ``(B, D)`` tensor on the features' device (a view of a tensor
+    argument, so that gradients reach it); positive and finite."""
+    B, D = features.shape[:2]
+    if isinstance(bandwidth, torch.Tensor):
+        if not bandwidth.is_floating_point():
+            raise TypeError(f"bandwidth must be a floating-point tensor, got {_describe(bandwidth)}")
+        if bandwidth.device != features.device:
+            raise ValueError(f"bandwidth is on {bandwidth.device} but the features are on {features.device}")
+        t = bandwidth
+    else:
+        vals = list(bandwidth) if isinstance(bandwidth, (list, tuple)) else [bandwidth]
+        if not vals or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+            raise TypeError(f"bandwidth must be a number, a sequence of D={D} numbers or a tensor, got {bandwidth!r}")
+        t = torch.tensor(vals, dtype=torch.float64, device=features.device)
+        if len(vals) == 1 and not isinstance(bandwidth, (list, tuple)):
+            t = t.reshape(())
+    if t.dim() == 0:
+        t = t.expand(1, D)
+    elif tuple(t.shape) == (D,):
+        t = t.reshape(1, D)
+    elif tuple(t.shape) != (B, D):
+        raise ValueError(f"bandwidth must have shape (), (D,) = ({D},) or (B, D) = ({B}, {D}), got {tuple(t.shape)}")
+    if not _all_finite(t) or not bool((t.detach() > 0).all()):
+        raise ValueError(f"bandwidth must be positive and finite, got {t.detach().reshape(-1).tolist()}")
+    return t
 
 
 def _check_pair(values, features) -> None:
@@ -486,15 +558,18 @@ def permutohedral_filter(
     normalize: bool = False,
     *,
     backend: Optional[str] = None,
+    bandwidth=None,
 ) -> torch.Tensor:
     """One-shot lattice build + filter: ``values (B, C, *spatial)``, ``features (B, D, *spatial)``.
 
     ``normalize=True`` divides by the filter's response to ones (a weighted average, self included).
-    Differentiable w.r.t. ``values`` only. To filter several value tensors with the same features,
-    build a :class:`PermutohedralLattice` once instead.
+    ``bandwidth``: optional per-dimension stds the features are divided by (see
+    :class:`PermutohedralLattice`). Differentiable w.r.t. ``values``, and w.r.t. ``features`` and
+    ``bandwidth`` when they require grad (opt-in; the normalisation is differentiated too). To filter
+    several value tensors with the same features, build a :class:`PermutohedralLattice` once instead.
     """
     _check_pair(values, features)
-    lattice = PermutohedralLattice(features, backend=backend)
+    lattice = PermutohedralLattice(features, backend=backend, bandwidth=bandwidth)
     out = lattice.filter(values)
     if normalize:
         ones = torch.ones((values.shape[0], 1) + tuple(values.shape[2:]), dtype=values.dtype, device=values.device)

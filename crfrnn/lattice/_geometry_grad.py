@@ -1,0 +1,166 @@
+"""Gradients of the lattice filter w.r.t. the features and their per-dimension bandwidths.
+
+The backward pass of :class:`crfrnn.lattice.permutohedral._LatticeFilter` when the lattice's features (or
+bandwidth), or its per-point scales, require grad. The derivation is in ``docs/bandwidths.md``.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["geometric_backward", "divided"]
+
+
+@torch.autograd.function.once_differentiable
+def geometric_backward(ctx, grad):
+    r"""Gradients of ``out = post * G(pre * values)`` where ``G`` (``F`` or ``F^T``) stands for the Gaussian
+    filter :math:`y_k = \sum_j k(f_k, f_j) v_j`. With ``v = pre * values``, ``g = post * grad`` and
+    centred features ``f`` (the kernel sees only differences):
+
+    .. math:: \partial L / \partial f_k^d = \sum_c g_{kc} (G(f^d v_c)_k - f_k^d y_{kc})
+              + v_{kc} (G^T(f^d g_c)_k - f_k^d G^T(g_c)_k)
+
+    (the second term differentiates the kernel as a column, hence the adjoint ``G^T``; with it the
+    gradient sums to zero over the points, as the exact one does, so centring changes nothing).
+    One pass of ``G^T`` over ``[f^d g, g]`` gives the values' gradient and the second term; the first
+    needs one pass of ``G`` over ``[f^d v]`` -- unless only the bandwidth is needed: its gradient is
+    :math:`-\sigma_d^{-1} \sum_k f_k^d \partial L / \partial f_k^d`, where the two terms' bilinear parts
+    are equal (:math:`\langle f^d g, G(f^d v)\rangle = \langle G^T(f^d g), f^d v\rangle`).
+    """
+    lat = ctx.lattice
+    values, out, pre, post = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    B, C, n = values.shape[0], values.shape[1], lat.num_points
+    dt = values.dtype if values.dtype in (torch.float32, torch.float64) else torch.float32
+    pre_s = None if pre is None else pre.reshape(B, 1, n).to(dt)
+    g = grad.reshape(B, C, n).to(dt)
+    v = values.reshape(B, C, n).to(dt)
+    vs = v if pre_s is None else v * pre_s
+    geometric = need[5] or need[6]
+    fc = _centred(lat, dt) if geometric else None
+    # G^T(post g), and sum_c v G^T(f^d post g) per pixel (features) or against f^d (bandwidth only)
+    bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, need[5], with_plain=True)
+    grads = [None] * 7
+    if need[0]:
+        grads[0] = (bg if pre_s is None else bg * pre_s).reshape(values.shape).to(values.dtype)
+    if need[3]:
+        grads[3] = _sum_channels(lat, v, bg).reshape(pre.shape).to(pre.dtype)
+    if need[4] or geometric:
+        go = _sum_channels(lat, g, out.reshape(B, C, n).to(dt))  # sum_c g out = sum_c (post g) y, (B, n)
+    if need[4]:  # sum_c g y with y = out / post: post is non-zero where it requires grad (see _filter_diff)
+        grads[4] = (go / post.reshape(B, n).to(dt)).reshape(post.shape).to(post.dtype)
+    if geometric:
+        common = go + _sum_channels(lat, vs, bg)  # sum_c (g y + v G^T g), (B, n)
+        del bg
+        grads[5], grads[6] = _geometry_grads(ctx, fc, g, vs, second, common, tuple(values.shape[2:]))
+    return tuple(grads)
+
+
+# channels per filter pass of the gradient: [f^d g] for all d is (D + 1) C channels, whose input, output and
+# the lattice's own buffers (which grow with the channels) would otherwise all be alive at once
+_PASS_CHANNELS = 64
+
+
+def _buffer(lat, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """A work tensor kept on the lattice for the next call (fresh pixel-sized allocations cost page faults)."""
+    cache = lat._grad_cache
+    key = (name, tuple(shape), like.dtype, like.device)
+    if key not in cache:
+        cache[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return cache[key]
+
+
+def _sum_channels(lat, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_c a[:, c] * b[:, c]`` for ``(B, C, n)`` tensors: ``(B, n)``."""
+    return torch.mul(a, b, out=_buffer(lat, "product", a.shape, a)).sum(1)
+
+
+def _filter_groups(lat, x, scale, fc, reverse, w, per_pixel, with_plain):
+    """Filter the channel groups ``[f^1 x, ..., f^D x]`` (and ``x`` itself if ``with_plain``), with ``scale``
+    fused in as the input scale, in passes of at most ``_PASS_CHANNELS`` channels, and contract each
+    ``H_d = G(f^d scale x)`` with ``w`` at once: ``sum_c w H_d`` per pixel ``(B, D, n)`` if ``per_pixel``,
+    else ``sum_{c,k} f^d w H_d`` ``(B, D)``. Returns ``(G(scale x) or None, contractions or None)``."""
+    B, C, n = x.shape
+    spatial = lat.spatial_shape
+    D = 0 if fc is None else fc.shape[1]
+    groups = D + int(with_plain)
+    per = max(1, _PASS_CHANNELS // C)
+    plain, parts = None, []
+    for d0 in range(0, groups, per):
+        d1 = min(d0 + per, groups)
+        nd = min(d1, D) - d0  # groups f^d x in this pass; the rest is x itself
+        buf = _buffer(lat, "groups", (B, d1 - d0, C, n), x)
+        if nd > 0:
+            torch.mul(fc[:, d0 : d0 + nd, None], x[:, None], out=buf[:, :nd])
+        if d1 > D:
+            buf[:, nd] = x
+        res = lat.filter_scaled(buf.reshape((B, (d1 - d0) * C) + spatial), reverse=reverse, pre=scale)
+        res = res.reshape(B, d1 - d0, C, n)
+        if d1 > D:
+            plain = res[:, nd].clone()
+        if nd == 0:
+            continue
+        if per_pixel:
+            parts.append(torch.einsum("bcn,bdcn->bdn", w, res[:, :nd]))
+        else:  # reuse the input buffer for f^d w, then one dot product per dimension
+            torch.mul(fc[:, d0 : d0 + nd, None], w[:, None], out=buf[:, :nd])
+            dots = torch.bmm(res[:, :nd].reshape(B * nd, 1, C * n), buf[:, :nd].reshape(B * nd, C * n, 1))
+            parts.append(dots.reshape(B, nd))
+    return plain, (torch.cat(parts, 1) if parts else None)
+
+
+def _geometry_grads(ctx, fc, g, vs, second, common, spatial):
+    """Gradients w.r.t. the features and the bandwidth (each None unless needed). ``second``: the adjoint
+    term ``sum_c v G^T(f^d post g)``, per pixel ``(B, D, n)`` if the features need a gradient, else summed
+    against ``f^d`` ``(B, D)``; ``common = sum_c (g y + v G^T(post g))`` ``(B, n)``."""
+    lat, need = ctx.lattice, ctx.needs_input_grad
+    B, D, n = fc.shape
+    feats = bw = None
+    bandwidth = lat._geometry[1]
+    if need[5]:
+        _, first = _filter_groups(lat, vs, None, fc, ctx.reverse, g, True, with_plain=False)  # sum_c g G(f^d v)
+        post = ctx.saved_tensors[3]
+        if post is not None:
+            first = first * post.reshape(B, 1, n).to(first.dtype)
+        df = first + second - fc * common[:, None]  # dL/d(features / bandwidth), (B, D, n)
+        s = (fc * df).sum(2)
+        if bandwidth is not None:
+            df = df / bandwidth.to(df.dtype).reshape(-1, D, 1)
+        feats = df.reshape((B, D) + spatial).to(lat._diff_features.dtype)
+    else:  # sum_k f_k dL/df_k, where the two bilinear terms are equal
+        s = 2.0 * second - torch.bmm(_centred(lat, fc.dtype, square=True), common[:, :, None]).reshape(B, D)
+    if need[6]:
+        gb = -s / bandwidth.to(s.dtype)
+        if bandwidth.shape[0] != B:
+            gb = gb.sum(0, keepdim=True)
+        bw = gb.to(lat._diff_bandwidth.dtype)
+    return feats, bw
+
+
+def _centred(lat, dtype, square: bool = False) -> torch.Tensor:
+    """The features as the lattice sees them (divided by the bandwidth) minus each image's mean over its
+    valid points, ``(B, D, N)`` in ``dtype`` (0 at left-out points), or their squares; cached on the lattice.
+    The kernel sees only differences, so the gradient is unchanged; small magnitudes keep its products
+    clear of float32 cancellation."""
+    key = ("centred", dtype, square)
+    if key not in lat._grad_cache:
+        if square:
+            lat._grad_cache[key] = _centred(lat, dtype) ** 2
+        else:
+            feats, bw, valid = lat._geometry
+            f = divided(feats, bw).reshape(lat.batch_size, lat.dim, lat.num_points)
+            if valid is None:
+                f = f - f.mean(2, keepdim=True)
+            else:
+                w = valid[:, None].to(f.dtype)
+                f = (f - (f * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)) * w
+            lat._grad_cache[key] = f.to(dtype).contiguous()
+    return lat._grad_cache[key]
+
+
+def divided(features: torch.Tensor, bandwidth) -> torch.Tensor:
+    """``features / bandwidth`` in float64 (the lattice's coordinates), ``(B, D, *spatial)``; ``bandwidth``
+    ``(1 or B, D)`` or None."""
+    f = features.to(torch.float64)
+    if bandwidth is None:
+        return f
+    return f / bandwidth.to(torch.float64).reshape(bandwidth.shape + (1,) * (f.dim() - 2))

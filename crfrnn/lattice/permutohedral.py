@@ -85,6 +85,8 @@ def _all_finite(t: torch.Tensor) -> bool:
     """No NaN/inf in ``t``: one reduction pass and no boolean temporary (NaN propagates through min/max)."""
     if t.numel() == 0:
         return True
+    if t.device.type == "meta":  # a meta tensor has a shape but no values: nothing can be computed from it
+        raise ValueError(f"a tensor on the 'meta' device holds no values to filter ({_describe(t)}); use a real device")
     lo, hi = torch.aminmax(t.detach())
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
@@ -377,6 +379,8 @@ class PermutohedralLattice:
         w.r.t. the features / bandwidth the lattice was built from if they require grad.
         """
         self._check_values(values)
+        if not _all_finite(values):
+            raise ValueError(f"values contains NaN or infinite values ({_describe(values)})")
         return _LatticeFilter.apply(values, self, bool(reverse), None, None, self._diff_features, self._diff_bandwidth)
 
     def _filter_diff(self, values, *, pre=None, post=None) -> torch.Tensor:

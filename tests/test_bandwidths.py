@@ -9,6 +9,7 @@ import torch
 from crfrnn import CrfRnn, PermutohedralLattice, available_backends, mean_field
 from crfrnn.lattice import dense_gaussian_filter, permutohedral_filter
 from crfrnn.lattice._geometry_grad import divided
+
 from conftest import DEVICES, VOC, crop, voc_pairs
 
 BACKENDS = available_backends()

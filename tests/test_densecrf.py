@@ -532,7 +532,7 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count():
     twin, and 1 and 2 threads give the same bits."""
     import numba
 
-    _, img, mask, probs = _voc_problem((120, 160), start=6)
+    _, img, mask, probs = _problem((120, 160), start=6, source="voc")
     h, w = mask.shape
     d = cd.DenseCRF2D(w, h, 21)
     U = cu.unary_from_softmax(probs)

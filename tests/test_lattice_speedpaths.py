@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from crfrnn import PermutohedralLattice, available_backends
+
 from conftest import crop, grid_features, voc_pairs
 
 pytestmark = pytest.mark.skipif("numba" not in available_backends(), reason="numba not available")

@@ -8,8 +8,6 @@ from typing import Any
 
 import torch
 
-
-
 __all__ = ["TrainConfig", "PAPER_LR_SUM", "PAPER_NUM_PIXELS"]
 
 #: Base learning rate of the CRF-RNN paper (summed loss, batch 1).

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
-from ._geometry_grad import divided as _divided, geometric_backward
+from ._geometry_grad import divided as _divided
+from ._geometry_grad import geometric_backward
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

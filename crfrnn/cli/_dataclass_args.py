@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path
@@ -120,12 +119,12 @@ def read_config(path: Path, classes: Sequence[type], aliases: Mapping[str, str] 
     (e.g. ``{"steps": "max_steps"}``). Unknown keys raise :class:`UsageError` naming them.
     """
     path = need_file(Path(path), f"{flag} file")
+    from crfrnn.engine.runfiles import read_config_json
+
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"cannot read {flag} {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{flag} {path} must hold a JSON object")
+        raw = read_config_json(path, what=flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")

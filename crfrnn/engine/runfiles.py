@@ -109,14 +109,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return obj
 
 
-def read_config_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path`` (a run's ``config.json``); ValueError naming the file otherwise."""
+def read_config_json(path: Path, what: str = "run config") -> dict[str, Any]:
+    """The JSON object in ``path`` (a run's ``config.json``, a ``--config`` file); ValueError naming ``what``
+    and the file otherwise."""
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read run config {path}: {e}") from e
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
     if not isinstance(d, dict):
-        raise ValueError(f"run config {path} does not hold a JSON object")
+        raise ValueError(f"{what} {path} must hold a JSON object")
     return d
 
 

@@ -182,3 +182,33 @@ def test_pipelined_insert_numbers_in_order_of_first_appearance(n_points):
         _, first = np.unique(flat, axis=0, return_index=True)
         np.testing.assert_array_equal(vkeys, flat[np.sort(first)])
         np.testing.assert_array_equal(vkeys[off - 2], flat)
+
+
+def test_insert_with_a_table_past_the_prefetch_threshold():
+    """A VOC-kernel lattice of ~1 vertex per pixel: the insert's table outgrows ``_PREFETCH_TABLE`` and
+    the look-ahead path runs; the numbering is still exactly first appearance, and the neighbours
+    match the dictionary twin on a sample of vertices."""
+    from crfrnn.lattice import _numba_kernels as nb
+    from crfrnn.lattice.permutohedral import _scale_factors
+
+    _, img, _ = voc_pairs(count=1, start=2)[0]
+    im = torch.from_numpy(crop(img, 300, 360).copy()).permute(2, 0, 1).double()
+    f = grid_features(im, 160.0, 3.0)[0].reshape(5, -1).T.contiguous().numpy()
+    keys = np.empty((f.shape[0], 6, 5), dtype=np.int32)
+    nb.elevate(f, _scale_factors(5).numpy(), keys, np.empty((f.shape[0], 6)))
+    flat = keys.reshape(-1, 5)
+    off = np.empty(flat.shape[0], dtype=np.int32)
+    vkeys, table = nb.insert(flat, off, 0, 6, 1)
+    assert table.shape[0] > nb._PREFETCH_TABLE
+    _, first = np.unique(flat, axis=0, return_index=True)
+    np.testing.assert_array_equal(vkeys, flat[np.sort(first)])
+    np.testing.assert_array_equal(vkeys[off], flat)
+    nbr = nb.neighbours(vkeys, table, 0)
+    index = {tuple(k): i for i, k in enumerate(vkeys.tolist())}
+    for v in range(0, vkeys.shape[0], 97):
+        for j in range(6):
+            step = np.full(5, -1, dtype=np.int64)
+            if j < 5:
+                step[j] = 5
+            for side, sign in ((0, 1), (1, -1)):
+                assert nbr[j, v, side] == index.get(tuple((vkeys[v] + sign * step).tolist()), -1)

@@ -29,6 +29,7 @@ from numba.extending import intrinsic
 _EMPTY = -1
 _ELEVATE_CHUNK = 1024  # points per work item of the elevation
 _AHEAD_HASH = 8  # hash look-ups are computed and their table slots prefetched this many keys ahead
+_PREFETCH_TABLE = 1 << 16  # ... by the insert once its table has this many slots (256 KB)
 
 
 @intrinsic
@@ -222,16 +223,18 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
     table = np.full(cap, _EMPTY, dtype=np.int32)
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
-    ring = np.empty(_AHEAD_HASH, dtype=np.uint64)  # hashes of the keys ahead, their slots prefetched
-    for q in range(q0, min(q1, q0 + _AHEAD_HASH)):
-        ring[q % _AHEAD_HASH] = _hash(keys, q, d)
+    # once the table outgrows the L2 cache (~1 vertex per pixel), the keys ahead are hashed and their
+    # table slots prefetched: ``ring[k]`` holds the hash of key ``ahead[k]``
+    ring = np.empty(_AHEAD_HASH, dtype=np.uint64)
+    ahead = np.full(_AHEAD_HASH, -1, dtype=np.int64)
     for q in range(q0, q1):
-        h = ring[q % _AHEAD_HASH] & mask
+        k = q % _AHEAD_HASH
+        hashed, h = ahead[k] == q, ring[k]
         qa = q + _AHEAD_HASH
-        if qa < q1:
-            ha = _hash(keys, qa, d)
-            ring[qa % _AHEAD_HASH] = ha
-            _prefetch(table, ha & mask)
+        if cap >= _PREFETCH_TABLE and qa < q1:
+            ring[k] = _hash(keys, qa, d)
+            ahead[k] = qa
+            _prefetch(table, ring[k] & mask)
         if q - q0 >= stride:
             same = True
             for i in range(d):
@@ -241,6 +244,7 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
             if same:
                 offsets[q] = offsets[q - stride]
                 continue
+        h = (h if hashed else _hash(keys, q, d)) & mask
         while True:
             v = table[h]
             if v == _EMPTY:

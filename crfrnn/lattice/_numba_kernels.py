@@ -714,7 +714,9 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
                     out[b, ch, i] = buf[i - i0, ch]
 
 
-def _filter_one_channel(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate):  # pragma: no cover
+def _filter_one_channel(  # pragma: no cover
+    vals, bary, offsets, nbr, reverse, consts, parts, out, pre, post, accumulate
+):
     """:func:`_filter_values` for ``C = 1`` (normalisers: the filter of ones), same arguments and
     the same operations in the same order, written with scalars (no per-row channel loops)."""
     nb, c, n = vals.shape

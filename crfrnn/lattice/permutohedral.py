@@ -197,14 +197,17 @@ class PermutohedralLattice:
                 valid = mask.reshape(self.batch_size, self.num_points) != 0
                 empty = (~valid.any(1)).nonzero().flatten().tolist()
                 if empty:
-                    raise ValueError(f"mask excludes every pixel of image(s) {empty} of the batch (mask {tuple(mask.shape)})")
+                    raise ValueError(
+                        f"mask excludes every pixel of image(s) {empty} of the batch (mask {tuple(mask.shape)})"
+                    )
                 f = torch.where(valid[:, None, :], f, torch.zeros((), dtype=f.dtype, device=f.device))
             scale = _scale_factors(d).to(f.device)
             bound = (f.abs().amax(dim=(0, 2)) * scale).sum() * (d + 1)
             if float(bound) >= _MAX_ELEVATED:
                 raise ValueError(
                     f"features span too large a range for the lattice (max |f| scaled = {float(bound):.3g} >= 2^30); "
-                    f"did you forget to divide positions/colours by the kernel's standard deviations? ({_describe(features)})"
+                    "did you forget to divide positions/colours by the kernel's standard deviations? "
+                    f"({_describe(features)})"
                 )
             self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
             self._bary_cache = {}

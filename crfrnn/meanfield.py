@@ -499,8 +499,10 @@ class CrfRnn(nn.Module):
         return self._theta_value(2)
 
     def extra_repr(self) -> str:
+        tb = self.theta_beta
+        tb = f"{tb:g}" if isinstance(tb, float) else "(" + ", ".join(f"{b:g}" for b in tb) + ")"
         return (
-            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha:g}, theta_beta={self.theta_beta}, "
+            f"num_classes={self.num_classes}, theta_alpha={self.theta_alpha:g}, theta_beta={tb}, "
             f"theta_gamma={self.theta_gamma:g}, learn_bandwidths={self.learn_bandwidths}, "
             f"num_iterations={self.num_iterations}, num_test_iterations={self.num_test_iterations}, "
             f"kernel_weights={self.kernel_weights!r}, untied={self.untied}"

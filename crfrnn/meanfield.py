@@ -135,7 +135,9 @@ def _as_weight(name: str, w: Weight, L: int, ref: torch.Tensor) -> torch.Tensor:
     else:
         raise TypeError(f"{name} must be a number or a float tensor, got {type(w).__name__}")
     if tuple(t.shape) not in ((), (L,), (L, L)):
-        raise ValueError(f"{name} must be a scalar, an (L,) vector or an (L, L) matrix with L={L}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a scalar, an (L,) vector or an (L, L) matrix with L={L}, got {tuple(t.shape)}"
+        )
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return t.to(device=ref.device, dtype=ref.dtype)
@@ -381,7 +383,8 @@ def mean_field(
             c = -torch.ones((), dtype=u.dtype, device=u.device)
         else:
             if not isinstance(compatibility, torch.Tensor) or tuple(compatibility.shape) != (L, L):
-                shape = tuple(compatibility.shape) if isinstance(compatibility, torch.Tensor) else type(compatibility).__name__
+                is_tensor = isinstance(compatibility, torch.Tensor)
+                shape = tuple(compatibility.shape) if is_tensor else type(compatibility).__name__
                 raise ValueError(f"compatibility must be an (L, L) = ({L}, {L}) tensor or None, got {shape}")
             c = _as_weight("compatibility", compatibility, L, u)
         return [ws] * T, [wb] * T, [c] * T
@@ -457,7 +460,8 @@ class CrfRnn(nn.Module):
         lead = (self.num_iterations,) if untied else ()
 
         def init(w):
-            base = {"matrix": w * torch.eye(L), "diagonal": torch.full((L,), float(w)), "shared": torch.tensor(float(w))}
+            base = {"matrix": w * torch.eye(L), "diagonal": torch.full((L,), float(w)),
+                    "shared": torch.tensor(float(w))}
             t = base[kernel_weights]
             return t.expand(lead + t.shape).clone()
 

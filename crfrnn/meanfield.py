@@ -381,7 +381,8 @@ def mean_field(
             c = -torch.ones((), dtype=u.dtype, device=u.device)
         else:
             if not isinstance(compatibility, torch.Tensor) or tuple(compatibility.shape) != (L, L):
-                shape = tuple(compatibility.shape) if isinstance(compatibility, torch.Tensor) else type(compatibility).__name__
+                is_tensor = isinstance(compatibility, torch.Tensor)
+                shape = tuple(compatibility.shape) if is_tensor else type(compatibility).__name__
                 raise ValueError(f"compatibility must be an (L, L) = ({L}, {L}) tensor or None, got {shape}")
             c = _as_weight("compatibility", compatibility, L, u)
         return [ws] * T, [wb] * T, [c] * T

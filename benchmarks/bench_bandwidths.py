@@ -85,8 +85,8 @@ def bench_time(paths, rounds: int):
 def bench_memory(path):
     out = {}
     for name, learn in (("plain", 0), ("learned", 1)):
-        res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, path or "", *map(str, (*SIZE, LABELS, ITERATIONS, learn))],
-                             capture_output=True, text=True, check=True)
+        argv = [sys.executable, "-c", _MEMORY_SCRIPT, path or "", *map(str, (*SIZE, LABELS, ITERATIONS, learn))]
+        res = subprocess.run(argv, capture_output=True, text=True, check=True)
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     out["peak_ratio"] = out["learned"]["peak_rss_mb"] / out["plain"]["peak_rss_mb"]
     out["extra_ratio"] = out["learned"]["extra_mb"] / out["plain"]["extra_mb"]
@@ -107,9 +107,10 @@ def main(argv=None) -> int:
     print(f"time ratio (learned / plain): median {timing['ratio_median']:.2f}, "
           f"range {timing['ratio_min']:.2f}-{timing['ratio_max']:.2f} (target <= 2.5)")
     memory = bench_memory(paths[0])
-    print(f"peak RSS: plain {memory['plain']['peak_rss_mb']:.0f} MB, learned {memory['learned']['peak_rss_mb']:.0f} MB, "
+    plain, learned = memory["plain"], memory["learned"]
+    print(f"peak RSS: plain {plain['peak_rss_mb']:.0f} MB, learned {learned['peak_rss_mb']:.0f} MB, "
           f"ratio {memory['peak_ratio']:.2f} (target <= 1.5); forward+backward extra over the loaded process: "
-          f"{memory['plain']['extra_mb']:.0f} vs {memory['learned']['extra_mb']:.0f} MB, ratio {memory['extra_ratio']:.2f}")
+          f"{plain['extra_mb']:.0f} vs {learned['extra_mb']:.0f} MB, ratio {memory['extra_ratio']:.2f}")
     if args.json:
         from crfrnn.engine.runfiles import atomic_write
 

@@ -223,8 +223,8 @@ def test_value_only_path_keeps_nothing_and_saves_nothing():
     assert lat._geometry is not None and lat._diff_bandwidth is not None
     # with a constant bandwidth the filter is the lattice of the divided features, bit for bit
     bw = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
-    torch.testing.assert_close(PermutohedralLattice(f, bandwidth=bw).filter(v), PermutohedralLattice(f / bw.view(1, -1, 1, 1)).filter(v),
-                               rtol=0, atol=0)
+    divided_first = PermutohedralLattice(f / bw.view(1, -1, 1, 1)).filter(v)
+    torch.testing.assert_close(PermutohedralLattice(f, bandwidth=bw).filter(v), divided_first, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -306,7 +306,8 @@ def test_exact_twin_gradcheck_theta_2d_and_3d_with_spacing_and_mask():
 
 def _mf_theta_grads(u, im, target, method, thetas, **kw):
     th = [t.detach().clone().requires_grad_() for t in thetas]
-    out = mean_field(u, im, theta_alpha=th[0], theta_beta=th[1], theta_gamma=th[2], num_iterations=5, method=method, **kw)
+    out = mean_field(u, im, theta_alpha=th[0], theta_beta=th[1], theta_gamma=th[2], num_iterations=5, method=method,
+                     **kw)
     loss = ((torch.softmax(out, 1) - target) ** 2).sum()
     return torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, th)]), out
 
@@ -409,7 +410,8 @@ def _recover(u, im, truth, start, steps, lr, final_lr):
     the late steps of the flatter widths (θγ) for the rest of the run."""
     kw = dict(spatial_weight=3.0, bilateral_weight=5.0, num_iterations=5)
     with torch.no_grad():
-        target = torch.softmax(mean_field(u, im, theta_alpha=truth[0], theta_beta=truth[1], theta_gamma=truth[2], **kw), 1)
+        out = mean_field(u, im, theta_alpha=truth[0], theta_beta=truth[1], theta_gamma=truth[2], **kw)
+        target = torch.softmax(out, 1)
     logs = torch.tensor([math.log(s) for s in start], requires_grad=True)
     opt = torch.optim.Adam([logs], lr=lr, betas=(0.8, 0.9))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, (final_lr / lr) ** (1 / steps))
@@ -454,16 +456,19 @@ def test_bad_theta_tensors_are_named():
             mean_field(u, im, **kw)
 
     err(ValueError, r"theta_alpha must be positive and finite, got \[0.0\]", theta_alpha=torch.tensor(0.0))
-    err(ValueError, r"theta_beta must be positive and finite, got \[3.0, -1.0, 3.0\]", theta_beta=torch.tensor([3.0, -1.0, 3.0]))
+    err(ValueError, r"theta_beta must be positive and finite, got \[3.0, -1.0, 3.0\]",
+        theta_beta=torch.tensor([3.0, -1.0, 3.0]))
     err(ValueError, r"theta_gamma must be positive and finite, got \[nan\]", theta_gamma=torch.tensor([float("nan")]))
-    err(ValueError, r"theta_alpha must be a number: a tensor of shape \(\) or \(1,\), got shape \(2,\)", theta_alpha=torch.ones(2))
+    err(ValueError, r"theta_alpha must be a number: a tensor of shape \(\) or \(1,\), got shape \(2,\)",
+        theta_alpha=torch.ones(2))
     err(ValueError, r"theta_beta must be a number or one value per image channel \(K=3\).*got shape \(2,\)",
         theta_beta=torch.ones(2))
     err(ValueError, r"theta_gamma must be .*got shape \(1, 1\)", theta_gamma=torch.ones(1, 1))
     err(TypeError, r"theta_alpha must be a number or a floating-point tensor, got shape \(\), dtype torch.int64",
         theta_alpha=torch.tensor(3))
     err(ValueError, r"theta_gamma is on meta but unary is on cpu", theta_gamma=torch.ones((), device="meta"))
-    err(ValueError, r"theta_beta must be a number or one value per image channel \(K=3\), got 2 values", theta_beta=(3.0, 4.0))
+    err(ValueError, r"theta_beta must be a number or one value per image channel \(K=3\), got 2 values",
+        theta_beta=(3.0, 4.0))
     with pytest.raises(ValueError, match=r"theta_alpha must be positive and finite, got \[-0.0\]"):
         mean_field(u, im, theta_alpha=torch.tensor(-0.0))
     m = CrfRnn(3, learn_bandwidths=True)
@@ -472,7 +477,8 @@ def test_bad_theta_tensors_are_named():
     with pytest.raises(ValueError, match=r"theta_alpha must be positive and finite, got \[nan\]"):
         m(u, im)
     f = torch.randn(1, 2, 4, 5)
-    with pytest.raises(ValueError, match=r"bandwidth must have shape \(\), \(D,\) = \(2,\) or \(B, D\) = \(1, 2\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"bandwidth must have shape \(\), \(D,\) = \(2,\) or \(B, D\) = \(1, 2\), "
+                                         r"got \(3,\)"):
         PermutohedralLattice(f, bandwidth=torch.ones(3))
     with pytest.raises(ValueError, match=r"bandwidth must be positive and finite"):
         PermutohedralLattice(f, bandwidth=[1.0, float("inf")])

@@ -37,8 +37,8 @@ def geometric_backward(ctx, grad):
     vs = v if pre_s is None else v * pre_s
     geometric = need[5] or need[6]
     fc = _centred(lat, dt) if geometric else None
-    # G^T(post g), and sum_c v G^T(f^d post g) per pixel (features) or against f^d (bandwidth only)
-    bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, need[5], with_plain=True)
+    # G^T(post g) and sum_c v G^T(f^d post g)
+    bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, with_plain=True)
     grads = [None] * 7
     if need[0]:
         grads[0] = (bg if pre_s is None else bg * pre_s).reshape(values.shape).to(values.dtype)
@@ -74,11 +74,11 @@ def _sum_channels(lat, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mul(a, b, out=_buffer(lat, "product", a.shape, a)).sum(1)
 
 
-def _filter_groups(lat, x, scale, fc, reverse, w, per_pixel, with_plain):
+def _filter_groups(lat, x, scale, fc, reverse, w, with_plain):
     """Filter the channel groups ``[f^1 x, ..., f^D x]`` (and ``x`` itself if ``with_plain``), with ``scale``
     fused in as the input scale, in passes of at most ``_PASS_CHANNELS`` channels, and contract each
-    ``H_d = G(f^d scale x)`` with ``w`` at once: ``sum_c w H_d`` per pixel ``(B, D, n)`` if ``per_pixel``,
-    else ``sum_{c,k} f^d w H_d`` ``(B, D)``. Returns ``(G(scale x) or None, contractions or None)``."""
+    ``H_d = G(f^d scale x)`` with ``w`` over the channels at once: ``sum_c w H_d``, ``(B, D, n)``.
+    Returns ``(G(scale x) or None, contractions or None)``."""
     B, C, n = x.shape
     spatial = lat.spatial_shape
     D = 0 if fc is None else fc.shape[1]
@@ -97,63 +97,54 @@ def _filter_groups(lat, x, scale, fc, reverse, w, per_pixel, with_plain):
         res = res.reshape(B, d1 - d0, C, n)
         if d1 > D:
             plain = res[:, nd].clone()
-        if nd == 0:
-            continue
-        if per_pixel:
-            parts.append(torch.einsum("bcn,bdcn->bdn", w, res[:, :nd]))
-        else:  # reuse the input buffer for f^d w, then one dot product per dimension
-            torch.mul(fc[:, d0 : d0 + nd, None], w[:, None], out=buf[:, :nd])
-            dots = torch.bmm(res[:, :nd].reshape(B * nd, 1, C * n), buf[:, :nd].reshape(B * nd, C * n, 1))
-            parts.append(dots.reshape(B, nd))
+        if nd > 0:  # the input buffer is free again: it takes the products
+            parts.append(torch.mul(res[:, :nd], w[:, None], out=buf[:, :nd]).sum(2))
     return plain, (torch.cat(parts, 1) if parts else None)
 
 
 def _geometry_grads(ctx, fc, g, vs, second, common, spatial):
     """Gradients w.r.t. the features and the bandwidth (each None unless needed). ``second``: the adjoint
-    term ``sum_c v G^T(f^d post g)``, per pixel ``(B, D, n)`` if the features need a gradient, else summed
-    against ``f^d`` ``(B, D)``; ``common = sum_c (g y + v G^T(post g))`` ``(B, n)``."""
+    term ``sum_c v G^T(f^d post g)`` ``(B, D, n)``; ``common = sum_c (g y + v G^T(post g))`` ``(B, n)``."""
     lat, need = ctx.lattice, ctx.needs_input_grad
     B, D, n = fc.shape
     feats = bw = None
     bandwidth = lat._geometry[1]
     if need[5]:
-        _, first = _filter_groups(lat, vs, None, fc, ctx.reverse, g, True, with_plain=False)  # sum_c g G(f^d v)
+        _, first = _filter_groups(lat, vs, None, fc, ctx.reverse, g, with_plain=False)  # sum_c g G(f^d v)
         post = ctx.saved_tensors[3]
         if post is not None:
             first = first * post.reshape(B, 1, n).to(first.dtype)
         df = first + second - fc * common[:, None]  # dL/d(features / bandwidth), (B, D, n)
-        s = (fc * df).sum(2)
+        s = (fc * df).sum(2, dtype=torch.float64)
         if bandwidth is not None:
             df = df / bandwidth.to(df.dtype).reshape(-1, D, 1)
         feats = df.reshape((B, D) + spatial).to(lat._diff_features.dtype)
-    else:  # sum_k f_k dL/df_k, where the two bilinear terms are equal
-        s = 2.0 * second - torch.bmm(_centred(lat, fc.dtype, square=True), common[:, :, None]).reshape(B, D)
+    else:  # sum_k f_k dL/df_k, where the two bilinear terms are equal. Its two parts are ~|f|^2 times the
+        # result (f spans the image in units of the kernel's width) and cancel: sum the points in float64
+        s = (fc * (2.0 * second - fc * common[:, None])).sum(2, dtype=torch.float64)
     if need[6]:
-        gb = -s / bandwidth.to(s.dtype)
+        gb = -s / bandwidth.to(torch.float64)
         if bandwidth.shape[0] != B:
             gb = gb.sum(0, keepdim=True)
         bw = gb.to(lat._diff_bandwidth.dtype)
     return feats, bw
 
 
-def _centred(lat, dtype, square: bool = False) -> torch.Tensor:
+def _centred(lat, dtype) -> torch.Tensor:
     """The features as the lattice sees them (divided by the bandwidth) minus each image's mean over its
-    valid points, ``(B, D, N)`` in ``dtype`` (0 at left-out points), or their squares; cached on the lattice.
-    The kernel sees only differences, so the gradient is unchanged; small magnitudes keep its products
-    clear of float32 cancellation."""
-    key = ("centred", dtype, square)
+    valid points, ``(B, D, N)`` in ``dtype`` (0 at left-out points), cached on the lattice. The kernel sees
+    only differences, so the gradient is unchanged; small magnitudes keep its products clear of float32
+    cancellation."""
+    key = ("centred", dtype)
     if key not in lat._grad_cache:
-        if square:
-            lat._grad_cache[key] = _centred(lat, dtype) ** 2
+        feats, bw, valid = lat._geometry
+        f = divided(feats, bw).reshape(lat.batch_size, lat.dim, lat.num_points)
+        if valid is None:
+            f = f - f.mean(2, keepdim=True)
         else:
-            feats, bw, valid = lat._geometry
-            f = divided(feats, bw).reshape(lat.batch_size, lat.dim, lat.num_points)
-            if valid is None:
-                f = f - f.mean(2, keepdim=True)
-            else:
-                w = valid[:, None].to(f.dtype)
-                f = (f - (f * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)) * w
-            lat._grad_cache[key] = f.to(dtype).contiguous()
+            w = valid[:, None].to(f.dtype)
+            f = (f - (f * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)) * w
+        lat._grad_cache[key] = f.to(dtype).contiguous()
     return lat._grad_cache[key]
 
 

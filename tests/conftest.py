@@ -106,3 +106,25 @@ def lattice_builds(monkeypatch):
 
     monkeypatch.setattr(PermutohedralLattice, "__init__", counting)
     return builds
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """One CPU thread for torch and numba: on a shared 2-core machine this is much faster for small inputs."""
+    import numba
+
+    t, n = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(t)
+    numba.set_num_threads(n)
+
+
+def run_cli(argv, capsys):
+    """Run the ``crfrnn`` command in-process: (exit status, stdout, stderr)."""
+    from crfrnn.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from crfrnn.cli import main
 from crfrnn.data import voc_palette
 from crfrnn.demo import coarse_logits, make_scene
 from crfrnn.models import TinyCrfRnnNet
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -37,24 +38,10 @@ def need(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One CPU thread for torch and numba: on a shared 2-core machine this is much faster for small inputs."""
-    import numba
-
-    t, n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(t)
-    numba.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def run(argv, capsys):
-    """Run the CLI in-process: (exit status, stdout, stderr)."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_cli
 
 
 def run_json(argv, capsys):

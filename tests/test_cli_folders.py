@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from crfrnn.cli import main
 from crfrnn.demo import coarse_logits
+
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 VOC = ROOT.parent / "shared" / "data" / "voc2012-sample"
@@ -23,22 +24,10 @@ SIZE = 64
 FAST = ["--iterations", "2", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import numba
-
-    t, n = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(t)
-    numba.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def run(argv, capsys):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_cli
 
 
 def voc_folder(tmp_path: Path, n: int) -> tuple[Path, Path, Path, list[str]]:

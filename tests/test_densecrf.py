@@ -46,6 +46,20 @@ def _problem(n_pixels_hw=None, start=0, seed=0, source="scene"):
     return name, img, mask, _noisy_softmax(mask, 21, seed)
 
 
+def _inference_on_one_and_two_threads(d, n_iterations):
+    """``d.inference(n_iterations)`` with 1 and with 2 numba threads (the caller's thread count restored)."""
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = d.inference(n_iterations)
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        return one, d.inference(n_iterations)
+    finally:
+        numba.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------- pydensecrf's example
 def _example_inputs(stem, bgr):
     """pydensecrf's examples/inference.py, step by step: colours -> labels with 0 = unknown (black)."""
@@ -468,22 +482,13 @@ def test_fused_inference_matches_per_term_loop(n_labels):
 
 def test_fused_inference_is_independent_of_thread_count():
     """Fixed splat copies summed in a fixed order: bit-identical marginals for 1 and 2 threads."""
-    import numba
-
     _, img, mask, probs = _problem((60, 80), start=2)
     h, w = mask.shape
     d = cd.DenseCRF2D(w, h, 21)
     d.setUnaryEnergy(cu.unary_from_softmax(probs))
     d.addPairwiseGaussian(3, 3)
     d.addPairwiseBilateral(80, 13, img, 10)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = d.inference(5)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = d.inference(5)
-    finally:
-        numba.set_num_threads(before)
+    one, two = _inference_on_one_and_two_threads(d, 5)
     np.testing.assert_array_equal(one, two)
 
 
@@ -530,8 +535,6 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count():
     """CRF-RNN's VOC kernels (θβ = 3: vertices shared by the splat's parts all over the lattice, so the
     owner rule of the private copies is exercised) on a real image: the fused pass equals the per-term
     twin, and 1 and 2 threads give the same bits."""
-    import numba
-
     _, img, mask, probs = _problem((120, 160), start=6, source="voc")
     h, w = mask.shape
     d = cd.DenseCRF2D(w, h, 21)
@@ -539,14 +542,7 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count():
     d.setUnaryEnergy(U)
     d.addPairwiseGaussian(3, 3)
     d.addPairwiseBilateral(160, 3, img, 5)
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = d.inference(5)
-        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
-        two = d.inference(5)
-    finally:
-        numba.set_num_threads(before)
+    one, two = _inference_on_one_and_two_threads(d, 5)
     np.testing.assert_array_equal(one, two)
     twin = d._infer_by_terms(-torch.from_numpy(U), 5).numpy()
     np.testing.assert_allclose(one, twin, atol=3e-6, rtol=0)

@@ -85,25 +85,30 @@ def _run(fn, *args):
     return True
 
 
+def _fuzz(seed: int, make_case) -> None:
+    """Run ``CASES`` cases ``make_case(rng)()`` (each a call to check, drawn from one seeded generator); at least
+    a tenth of them must be valid inputs, or the fuzzer would test nothing but errors."""
+    rng = np.random.default_rng(seed)
+    ran = sum(_run(make_case(rng)) for _ in range(CASES))
+    assert ran >= CASES // 10, f"only {ran} of {CASES} cases were valid: the fuzzer tests nothing but errors"
+
+
 @pytest.mark.parametrize("method", ["permutohedral", "exact"])
 def test_fuzz_mean_field(method):
-    rng = np.random.default_rng(1234 if method == "exact" else 4321)
-    ran = 0
-    for _ in range(CASES):
+    def case(rng):
         unary, image, theta = _case(rng)
 
         def call():
             out = crfrnn.mean_field(unary, image, num_iterations=int(rng.integers(0, 4)), method=method, **theta)
             _accepts(out, unary)
 
-        ran += _run(call)
-    assert ran >= CASES // 10, f"only {ran} of {CASES} cases were valid: the fuzzer tests nothing but errors"
+        return call
+
+    _fuzz(1234 if method == "exact" else 4321, case)
 
 
 def test_fuzz_crfrnn_module():
-    rng = np.random.default_rng(99)
-    ran = 0
-    for _ in range(CASES):
+    def case(rng):
         unary, image, theta = _case(rng)
 
         def call():
@@ -115,14 +120,13 @@ def test_fuzz_crfrnn_module():
                 for p in layer.parameters():
                     assert p.grad is None or bool(torch.isfinite(p.grad).all())
 
-        ran += _run(call)
-    assert ran >= CASES // 10
+        return call
+
+    _fuzz(99, case)
 
 
 def test_fuzz_lattice():
-    rng = np.random.default_rng(7)
-    ran = 0
-    for _ in range(CASES):
+    def case(rng):
         B, D, C = int(rng.integers(1, 3)), int(rng.integers(1, 6)), int(rng.integers(1, 4))
         shape = _shape(rng, B, D)
         device = "meta" if rng.random() < 0.08 else "cpu"
@@ -138,14 +142,13 @@ def test_fuzz_lattice():
             out = lattice.filter(values, reverse=bool(rng.random() < 0.3))
             _accepts(out, values)
 
-        ran += _run(call)
-    assert ran >= CASES // 10
+        return call
+
+    _fuzz(7, case)
 
 
 def test_fuzz_densecrf():
-    rng = np.random.default_rng(11)
-    ran = 0
-    for _ in range(CASES):
+    def case(rng):
         W, H, L = int(rng.integers(1, 9)), int(rng.integers(1, 9)), int(rng.choice([1, 2, 3, 5]))
         u = rng.normal(0.0, 2.0, size=(L, H * W)).astype(rng.choice([np.float32, np.float32, np.float64]))
         if rng.random() < 0.15:
@@ -168,5 +171,6 @@ def test_fuzz_densecrf():
             if Q.size:
                 assert math.isclose(float(Q.sum(0).mean()), 1.0, rel_tol=1e-3)
 
-        ran += _run(call)
-    assert ran >= CASES // 10
+        return call
+
+    _fuzz(11, case)

@@ -143,6 +143,11 @@ def crf_layout(sd: Mapping[str, Tensor]) -> dict:
                 "untied": untied}
     if untied:
         kw["num_iterations"] = int(c.shape[0])
+    log_beta = sd.get("crfrnn.log_theta_beta")
+    if log_beta is not None:  # learned widths: the parameters exist only with learn_bandwidths
+        kw["learn_bandwidths"] = True
+        if log_beta.dim() == 1:  # one width per colour channel: the parameter's shape (K,) needs K values
+            kw["theta_beta"] = [float(b) for b in log_beta.detach().double().exp()]
     return kw
 
 

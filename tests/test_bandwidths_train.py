@@ -14,7 +14,8 @@ from crfrnn.demo import make_scene
 from crfrnn.engine.config import TrainConfig
 from crfrnn.engine.step import param_groups
 from crfrnn.models import TinyCrfRnnNet
-from crfrnn.models.checkpoints import SIDECAR, build_model, crf_layout, load_model
+from crfrnn.models.checkpoints import SIDECAR, build_model, crf_layout, init_weights, load_model, read_compatibility
+from crfrnn.models.weights import flip_compatibility
 
 from conftest import run_cli
 
@@ -110,6 +111,36 @@ def test_plain_state_dict_with_learned_widths_loads_without_sidecar(tmp_path):
     x = torch.rand(1, 3, 20, 24) * 255
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_a_state_dict_with_learned_widths_is_in_our_convention(tmp_path):
+    """The published files have no widths: a plain state dict with them is not negated under ``auto``."""
+    torch.manual_seed(2)
+    m = torch.randn(L, L)
+    torch.save({"crfrnn.compatibility_matrix": m}, tmp_path / "port.pt")
+    torch.save({"crfrnn.compatibility_matrix": m, "crfrnn.log_theta_alpha": torch.tensor(4.0)}, tmp_path / "ours.pt")
+    port, info = read_compatibility(tmp_path / "port.pt")
+    assert info["sign_flipped"] and not info["ours"]
+    torch.testing.assert_close(port, flip_compatibility(m.double()))
+    ours, info = read_compatibility(tmp_path / "ours.pt")
+    assert not info["sign_flipped"] and info["ours"]
+    torch.testing.assert_close(ours, m.double())
+
+
+def test_init_copies_learned_widths_only_into_a_model_that_learns_them(tmp_path):
+    torch.manual_seed(3)
+    src = TinyCrfRnnNet(L, learn_bandwidths=True)
+    with torch.no_grad():
+        src.crfrnn.log_theta_gamma.add_(0.5)
+    torch.save({"model": src.state_dict(), "step": 0}, tmp_path / "ck.pt")
+    learns = build_model("tiny", L, {"learn_bandwidths": True})
+    assert init_weights(learns, "tiny", tmp_path / "ck.pt") == "checkpoint"
+    for k, v in _thetas(src).items():
+        torch.testing.assert_close(_thetas(learns)[k], v, rtol=0, atol=0)
+    fixed = build_model("tiny", L)
+    init_weights(fixed, "tiny", tmp_path / "ck.pt")  # the widths are dropped, the rest is copied
+    assert _thetas(fixed) == {} and fixed.crfrnn.theta_gamma == pytest.approx(TinyCrfRnnNet(L).crfrnn.theta_gamma)
+    torch.testing.assert_close(fixed.tiny_score.weight, src.tiny_score.weight, rtol=0, atol=0)
 
 
 def test_scalar_theta_beta_layout_keeps_the_sidecars_values(tmp_path):

@@ -100,8 +100,8 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
     Returns:
         ``(state_dict, info)``; ``info`` holds ``checkpoint`` (the file read), ``ours`` (True for a training
-        checkpoint, whose compatibility matrix is in this library's convention) and ``sidecar`` (the run
-        folder's ``model.json``, ``{}`` if none).
+        checkpoint or a state dict with learned widths, ``crfrnn.log_theta_*``: its compatibility matrix is in
+        this library's convention) and ``sidecar`` (the run folder's ``model.json``, ``{}`` if none).
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a run folder holds no checkpoint.
@@ -119,6 +119,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     sd = as_state_dict(obj, str(path))
     if ours and not sidecar:
         sidecar = read_sidecar(path.parent)
+    ours = ours or "crfrnn.log_theta_alpha" in sd  # learned widths: no published file has them
     return sd, {"checkpoint": str(path), "ours": ours, "sidecar": sidecar}
 
 
@@ -180,7 +181,7 @@ def load_model(path: str | os.PathLike, *, keras: bool = False, convention: str 
         keras: read ``path`` as a Keras ``.h5`` whatever its suffix (implied by ``.h5`` / ``.hdf5``).
         convention: sign of a plain CRF-RNN state dict's compatibility matrix (:data:`CONVENTIONS`): ``auto``
             and ``crfasrnn_pytorch`` negate it (the published file), ``crfrnn`` keeps it. Training checkpoints
-            are never negated.
+            and state dicts with learned widths (``crfrnn.log_theta_*``) are never negated.
         crf: :class:`~crfrnn.meanfield.CrfRnn` options that override the checkpoint's (``None`` values ignored).
 
     Returns:

@@ -201,6 +201,22 @@ def test_train_resumes_a_run_with_learned_widths(tmp_path, capsys):
     assert set(second) == set(THETA_NAMES) and any(not torch.equal(first[k], second[k]) for k in THETA_NAMES)
 
 
+def test_a_run_of_a_version_without_the_fields_resumes(tmp_path, capsys):
+    """config.json and last.pt written before learn_bandwidths / crf_theta_lr_mult existed: they ran as the
+    defaults, so the run resumes (and config.json gains the fields)."""
+    run_dir = tmp_path / "run"
+    _train(tmp_path, capsys, run_dir, "--steps", 1)
+    new_fields = ("learn_bandwidths", "crf_theta_lr_mult")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in new_fields}))
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in new_fields}
+    torch.save(ckpt, run_dir / "last.pt")
+    res = _train(tmp_path, capsys, run_dir, "--steps", 2, "--resume")
+    assert res["step"] == 2 and res["config"]["learn_bandwidths"] is False
+    assert set(new_fields) <= set(json.loads((run_dir / "config.json").read_text()))
+
+
 def test_train_without_the_flag_has_no_width_parameters(tmp_path, capsys):
     run_dir = tmp_path / "run"
     res = _train(tmp_path, capsys, run_dir, "--steps", 1)

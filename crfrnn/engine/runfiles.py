@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from crfrnn.engine.config import _json_normalise
+from crfrnn.engine.config import TrainConfig, _json_normalise
 from crfrnn.engine.distributed import agree, barrier
 from crfrnn.models.weights import torch_load
 
@@ -170,6 +170,13 @@ def _differences(saved: dict[str, Any], given: dict[str, Any], ignore: tuple[str
             if k not in ignore and saved.get(k, "<missing>") != given.get(k, "<missing>")]
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config with the TrainConfig fields it lacks at their defaults: a run of an older version, written
+    before those fields existed, ran as their defaults do (e.g. ``learn_bandwidths`` False), so it resumes."""
+    defaults = _json_normalise(TrainConfig().to_dict())
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+
+
 def prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: bool, rank: int, world: int,
                     files: dict[str, bytes] | None = None, total_steps: int | None = None) -> dict | None:
     """Check / create the run folder on every rank; return the checkpoint to resume from (or None).
@@ -217,7 +224,7 @@ def _check_resumable(run_dir: Path, cfg_dict: dict[str, Any], total_steps: int |
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"cannot resume: {cfg_path} does not exist ({run_dir} is not a run folder)")
-    saved = read_config_json(cfg_path)
+    saved = _with_defaults(read_config_json(cfg_path))
     diffs = [f"{k}: {saved.get(k, '<missing>')!r} in {cfg_path.name} vs {cfg_dict.get(k, '<missing>')!r} given"
              for k in _differences(saved, cfg_dict, RESUMABLE_CHANGES)]
     if diffs:
@@ -230,7 +237,7 @@ def _check_resumable(run_dir: Path, cfg_dict: dict[str, Any], total_steps: int |
     if not last.exists():
         return None
     ckpt = load_checkpoint(last)
-    if _differences(_json_normalise(ckpt.get("config", {})), cfg_dict, RESUMABLE_CHANGES):
+    if _differences(_with_defaults(_json_normalise(ckpt.get("config", {}))), cfg_dict, RESUMABLE_CHANGES):
         raise CheckpointError(f"checkpoint {last} was written with a config other than {cfg_path}")
     if total_steps is not None and int(ckpt.get("step", 0)) > total_steps:
         raise ValueError(f"cannot resume run {run_dir}: it has done {int(ckpt['step'])} steps, more than the "

@@ -55,6 +55,8 @@ from .weights import (
 
 __all__ = [
     "MODEL_KINDS",
+    "CRF_KINDS",
+    "SMALL_KINDS",
     "MODEL_FILE_FORMAT",
     "build_model_from_sidecar",
     "check_sidecar",

@@ -263,3 +263,18 @@ def test_cli_segment_writes_the_label_png(tmp_path, capsys):
         want = loaded(read_image(image)[None])[0].argmax(0).numpy()
     assert labels.shape == SIZE and np.array_equal(labels, want)
     assert json.loads(out)["class_names"] == NAMES
+
+
+def test_train_records_unary_scale_and_the_run_folder_loads_with_it(tmp_path, capsys):
+    root = _folder(tmp_path, 2)
+    run_dir = tmp_path / "run"
+    rc, _, err = run_cli(["train", "--dataset", "folder", "--root", root, "--val-split", "", "--model", "tiny-fcn",
+                          "--unary-scale", "0.5", "--ignore-index", "7", "--steps", "1", "--batch-size", "1",
+                          "--run-dir", run_dir, "--device", "cpu", "-q"], capsys)
+    assert rc == 0, err
+    assert json.loads((run_dir / "model.json").read_text())["unary_scale"] == 0.5
+    model, info = load_model(run_dir)
+    assert info["kind"] == "tiny-fcn" and model.unary_scale == 0.5
+    rc, _, err = run_cli(["train", "--dataset", "folder", "--root", root, "--model", "fcn8s", "--unary-scale", "0.5",
+                          "--run-dir", tmp_path / "run2"], capsys)
+    assert rc == 2 and "--unary-scale" in err and not (tmp_path / "run2").exists()

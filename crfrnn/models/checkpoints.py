@@ -56,6 +56,7 @@ from .weights import (
 __all__ = [
     "MODEL_KINDS",
     "CRF_KINDS",
+    "TRAIN_KINDS",
     "SMALL_KINDS",
     "MODEL_FILE_FORMAT",
     "build_model_from_sidecar",
@@ -79,6 +80,8 @@ __all__ = [
 
 #: The ``--model`` kinds of the command line, in the order of its help.
 MODEL_KINDS = ("crfrnn", "fcn8s", "tiny", "tiny-fcn", "small-fcn", "small-crfrnn")
+#: The kinds ``crfrnn train`` builds (recognised in a state dict by its keys, see :func:`architecture`).
+TRAIN_KINDS = ("crfrnn", "fcn8s", "tiny", "tiny-fcn")
 #: The kinds whose model ends in a CRF-RNN (their sidecar's ``crf`` options apply).
 CRF_KINDS = ("crfrnn", "tiny", "small-crfrnn")
 #: The kinds built on :class:`~crfrnn.models.SmallFCN8s` (their sidecar needs ``architecture``).
@@ -423,7 +426,8 @@ def load_model(path: str | os.PathLike, *, keras: bool = False, convention: str 
         model = load_crfasrnn_weights(file, convention="crfasrnn_pytorch", **crf)
     else:
         options = {**sidecar.get("crf", {}), **crf_layout(sd), **crf}
-        model = build_model(kind, num_classes, options if kind in ("crfrnn", "tiny") else None)
+        model = build_model(kind, num_classes, options if kind in CRF_KINDS else None,
+                            unary_scale=sidecar.get("unary_scale", 1.0))
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:

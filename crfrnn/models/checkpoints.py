@@ -391,17 +391,25 @@ def load_model(path: str | os.PathLike, *, keras: bool = False, convention: str 
     """Load a model for inference from any checkpoint kind (see the module docstring).
 
     Args:
-        path: a run folder, a checkpoint, a plain state dict, the published ``.pth`` or the Keras ``.h5``.
+        path: a run folder, a checkpoint, a model file (:func:`save_model_file`), a plain state dict, the
+            published ``.pth`` or the Keras ``.h5``.
         keras: read ``path`` as a Keras ``.h5`` whatever its suffix (implied by ``.h5`` / ``.hdf5``).
         convention: sign of a plain CRF-RNN state dict's compatibility matrix (:data:`CONVENTIONS`): ``auto``
             and ``crfasrnn_pytorch`` negate it (the published file), ``crfrnn`` keeps it. Training checkpoints
-            are never negated.
-        crf: :class:`~crfrnn.meanfield.CrfRnn` options that override the checkpoint's (``None`` values ignored).
+            and model files are never negated.
+        crf: :class:`~crfrnn.meanfield.CrfRnn` options that override the checkpoint's (``None`` values ignored;
+            models without CRF ignore them).
 
     Returns:
-        ``(model, info)``: the model in eval mode on CPU, and a dict with ``kind``, ``num_classes``,
-        ``checkpoint`` (the file read), ``class_names`` (from the run folder's ``model.json``, if any) and
-        ``sidecar`` (that file's contents).
+        ``(model, info)``: the model in eval mode on CPU (float32; a run folder's ``model.json`` or a model
+        file's sidecar gives its ``unary_scale``), and a dict with ``kind``, ``num_classes``, ``checkpoint``
+        (the file read), ``class_names`` (from the run folder's ``model.json`` or the model file's sidecar, if
+        any) and ``sidecar`` (that description).
+
+    Raises:
+        ValueError: the file is not one of these kinds, or a model file's format version is unknown, its sidecar
+            lacks a key or holds a wrong value, or its weights do not fit the model the sidecar describes (the
+            message names the file and the key).
     """
     _check_convention(convention)
     path = Path(path)

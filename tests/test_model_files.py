@@ -25,6 +25,7 @@ from crfrnn.models.checkpoints import (
     crf_options,
     load_model,
     save_model_file,
+    small_model_sidecar,
     unary_only,
 )
 from crfrnn.models.nets import scaled_unary
@@ -61,9 +62,9 @@ def make_model(kind: str, learn_bandwidths: bool = False, seed: int = 0):
     if kind == "small-fcn":
         model, crf = UnaryNet(fcn, L, unary_scale=0.5), None
     else:
-        model = CrfRnnHead(fcn, L, unary_scale=0.5, theta_alpha=20.0, theta_beta=[10.0, 12.0, 14.0],
-                           theta_gamma=2.0, num_test_iterations=3, learn_bandwidths=learn_bandwidths)
-        crf = crf_options(model.crfrnn)
+        crf = {"theta_alpha": 20.0, "theta_beta": [10.0, 12.0, 14.0], "theta_gamma": 2.0, "num_test_iterations": 3,
+               "learn_bandwidths": learn_bandwidths}
+        model = CrfRnnHead(fcn, L, unary_scale=0.5, **crf)
     _randomise(model, seed)
     sidecar = {"kind": kind, "num_classes": L, "class_names": NAMES, "unary_scale": 0.5,
                "architecture": fcn.architecture(), "crf": crf, "ignore_index": 7, "description": "a test model"}
@@ -162,6 +163,20 @@ def test_a_file_that_would_not_load_is_never_written(tmp_path, change):
     with pytest.raises((ValueError, TypeError)):
         save_model_file(tmp_path / "m.pt", model, sidecar)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind, learn_bandwidths", CASES)
+def test_small_model_sidecar_is_the_hand_written_one(kind, learn_bandwidths):
+    model, sidecar = make_model(kind, learn_bandwidths)
+    derived = small_model_sidecar(model, class_names=NAMES, ignore_index=7, description="a test model")
+    assert {k: v for k, v in derived.items() if k != "crf"} == {k: v for k, v in sidecar.items() if k != "crf"}
+    fresh = build_model_from_sidecar(derived).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = image_batch()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    with pytest.raises(TypeError, match="SmallFCN8s"):
+        small_model_sidecar(UnaryNet(torch.nn.Conv2d(3, L, 1), L))
 
 
 def test_build_model_from_sidecar_describes_the_model():

@@ -62,6 +62,7 @@ __all__ = [
     "build_model_from_sidecar",
     "check_sidecar",
     "crf_options",
+    "small_model_sidecar",
     "save_model_file",
     "CONVENTIONS",
     "RUN_CHECKPOINTS",
@@ -307,6 +308,29 @@ def crf_options(crf: nn.Module) -> dict[str, Any]:
     if crf.backend is not None:
         opts["backend"] = crf.backend
     return opts
+
+
+def small_model_sidecar(model: nn.Module, *, class_names: list[str] | None = None, ignore_index: int | None = None,
+                        description: str | None = None) -> dict[str, Any]:
+    """The sidecar (for :func:`save_model_file`) of ``UnaryNet(SmallFCN8s)`` (``small-fcn``) or
+    ``CrfRnnHead(SmallFCN8s)`` (``small-crfrnn``): kind, classes, unary scale, the network's architecture and
+    the CRF's options (:func:`crf_options`) read from the model itself."""
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, SmallFCN8s) or not isinstance(model, (UnaryNet, CrfRnnHead)):
+        raise TypeError(f"model must be a UnaryNet or CrfRnnHead over a SmallFCN8s, got {type(model).__name__} "
+                        f"over {type(inner).__name__}")
+    crf = isinstance(model, CrfRnnHead)
+    sidecar: dict[str, Any] = {
+        "kind": "small-crfrnn" if crf else "small-fcn", "num_classes": model.num_classes,
+        "class_names": None if class_names is None else [str(n) for n in class_names],
+        "unary_scale": model.unary_scale, "architecture": inner.architecture(),
+        "crf": crf_options(model.crfrnn) if crf else None,
+    }
+    if ignore_index is not None:
+        sidecar["ignore_index"] = int(ignore_index)
+    if description is not None:
+        sidecar["description"] = str(description)
+    return sidecar
 
 
 def _json_sidecar(sidecar: Mapping[str, Any]) -> dict[str, Any]:

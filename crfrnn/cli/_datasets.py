@@ -6,6 +6,8 @@ from pathlib import Path
 from ._common import UsageError, class_names_for, read_names_file
 
 DATASETS = ("voc", "camvid", "folder")
+#: A folder data set's class names, one a line.
+NAMES_FILE = "class_names.txt"
 
 
 def short_names(names) -> str:
@@ -13,14 +15,23 @@ def short_names(names) -> str:
     return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
 
+def _names_file(root: Path) -> Path | None:
+    """``class_names.txt`` of a folder data set: in ``root``, else in its parent (splits sharing one list)."""
+    for folder in (root, root.parent):
+        if (folder / NAMES_FILE).is_file():
+            return folder / NAMES_FILE
+    return None
+
+
 def _folder_dataset(root: Path, num_classes: int | None, transform, ignore_index: int, classes_from: str):
     from crfrnn.data import SegmentationFolder
 
     if not (root / "images").is_dir() or not (root / "masks").is_dir():
         raise UsageError(f"folder data set {root} must hold images/ and masks/")
-    names = read_names_file(root / "class_names.txt") if (root / "class_names.txt").is_file() else None
+    names_file = _names_file(root)
+    names = read_names_file(names_file) if names_file is not None else None
     if names and num_classes is not None and len(names) != num_classes:
-        raise UsageError(f"{classes_from} has {num_classes} classes but {root / 'class_names.txt'} lists "
+        raise UsageError(f"{classes_from} has {num_classes} classes but {names_file} lists "
                          f"{len(names)} ({short_names(names)}); they must agree")
     L = num_classes or (len(names) if names else None)
     if L is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from ._args import add_common, add_weights_flags, load_weights, positive_int
-from ._common import EXIT_OK, UsageError, device, emit_json, finite, note, say, show_progress
+from ._common import EXIT_OK, UsageError, class_names_for, device, emit_json, finite, note, say, show_progress
 from ._datasets import DATASETS, dataset, limit, short_names
 
 NAME = "eval"
@@ -42,13 +42,18 @@ def _data(args, info: dict):
     split = args.split if args.split is not None else (None if saved.get("val_root") else saved.get("val_split", "val"))
     if kind is None or root is None:
         raise UsageError("--dataset and --root are required (or a run folder whose model.json names its data)")
-    ignore = saved.get("ignore_index", 255) if args.ignore_index is None else args.ignore_index
+    # a run folder's model.json keeps it under "data", a model file's sidecar at its top
+    default_ignore = saved.get("ignore_index", info["sidecar"].get("ignore_index"))
+    ignore = args.ignore_index if args.ignore_index is not None else (
+        255 if default_ignore is None else default_ignore)
     ckpt_names = info.get("class_names")
     source = f"the checkpoint {info['checkpoint']}" + (f" ({short_names(ckpt_names)})" if ckpt_names else "")
     ds, dl, names = dataset(kind, root, split, L if kind == "folder" else None, None, ignore, classes_from=source)
     if dl != L:
         raise UsageError(f"{source} predicts L = {L} classes but the {kind} data set at {root} has {dl}")
-    if ckpt_names and list(ckpt_names) != list(names) and len(ckpt_names) == len(names):
+    if kind == "folder" and ckpt_names and len(ckpt_names) == len(names) and list(names) == class_names_for(len(names)):
+        names = list(ckpt_names)  # a data set without names (no class_names.txt) takes the checkpoint's
+    elif ckpt_names and list(ckpt_names) != list(names) and len(ckpt_names) == len(names):
         note(args, f"{source} was trained on the classes {short_names(ckpt_names)}; the data set names them "
                    f"{short_names(names)}")
     return limit(ds, args.limit), kind, root, split, names, ignore

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from crfrnn.engine.config import TrainConfig
 from crfrnn.engine.runfiles import CONFIG_FILE
-from crfrnn.models.checkpoints import MODEL_KINDS, SIDECAR
+from crfrnn.models.checkpoints import CRF_KINDS, SIDECAR, TRAIN_KINDS
 
-from ._args import add_common, parse_size, positive_int
+from ._args import add_common, parse_size, positive_float, positive_int
 from ._common import EXIT_OK, UsageError, device, emit_json, need_file, note, say, show_progress
 from ._dataclass_args import add_dataclass_arguments, given, read_config
 from ._datasets import DATASETS, dataset, limit
@@ -45,7 +45,7 @@ EPILOG = ("examples:\n"
 _ALIASES = {"max_steps": ["--steps"]}
 _CONFIG_ALIASES = {"steps": "max_steps"}
 #: The --model kinds that have a CRF (and take its options).
-_CRF_MODELS = ("crfrnn", "tiny")
+_CRF_MODELS = tuple(k for k in TRAIN_KINDS if k in CRF_KINDS)
 
 
 @dataclass
@@ -61,7 +61,10 @@ class TrainOptions:
     val_split: str = field(default="val", metadata={"help": "validation split ('' for none)"})
     val_root: str | None = field(default=None, metadata={
         "help": "separate validation folder (--dataset folder)", "metavar": "DIR"})
-    model: str = field(default="crfrnn", metadata={"help": "network", "choices": MODEL_KINDS})
+    model: str = field(default="crfrnn", metadata={"help": "network", "choices": TRAIN_KINDS})
+    unary_scale: float = field(default=1.0, metadata={
+        "help": "the unary network runs on the image resized by this factor, its logits are upsampled back "
+                "(crfrnn, tiny, tiny-fcn; recorded in model.json)", "type": positive_float, "metavar": "S"})
     init: str | None = field(default=None, metadata={
         "help": "initial weights: a crfrnn checkpoint, crfasrnn_weights.pth, the Keras .h5, or a torchvision "
                 "VGG-16 state dict (for fcn8s/crfrnn)", "metavar": "W"})
@@ -155,8 +158,10 @@ def _check_run(opts: TrainOptions) -> Path:
     if opts.resume and not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"cannot resume: {run_dir} is not a run folder (no config.json)" if run_dir.is_dir()
                          else f"cannot resume: --run-dir {run_dir} does not exist")
-    if opts.model not in MODEL_KINDS:
-        raise UsageError(f"--model must be crfrnn, fcn8s or tiny, got {opts.model!r}")
+    if opts.model not in TRAIN_KINDS:
+        raise UsageError(f"--model must be one of {', '.join(TRAIN_KINDS)}, got {opts.model!r}")
+    if opts.model == "fcn8s" and opts.unary_scale != 1.0:
+        raise UsageError(f"--unary-scale {opts.unary_scale:g} needs --model crfrnn, tiny or tiny-fcn (fcn8s has none)")
     return run_dir
 
 
@@ -209,6 +214,7 @@ def _sidecar(opts: TrainOptions, L: int, class_names: list[str], crf: dict, igno
     command's options (what ``--resume`` reads back)."""
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("run_dir", "resume")}
     return {"model": opts.model, "num_classes": L, "class_names": class_names, "crf": crf,
+            "unary_scale": opts.unary_scale,
             "data": {"dataset": opts.dataset, "root": str(opts.root), "train_split": opts.train_split,
                      "val_split": opts.val_split, "val_root": opts.val_root, "ignore_index": ignore},
             "init": str(opts.init) if opts.init else None, "options": options}
@@ -228,7 +234,7 @@ def run(args) -> int:
     if cfg.learn_bandwidths:  # in model.json too, so that the loader rebuilds the log_theta_* parameters
         crf["learn_bandwidths"] = True
     seed_all(cfg.seed)  # the initial weights are a function of --seed (train() then reseeds with seed + rank)
-    model = build_model(opts.model, L, crf if opts.model in _CRF_MODELS else None)
+    model = build_model(opts.model, L, crf if opts.model in _CRF_MODELS else None, unary_scale=opts.unary_scale)
     init = None
     if opts.init is not None and not opts.resume:
         init = init_weights(model, opts.model, need_file(Path(opts.init), "--init file"))

@@ -44,6 +44,8 @@ EPILOG = ("examples:\n"
 #: Other names of TrainConfig fields: flag -> field (``--steps`` and the ``--config`` key ``steps``).
 _ALIASES = {"max_steps": ["--steps"]}
 _CONFIG_ALIASES = {"steps": "max_steps"}
+#: The --model kinds that have a CRF (and take its options).
+_CRF_MODELS = ("crfrnn", "tiny")
 
 
 @dataclass
@@ -163,8 +165,13 @@ def _train_config(opts: TrainOptions, tc: dict) -> TrainConfig:
     if tc.get("device", "auto") != "auto":
         device(tc["device"])  # the other commands' message for a device that is not there
     if opts.resume and _saved_run({"run_dir": opts.run_dir}) is not None:
-        return TrainConfig(**tc)  # the run's own config (--paper already applied when it started)
-    return TrainConfig.paper("mean", **tc) if opts.paper else TrainConfig(**tc)
+        cfg = TrainConfig(**tc)  # the run's own config (--paper already applied when it started)
+    else:
+        cfg = TrainConfig.paper("mean", **tc) if opts.paper else TrainConfig(**tc)
+    if cfg.learn_bandwidths and opts.model not in _CRF_MODELS:
+        raise UsageError(f"--learn-bandwidths needs a model with a CRF ({' or '.join(_CRF_MODELS)}), "
+                         f"got --model {opts.model}")
+    return cfg
 
 
 def _data_sets(args, opts: TrainOptions, num_classes: int | None, ignore: int):
@@ -218,8 +225,10 @@ def run(args) -> int:
     train_set, val_set, L, class_names = _data_sets(args, opts, cfg.num_classes, cfg.ignore_index)
     cfg = dataclasses.replace(cfg, num_classes=L)
     crf = {"num_iterations": opts.crf_iterations, "num_test_iterations": opts.crf_test_iterations}
+    if cfg.learn_bandwidths:  # in model.json too, so that the loader rebuilds the log_theta_* parameters
+        crf["learn_bandwidths"] = True
     seed_all(cfg.seed)  # the initial weights are a function of --seed (train() then reseeds with seed + rank)
-    model = build_model(opts.model, L, crf if opts.model in ("crfrnn", "tiny") else None)
+    model = build_model(opts.model, L, crf if opts.model in _CRF_MODELS else None)
     init = None
     if opts.init is not None and not opts.resume:
         init = init_weights(model, opts.model, need_file(Path(opts.init), "--init file"))

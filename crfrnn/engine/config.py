@@ -21,6 +21,7 @@ _CRF_KEYS = {
     "crf_spatial": "spatial_ker_weights",
     "crf_bilateral": "bilateral_ker_weights",
     "crf_compat": "compatibility_matrix",
+    "crf_theta": "log_theta_",
 }
 
 
@@ -64,6 +65,13 @@ class TrainConfig:
         "help": "learning-rate multiplier of the CRF's bilateral_ker_weights (the paper: 10000)"})
     crf_compat_lr_mult: float = field(default=1.0, metadata={
         "help": "learning-rate multiplier of the CRF's compatibility_matrix (the paper: 1000)"})
+    learn_bandwidths: bool = field(default=False, metadata={
+        "help": "learn the CRF's kernel widths theta_alpha, theta_beta, theta_gamma (log-parameterised: "
+                "log_theta_*; crfrnn train builds the model with CrfRnn(learn_bandwidths=True))"})
+    crf_theta_lr_mult: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier of the CRF's log_theta_* (no weight decay: it would pull every width "
+                "to 1 px); a step of lr x mult x dL/dlog(theta) changes a width by that fraction, so 1 keeps "
+                "the base lr's relative steps"})
     crf_weight_decay: float | None = field(default=None, metadata={
         "help": "weight decay of the CRF parameters; None: weight_decay"})
     grad_clip: float | None = field(default=None, metadata={
@@ -121,8 +129,10 @@ class TrainConfig:
         if self.loss_reduction not in _REDUCTIONS:
             raise ValueError(f"TrainConfig.loss_reduction must be one of {_REDUCTIONS}, got {self.loss_reduction!r}")
         for name in ("bias_lr_mult", "bias_weight_decay", "crf_spatial_lr_mult", "crf_bilateral_lr_mult",
-                     "crf_compat_lr_mult"):
+                     "crf_compat_lr_mult", "crf_theta_lr_mult"):
             need_float(name, 0.0, strict=False)
+        if not isinstance(self.learn_bandwidths, bool):
+            raise ValueError(f"TrainConfig.learn_bandwidths must be a bool, got {self.learn_bandwidths!r}")
         need_float("crf_weight_decay", 0.0, strict=False, optional=True)
         need_float("grad_clip", 0.0, strict=True, optional=True)
         if not isinstance(self.amp, bool):

@@ -23,17 +23,24 @@ __all__ = ["param_groups", "lr_factor", "train_step", "StepOutput", "make_scaler
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """SGD parameter groups: CRF kernel weights / compatibility, other CRF parameters, biases, the rest.
+    """SGD parameter groups: CRF kernel weights / compatibility / widths, other CRF parameters, biases, the rest.
 
     A parameter named ``*spatial_ker_weights*`` goes to group ``crf_spatial``,
     ``*bilateral_ker_weights*`` to ``crf_bilateral``, ``*compatibility_matrix*``
     to ``crf_compat`` (learning-rate multipliers ``cfg.crf_*_lr_mult``, weight
-    decay ``cfg.crf_weight_decay``); any other parameter under a ``crfrnn.``
+    decay ``cfg.crf_weight_decay``); ``*log_theta_*`` (the kernel widths of
+    ``CrfRnn(learn_bandwidths=True)``) to ``crf_theta`` (multiplier
+    ``cfg.crf_theta_lr_mult``, no weight decay: it would pull log θ to 0, every
+    width to 1 pixel); any other parameter under a ``crfrnn.``
     module to ``crf`` (multiplier 1); a ``bias`` to ``bias`` (multiplier
     ``cfg.bias_lr_mult``, weight decay ``cfg.bias_weight_decay``); everything
     else to ``weight``. Frozen parameters (``requires_grad=False``) are left
     out, and so are empty groups. Each group dict has ``name``, ``params``,
     ``lr_mult``, ``lr`` (= ``cfg.lr x lr_mult``) and ``weight_decay``.
+
+    Raises:
+        ValueError: ``cfg.learn_bandwidths`` is set but the model has no trainable ``log_theta_*`` (it would
+            silently train fixed widths), or the model has no trainable parameters.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -42,6 +49,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         "crf_spatial": (cfg.crf_spatial_lr_mult, crf_wd),
         "crf_bilateral": (cfg.crf_bilateral_lr_mult, crf_wd),
         "crf_compat": (cfg.crf_compat_lr_mult, crf_wd),
+        "crf_theta": (cfg.crf_theta_lr_mult, 0.0),
         "crf": (1.0, crf_wd),
         "bias": (cfg.bias_lr_mult, cfg.bias_weight_decay),
         "weight": (1.0, cfg.weight_decay),
@@ -50,6 +58,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     for name, p in unwrap(model).named_parameters():
         if p.requires_grad:
             buckets[_group_of(name)].append(p)
+    if cfg.learn_bandwidths and not buckets["crf_theta"]:
+        raise ValueError("cfg.learn_bandwidths is set but the model has no trainable log_theta_* parameters; "
+                         "build its CrfRnn with learn_bandwidths=True")
     groups = []
     for g, params in buckets.items():
         if params:

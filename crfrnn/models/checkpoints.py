@@ -10,12 +10,24 @@ Kinds of file :func:`load_model` reads (architecture and number of classes come 
   :class:`~crfrnn.models.TinyCrfRnnNet`;
 * the published ``crfasrnn_weights.pth`` of the official PyTorch port (the sign of its compatibility matrix is
   converted by :func:`~crfrnn.models.weights.flip_compatibility`, see ``convention``);
-* the Keras release ``crfrnn_keras_model.h5`` (needs h5py).
+* the Keras release ``crfrnn_keras_model.h5`` (needs h5py);
+* a **model file** (:func:`save_model_file`): one self-describing file ``{"format": MODEL_FILE_FORMAT,
+  "model": state_dict, "sidecar": {...}}`` whose sidecar says how to build the model
+  (:func:`build_model_from_sidecar`); the way trained models are shipped.
 
 Every torch file is read by :func:`crfrnn.models.weights.torch_load` (``torch.load(..., weights_only=True)``).
 
 Model kinds (:data:`MODEL_KINDS`): ``crfrnn`` (FCN-8s + CRF-RNN), ``fcn8s``, ``tiny`` (the smoke-test
-:class:`~crfrnn.models.TinyCrfRnnNet` with its CRF) and ``tiny-fcn`` (the same without CRF).
+:class:`~crfrnn.models.TinyCrfRnnNet` with its CRF), ``tiny-fcn`` (the same without CRF), ``small-fcn``
+(:class:`~crfrnn.models.UnaryNet` over a :class:`~crfrnn.models.SmallFCN8s`) and ``small-crfrnn``
+(:class:`~crfrnn.models.CrfRnnHead` over a :class:`~crfrnn.models.SmallFCN8s`). The two ``small-`` kinds are
+only read from model files (their architecture is not in the state dict).
+
+Model-file sidecar keys: ``kind``, ``num_classes``, ``class_names`` (list of L names or None), ``unary_scale``,
+``architecture`` (``small-`` kinds: ``{"widths", "fc", "mean", "std"}`` of :class:`~crfrnn.models.SmallFCN8s`),
+``crf`` (:class:`~crfrnn.meanfield.CrfRnn` options of the kinds with a CRF; absent or None otherwise) and,
+optional, ``ignore_index`` (of the data it was trained on), ``description`` (free text) and anything else
+JSON-serialisable (kept, not read).
 """
 from __future__ import annotations
 
@@ -29,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from .fcn8s import FCN8s
-from .nets import CrfRnnNet, TinyCrfRnnNet
+from .nets import CrfRnnHead, CrfRnnNet, TinyCrfRnnNet, UnaryNet, check_unary_scale
+from .small_fcn8s import SmallFCN8s
 from .weights import (
     _h5_datasets,
     as_state_dict,
@@ -42,6 +55,11 @@ from .weights import (
 
 __all__ = [
     "MODEL_KINDS",
+    "MODEL_FILE_FORMAT",
+    "build_model_from_sidecar",
+    "check_sidecar",
+    "crf_options",
+    "save_model_file",
     "CONVENTIONS",
     "RUN_CHECKPOINTS",
     "SIDECAR",
@@ -58,7 +76,15 @@ __all__ = [
 ]
 
 #: The ``--model`` kinds of the command line, in the order of its help.
-MODEL_KINDS = ("crfrnn", "fcn8s", "tiny", "tiny-fcn")
+MODEL_KINDS = ("crfrnn", "fcn8s", "tiny", "tiny-fcn", "small-fcn", "small-crfrnn")
+#: The kinds whose model ends in a CRF-RNN (their sidecar's ``crf`` options apply).
+CRF_KINDS = ("crfrnn", "tiny", "small-crfrnn")
+#: The kinds built on :class:`~crfrnn.models.SmallFCN8s` (their sidecar needs ``architecture``).
+SMALL_KINDS = ("small-fcn", "small-crfrnn")
+#: The ``format`` entry of a model file (:func:`save_model_file`); the number after the slash is its version.
+MODEL_FILE_FORMAT = "crfrnn-model/1"
+_MODEL_FILE_PREFIX = "crfrnn-model/"
+_ARCHITECTURE_KEYS = ("widths", "fc", "mean", "std")
 #: Sign conventions of a plain state dict's compatibility matrix: ``auto`` (a plain CRF-RNN state dict is the
 #: official port's), ``crfasrnn_pytorch`` (the port's, negated on load), ``crfrnn`` (this library's).
 CONVENTIONS = ("auto", "crfasrnn_pytorch", "crfrnn")
@@ -100,8 +126,9 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
 
     Returns:
         ``(state_dict, info)``; ``info`` holds ``checkpoint`` (the file read), ``ours`` (True for a training
-        checkpoint, whose compatibility matrix is in this library's convention) and ``sidecar`` (the run
-        folder's ``model.json``, ``{}`` if none).
+        checkpoint or a model file, whose compatibility matrix is in this library's convention), ``sidecar``
+        (the run folder's ``model.json`` or the model file's sidecar, ``{}`` if none) and ``model_file``. A model
+        file's floating tensors are returned as float32.
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or a run folder holds no checkpoint.
@@ -115,11 +142,14 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         sidecar = read_sidecar(path)
         path = run_checkpoint(path)
     obj = torch_load(path)
+    if _is_model_file(obj):
+        sd, sidecar = _read_model_file(obj, path)
+        return sd, {"checkpoint": str(path), "ours": True, "sidecar": sidecar, "model_file": True}
     ours = _is_training_checkpoint(obj)
     sd = as_state_dict(obj, str(path))
     if ours and not sidecar:
         sidecar = read_sidecar(path.parent)
-    return sd, {"checkpoint": str(path), "ours": ours, "sidecar": sidecar}
+    return sd, {"checkpoint": str(path), "ours": ours, "sidecar": sidecar, "model_file": False}
 
 
 def architecture(sd: Mapping[str, Tensor], source: str = "state dict") -> tuple[str, int]:
@@ -143,22 +173,212 @@ def crf_layout(sd: Mapping[str, Tensor]) -> dict:
                 "untied": untied}
     if untied:
         kw["num_iterations"] = int(c.shape[0])
+    log_beta = sd.get("crfrnn.log_theta_beta")
+    if log_beta is not None:  # learned widths: the parameters exist only with learn_bandwidths
+        kw["learn_bandwidths"] = True
+        if log_beta.dim() == 1:  # one width per colour channel: the parameter's shape (K,) needs K values
+            kw["theta_beta"] = [float(b) for b in log_beta.detach().double().exp()]
     return kw
 
 
-def build_model(kind: str, num_classes: int, crf: dict | None = None) -> nn.Module:
-    """A fresh model of one of the :data:`MODEL_KINDS`; ``crf``: :class:`~crfrnn.meanfield.CrfRnn` options of
-    ``crfrnn`` and ``tiny``."""
+def build_model(kind: str, num_classes: int, crf: dict | None = None, *, unary_scale: float = 1.0,
+                architecture: Mapping[str, Any] | None = None) -> nn.Module:
+    """A fresh model of one of the :data:`MODEL_KINDS`.
+
+    Args:
+        kind: a :data:`MODEL_KINDS` entry.
+        num_classes: number of labels L.
+        crf: :class:`~crfrnn.meanfield.CrfRnn` options of the kinds with a CRF (:data:`CRF_KINDS`); ignored by
+            the others.
+        unary_scale: the unary network runs on the image resized by this factor (every kind but ``fcn8s``,
+            which only takes 1.0).
+        architecture: :class:`~crfrnn.models.SmallFCN8s` arguments ``widths``, ``fc``, ``mean``, ``std`` of the
+            ``small-`` kinds (missing ones take its defaults); ignored by the others.
+    """
     crf = dict(crf or {})
     if kind == "crfrnn":
-        return CrfRnnNet(num_classes, **crf)
+        return CrfRnnNet(num_classes, unary_scale=unary_scale, **crf)
     if kind == "fcn8s":
+        if check_unary_scale(unary_scale) != 1.0:
+            raise ValueError(f"the fcn8s model has no unary_scale (got {unary_scale!r}); use 1.0")
         return FCN8s(num_classes)
     if kind == "tiny":
-        return TinyCrfRnnNet(num_classes, **crf)
+        return TinyCrfRnnNet(num_classes, unary_scale=unary_scale, **crf)
     if kind == "tiny-fcn":
-        return TinyCrfRnnNet(num_classes, crf=False)
-    raise ValueError(f"unknown model {kind!r}; use crfrnn, fcn8s or tiny")
+        return TinyCrfRnnNet(num_classes, crf=False, unary_scale=unary_scale)
+    if kind in SMALL_KINDS:
+        arch = dict(architecture or {})
+        unknown = sorted(set(arch) - set(_ARCHITECTURE_KEYS))
+        if unknown:
+            raise ValueError(f"architecture has unknown keys {unknown}; SmallFCN8s takes {list(_ARCHITECTURE_KEYS)}")
+        fcn = SmallFCN8s(num_classes, **arch)
+        if kind == "small-fcn":
+            return UnaryNet(fcn, num_classes, unary_scale=unary_scale)
+        return CrfRnnHead(fcn, num_classes, unary_scale=unary_scale, **crf)
+    raise ValueError(f"unknown model {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+
+
+def _is_model_file(obj: object) -> bool:
+    """A file of :func:`save_model_file` (any version): a mapping whose ``format`` names this family."""
+    return isinstance(obj, Mapping) and isinstance(obj.get("format"), str) and obj["format"].startswith(
+        _MODEL_FILE_PREFIX)
+
+
+def _need(d: Mapping[str, Any], key: str, source: str, what: str) -> Any:
+    if key not in d:
+        raise ValueError(f"{source}: the sidecar lacks the key {key!r} ({what})")
+    return d[key]
+
+
+def check_sidecar(sidecar: Any, source: str = "sidecar") -> dict[str, Any]:
+    """Validate a model file's sidecar (keys in the module docstring); returns it as a new dict.
+
+    Raises:
+        ValueError: a key is missing or holds a wrong value; the message names ``source`` and the key.
+    """
+    if not isinstance(sidecar, Mapping):
+        raise ValueError(f"{source}: the sidecar must be a dict, got {type(sidecar).__name__}")
+    sc = dict(sidecar)
+    kind = _need(sc, "kind", source, f"one of {', '.join(MODEL_KINDS)}")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"{source}: sidecar 'kind' must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    L = _need(sc, "num_classes", source, "the number of labels")
+    if isinstance(L, bool) or not isinstance(L, int) or L < 2:
+        raise ValueError(f"{source}: sidecar 'num_classes' must be an integer >= 2, got {L!r}")
+    names = _need(sc, "class_names", source, "a list of num_classes names, or None")
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != L
+                              or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"{source}: sidecar 'class_names' must be None or a list of {L} strings, got {names!r}")
+    try:
+        check_unary_scale(_need(sc, "unary_scale", source, "a positive number"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: sidecar 'unary_scale': {e}") from None
+    if kind in SMALL_KINDS:
+        arch = _need(sc, "architecture", source, f"the SmallFCN8s arguments {list(_ARCHITECTURE_KEYS)}")
+        if not isinstance(arch, Mapping):
+            raise ValueError(f"{source}: sidecar 'architecture' must be a dict, got {type(arch).__name__}")
+        for key in _ARCHITECTURE_KEYS:
+            if key not in arch:
+                raise ValueError(f"{source}: sidecar 'architecture' lacks the key {key!r}")
+    if kind in CRF_KINDS and not isinstance(_need(sc, "crf", source, "the CrfRnn options"), Mapping):
+        raise ValueError(f"{source}: sidecar 'crf' must be a dict of CrfRnn options, got {type(sc['crf']).__name__}")
+    if kind not in CRF_KINDS and sc.get("crf"):
+        raise ValueError(f"{source}: sidecar 'crf' must be absent or None for the {kind} model (it has no CRF)")
+    ignore = sc.get("ignore_index")
+    if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int)):
+        raise ValueError(f"{source}: sidecar 'ignore_index' must be an integer or None, got {ignore!r}")
+    return sc
+
+
+def build_model_from_sidecar(sidecar: Mapping[str, Any], *, crf: Mapping[str, Any] | None = None,
+                             source: str = "sidecar") -> nn.Module:
+    """A fresh model as a model file's sidecar describes it (:func:`check_sidecar`); ``crf``: CrfRnn options that
+    override the sidecar's (kinds with a CRF only). ``source`` names the sidecar in errors."""
+    sc = check_sidecar(sidecar, source)
+    kind = sc["kind"]
+    options = {**(sc.get("crf") or {}), **(crf or {})} if kind in CRF_KINDS else None
+    try:
+        return build_model(kind, sc["num_classes"], options, unary_scale=sc["unary_scale"],
+                           architecture=sc.get("architecture"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: the sidecar does not describe a {kind} model: {e}") from None
+
+
+def crf_options(crf: nn.Module) -> dict[str, Any]:
+    """The :class:`~crfrnn.meanfield.CrfRnn` options that rebuild ``crf``'s layout (for a sidecar's ``crf``).
+
+    The bandwidths are the current ones; ``spatial_weight`` / ``bilateral_weight`` only initialise parameters
+    (the state dict holds their values) and are left out, as are ``spacing`` and ``backend`` when unset.
+    """
+    from crfrnn.meanfield import CrfRnn
+
+    if not isinstance(crf, CrfRnn):
+        raise TypeError(f"crf must be a crfrnn.meanfield.CrfRnn, got {type(crf).__name__}")
+    beta = crf.theta_beta
+    opts: dict[str, Any] = {
+        "theta_alpha": crf.theta_alpha, "theta_beta": list(beta) if isinstance(beta, tuple) else beta,
+        "theta_gamma": crf.theta_gamma, "num_iterations": crf.num_iterations,
+        "num_test_iterations": crf.num_test_iterations, "kernel_weights": crf.kernel_weights,
+        "learn_compatibility": isinstance(crf.compatibility_matrix, nn.Parameter),
+        "learn_bandwidths": crf.learn_bandwidths, "untied": bool(crf.untied),
+    }
+    if crf.spacing is not None:
+        opts["spacing"] = [float(s) for s in crf.spacing]
+    if crf.backend is not None:
+        opts["backend"] = crf.backend
+    return opts
+
+
+def _json_sidecar(sidecar: Mapping[str, Any]) -> dict[str, Any]:
+    """The sidecar with JSON types only (tuples become lists), so ``torch.load(weights_only=True)`` reads it."""
+    try:
+        return json.loads(json.dumps(dict(sidecar)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the sidecar must hold JSON-serialisable values only: {e}") from None
+
+
+def _storage_state_dict(model: nn.Module, half: bool) -> dict[str, Tensor]:
+    """``model``'s state dict on CPU, detached, floating tensors as float16 when ``half`` (other dtypes kept)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        out[k] = v.to(torch.float16) if half and v.is_floating_point() else v.clone()
+    return out
+
+
+def _load_strict(model: nn.Module, sd: Mapping[str, Tensor], source: str, kind: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{source}: the weights do not fit the {kind} model the sidecar describes: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+
+
+def save_model_file(path: str | os.PathLike, model: nn.Module, sidecar: dict, *, half: bool = True) -> Path:
+    """Write ``model`` as one self-describing file ``{"format": MODEL_FILE_FORMAT, "model": state_dict,
+    "sidecar": sidecar}`` that :func:`load_model` (and so ``crfrnn eval`` / ``crfrnn segment``) reads.
+
+    Before anything is written the sidecar is validated (:func:`check_sidecar`) and the model it describes
+    (:func:`build_model_from_sidecar`) must take the stored state dict strictly, so a file that does not load is
+    never written. The write is atomic (:func:`crfrnn.engine.runfiles.atomic_write`).
+
+    Args:
+        path: the file to write (its folder must exist).
+        model: the trained model, e.g. ``UnaryNet(SmallFCN8s(...))`` (``small-fcn``) or
+            ``CrfRnnHead(SmallFCN8s(...))`` (``small-crfrnn``).
+        sidecar: its description (keys in the module docstring); JSON-serialisable values only.
+        half: store floating tensors as float16 (halves the file; they are read back as float32). Integer and
+            bool tensors are never converted.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    from crfrnn.engine.runfiles import atomic_write  # crfrnn.engine imports crfrnn.models: import when used
+
+    path = Path(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    sc = check_sidecar(_json_sidecar(sidecar), f"sidecar for {path}")
+    sd = _storage_state_dict(model, half)
+    fresh = build_model_from_sidecar(sc, source=f"sidecar for {path}")
+    _load_strict(fresh, sd, f"model for {path}", sc["kind"])
+    payload = {"format": MODEL_FILE_FORMAT, "model": sd, "sidecar": sc}
+    atomic_write(path, lambda f: torch.save(payload, f))
+    return path
+
+
+def _read_model_file(obj: Mapping[str, Any], path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(state_dict float32, sidecar)`` of a loaded model file; ValueError naming ``path`` if it is not one this
+    version reads."""
+    if obj["format"] != MODEL_FILE_FORMAT:
+        raise ValueError(f"{path}: model file format {obj['format']!r} is not supported (this version reads "
+                         f"{MODEL_FILE_FORMAT!r}); upgrade crfrnn")
+    for key in ("model", "sidecar"):
+        if key not in obj:
+            raise ValueError(f"{path}: the model file lacks the key {key!r}")
+    sidecar = check_sidecar(obj["sidecar"], str(path))
+    sd = as_state_dict(obj["model"], str(path))
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, sidecar
 
 
 def _check_convention(convention: str) -> None:
@@ -194,6 +414,12 @@ def load_model(path: str | os.PathLike, *, keras: bool = False, convention: str 
                               "class_names": None, "sidecar": {}}
     sd, info = load_state_dict(path)
     file, sidecar = Path(info["checkpoint"]), info["sidecar"]
+    if info["model_file"]:
+        kind, num_classes = sidecar["kind"], sidecar["num_classes"]
+        model = build_model_from_sidecar(sidecar, crf=crf, source=str(file))
+        _load_strict(model, sd, str(file), kind)
+        return model.eval(), {"kind": kind, "num_classes": num_classes, "checkpoint": str(file),
+                              "class_names": sidecar.get("class_names"), "sidecar": sidecar}
     kind, num_classes = architecture(sd, str(file))
     if kind == "crfrnn" and not info["ours"] and convention in ("auto", "crfasrnn_pytorch"):
         # a plain state dict in the published layout: the official port's sign of the compatibility matrix
@@ -305,8 +531,9 @@ class _UnaryOnly(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.inner.unary(image)
+    def forward(self, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        # a model's own ``unary`` may not take the mask; pass it only when there is one
+        return self.inner.unary(image) if valid_mask is None else self.inner.unary(image, valid_mask)
 
 
 def unary_only(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from crfrnn.meanfield import CrfRnn
 
 from .fcn8s import FCN8s, _as_float, _check_image
 
-__all__ = ["CrfRnnNet", "CrfRnnHead", "TinyCrfRnnNet", "scaled_unary", "check_unary_scale"]
+__all__ = ["CrfRnnNet", "CrfRnnHead", "TinyCrfRnnNet", "UnaryNet", "scaled_unary", "check_unary_scale"]
 
 
 def check_unary_scale(unary_scale: Any) -> float:
@@ -251,6 +251,55 @@ class CrfRnnHead(nn.Module):
                 f"{tuple(logits.shape)}: batch and spatial sizes must be equal"
             )
         return self.crfrnn(logits, _as_float(crf_image, logits.dtype), valid_mask=valid_mask)
+
+
+class UnaryNet(nn.Module):
+    """A segmentation model without CRF, run at a ``unary_scale``: the counterpart of :class:`CrfRnnHead` without
+    the mean-field layer (same ``model`` and ``unary_scale``, so a CRF-RNN and its unary network compare alike).
+
+    ``forward(image (B, 3, H, W), valid_mask=None) -> logits (B, L, H, W)``: ``model`` run on the image resized by
+    ``unary_scale``, its logits upsampled back to the image's size (:func:`scaled_unary`; ``valid_mask``
+    (B, 1, H, W) as there). :meth:`unary` is the same.
+
+    Args:
+        model: module mapping an image batch to logits (B, L, h, w) (or a mapping with an ``"out"`` entry).
+        num_classes: number of labels L the model predicts (checked on every output).
+        unary_scale: positive factor (see :func:`check_unary_scale`); 1.0: the model's logits as they are.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, *, unary_scale: float = 1.0):
+        super().__init__()
+        if not callable(model):
+            raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
+        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.unary_scale = check_unary_scale(unary_scale)
+        self.model = model
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, unary_scale={self.unary_scale}"
+
+    def _model_logits(self, image: Tensor) -> Tensor:
+        logits = self.model(image)
+        if isinstance(logits, Mapping) and "out" in logits:
+            logits = logits["out"]
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"model must return a logits tensor (B, L, H, W), got {type(logits).__name__}")
+        return logits
+
+    def unary(self, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        """The model's logits of ``image`` (B, 3, H, W) -> (B, L, H, W), at ``unary_scale`` (see the class)."""
+        if self.unary_scale == 1.0:
+            logits = self._model_logits(image)
+        else:
+            logits = scaled_unary(self._model_logits, image, self.unary_scale, valid_mask)
+        if logits.dim() != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"model output must have shape (B, {self.num_classes}, H, W), got {tuple(logits.shape)}")
+        return logits
+
+    def forward(self, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        return self.unary(image, valid_mask)
 
 
 class TinyCrfRnnNet(nn.Module):

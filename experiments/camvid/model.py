@@ -1,94 +1,22 @@
-"""The networks of the experiment (:class:`TinyFCN8s`, CRF-RNN heads over it) and prediction over a split."""
+"""The networks of the experiment (:class:`TinyFCN8s` = :class:`crfrnn.models.SmallFCN8s`, CRF-RNN heads over it)
+and prediction over a split."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crfrnn.engine.metrics import confusion_matrix
 from crfrnn.meanfield import mean_field
-from crfrnn.models import CrfRnnHead, bilinear_upsampling_weights
+from crfrnn.models import CrfRnnHead, SmallFCN8s
 
 from .common import IGNORE, MAIN_CRF, NUM_CLASSES
 
-
-class TinyFCN8s(nn.Module):
-    """A narrow VGG-style FCN-8s: five 2-conv stages (3x3 conv + BN + ReLU), 2x2 max-pools, ``fc6`` (3x3) and
-    ``fc7`` (1x1) as convolutions, score layers on fc7 / pool4 / pool3 and the FCN-8s fusion
-    (``upscore2`` -> + ``score_pool4`` -> ``upscore_pool4`` -> + ``score_pool3`` -> ``upscore8``, deconvolutions
-    initialised to bilinear upsampling, score layers to zero, as FCN).
-
-    ``forward(image (B, 3, H, W) raw RGB 0..255) -> logits (B, L, H, W)``; any H, W (the normalised input is
-    zero-padded at the bottom/right to a multiple of 32 and the logits cropped back).
-    ``freeze_bn()`` keeps every BatchNorm in eval mode from then on (used while fine-tuning the CRF-RNN arms).
-    """
-
-    MEAN = (0.390, 0.405, 0.414)  # CamVid RGB statistics (0..1 scale), rounded
-    STD = (0.30, 0.31, 0.31)
-
-    def __init__(self, num_classes: int = NUM_CLASSES, widths=(16, 32, 64, 96, 128), fc: int = 256):
-        super().__init__()
-        self.num_classes = num_classes
-        self.widths = tuple(widths)
-        stages, cin = [], 3
-        for w in widths:
-            stages.append(nn.Sequential(_cbr(cin, w), _cbr(w, w)))
-            cin = w
-        self.stages = nn.ModuleList(stages)
-        self.fc6 = _cbr(cin, fc)
-        self.fc7 = _cbr(fc, fc, k=1)
-        self.score_fr = nn.Conv2d(fc, num_classes, 1)
-        self.score_pool4 = nn.Conv2d(widths[3], num_classes, 1)
-        self.score_pool3 = nn.Conv2d(widths[2], num_classes, 1)
-        L = num_classes
-        self.upscore2 = nn.ConvTranspose2d(L, L, 4, stride=2, padding=1, bias=False)
-        self.upscore_pool4 = nn.ConvTranspose2d(L, L, 4, stride=2, padding=1, bias=False)
-        self.upscore8 = nn.ConvTranspose2d(L, L, 16, stride=8, padding=4, bias=False)
-        with torch.no_grad():
-            for conv in (self.score_fr, self.score_pool4, self.score_pool3):
-                conv.weight.zero_()
-                conv.bias.zero_()
-            for d in (self.upscore2, self.upscore_pool4, self.upscore8):
-                d.weight.copy_(bilinear_upsampling_weights(L, L, d.kernel_size[0]))
-        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self._bn_frozen = False
-
-    def freeze_bn(self) -> "TinyFCN8s":
-        self._bn_frozen = True
-        return self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self._bn_frozen:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must have shape (B, 3, H, W), got {tuple(image.shape)}")
-        H, W = image.shape[2:]
-        x = (image.to(self.mean.dtype) - self.mean) / self.std
-        x = F.pad(x, (0, (-W) % 32, 0, (-H) % 32))
-        pools = []
-        for stage in self.stages:
-            x = F.max_pool2d(stage(x), 2)
-            pools.append(x)
-        h = self.fc7(self.fc6(x))
-        h = self.upscore2(self.score_fr(h)) + self.score_pool4(pools[3])
-        h = self.upscore_pool4(h) + self.score_pool3(pools[2])
-        return self.upscore8(h)[:, :, :H, :W].contiguous()
-
-
-def _cbr(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
-    nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+# the network lives in the library (so trained models can be shipped as files crfrnn eval/segment read); the
+# experiment's name for it stays
+TinyFCN8s = SmallFCN8s
 
 
 def crf_kwargs_for(params: dict[str, float], overrides: dict[str, Any], test_iterations: int) -> dict[str, Any]:

@@ -180,6 +180,8 @@ def test_missing_arm_is_reported(tmp_path, runs):
 def test_missing_seed_folder_inconsistency_and_discussion(tmp_path, runs):
     root, _ = runs
     (root / "camvid" / "seed2").mkdir()
+    (root / "extra" / "seed0").mkdir(parents=True)
+    (root / "extra" / "seed0" / "results.json").write_text("{not json", encoding="utf-8")
     f = root / "weizmann-horse" / "seed1" / "results.json"
     results = json.loads(f.read_text(encoding="utf-8"))
     results["arms"]["crfrnn"]["mean_iou"] += 0.01  # no longer what its confusions give
@@ -189,6 +191,9 @@ def test_missing_seed_folder_inconsistency_and_discussion(tmp_path, runs):
     report.write_report(root, out, tmp_path / "figs", num_resamples=RESAMPLES, discussion=tmp_path / "discussion.md")
     text = out.read_text(encoding="utf-8")
     assert "seed 2: no results.json (missing run)" in _section(text, "camvid")
+    assert "seed 2: no seed2 folder" in _section(text, "weizmann-horse")
+    assert "seed 0: unreadable results.json" in _section(text, "extra")
+    assert "seed 1: no seed1 folder" in _section(text, "extra")
     assert "**Inconsistent:** seed 1, `crfrnn`" in _section(text, "weizmann-horse")
     assert "Inconsistent" not in _section(text, "camvid")
     assert text.split("## Discussion\n", 1)[1].count("Hand-written words.") == 1

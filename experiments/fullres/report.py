@@ -171,9 +171,12 @@ def _arm_summary(ds: DatasetRuns, arm: str, radii: list[int]) -> dict[str, Any]:
     }
 
 
-def _missing(ds: DatasetRuns) -> list[str]:
-    """What the page reports as missing: unreadable seeds, arms a seed lacks, confusions a seed lacks."""
-    out = [f"seed {s.seed}: {p}" for s in ds.seeds for p in s.problems]
+def _missing(ds: DatasetRuns, all_seeds: Sequence[int]) -> list[str]:
+    """What the page reports as missing: seed folders other datasets have, unreadable seeds, arms a seed lacks,
+    confusions a seed lacks."""
+    have = {s.seed for s in ds.seeds}
+    out = [f"seed {k}: no seed{k} folder (other datasets have one)" for k in all_seeds if k not in have]
+    out += [f"seed {s.seed}: {p}" for s in ds.seeds for p in s.problems]
     for arm in ds.arms:
         lacking = [s.seed for s in ds.good if s.arm(arm) is None]
         if lacking:
@@ -189,8 +192,11 @@ def _missing(ds: DatasetRuns) -> list[str]:
 
 
 def _consistency(ds: DatasetRuns) -> list[str]:
-    """Seeds whose results.json mean IU differs from the mean IU of its summed per-image confusions."""
-    out = []
+    """Seeds whose results.json mean IU differs from the mean IU of its summed per-image confusions, or whose
+    trimap radii differ from the first seed's (the columns follow the first seed)."""
+    radii = ds.first.get("trimap_radii")
+    out = [f"seed {s.seed}: trimap radii {s.results.get('trimap_radii')}, not {radii}"
+           for s in ds.good if s.results.get("trimap_radii") != radii]
     for s in ds.good:
         for arm, rec in s.results["arms"].items():
             conf = s.confusion.get(f"{arm}/image")
@@ -215,6 +221,9 @@ def _pair(ds: DatasetRuns, x: str, y: str, band: int | None, num_resamples: int)
     if not seeds:
         out["missing"] = f"no seed has the confusions of both `{x}` and `{y}`"
         return out
+    if len({json.dumps(s.results.get("data", {}).get("val_names")) for s in seeds}) > 1:
+        out["missing"] = "the seeds' val_names differ: images cannot be paired across seeds"
+        return out
     try:
         cy, cx = (torch.from_numpy(np.stack([_band(s.confusion[f"{a}/{key}"], band) for s in seeds]))
                   for a in (y, x))
@@ -238,15 +247,15 @@ def _protocol(s: SeedRun) -> dict[str, Any]:
     return {k: r.get(k) for k in keep}
 
 
-def _summarise(ds: DatasetRuns, num_resamples: int) -> dict[str, Any]:
+def _summarise(ds: DatasetRuns, all_seeds: Sequence[int], num_resamples: int) -> dict[str, Any]:
     if not ds.good:
-        return {"seeds": [], "missing": _missing(ds)}
+        return {"seeds": [], "missing": _missing(ds, all_seeds)}
     radii = list(ds.first.get("trimap_radii", []))
     return {
         "seeds": [s.seed for s in ds.good],
         "trimap_radii": radii,
         "class_names": list(ds.first.get("class_names", [])),
-        "missing": _missing(ds),
+        "missing": _missing(ds, all_seeds),
         "inconsistent": _consistency(ds),
         "arms": {a: _arm_summary(ds, a, radii) for a in ds.arms},
         "pairs": _pairs(ds, radii, num_resamples),
@@ -471,7 +480,8 @@ def _learning_curves(runs: list[DatasetRuns], path: Path) -> Path | None:
     for ax, ds in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for k, s in enumerate(ds.good):
             for arm in CURVE_ARMS:
-                pts = (s.results.get("curves") or {}).get(arm) or []
+                pts = [p for p in (s.results.get("curves") or {}).get(arm) or []
+                       if isinstance(p.get("step"), (int, float)) and isinstance(p.get("mean_iou"), (int, float))]
                 if pts:
                     ax.plot([p["step"] for p in pts], [100 * p["mean_iou"] for p in pts], color=colours[arm],
                             linestyle=("-", "--", ":", "-.")[k % 4], marker="o", markersize=3,
@@ -534,8 +544,8 @@ def _theta_plot(ds: DatasetRuns, path: Path) -> Path | None:
     fig = _figure(12.0, 3.4)
     for ax, key in zip(fig.subplots(1, 3), THETA_KEYS):
         for s in seeds:
-            traj = s.results["theta_trajectory"]
-            ax.plot([p["step"] for p in traj], [p[key] for p in traj], marker="o", markersize=3,
+            traj = [p for p in s.results["theta_trajectory"] if isinstance(p.get(key), (int, float))]
+            ax.plot([p.get("step") for p in traj], [p[key] for p in traj], marker="o", markersize=3,
                     label=f"seed {s.seed}")
         ax.set_title(f"{ds.name}: (d) {key}", loc="left")
         ax.set_xlabel("step")
@@ -700,7 +710,8 @@ def write_report(run_root: Path, output_md: Path, figures_dir: Path, *, num_resa
     runs = load_runs(run_root)
     if not runs:
         raise FileNotFoundError(f"no <dataset>/seed<k>/ folders under {run_root}")
-    summaries = {ds.name: _summarise(ds, num_resamples) for ds in runs}
+    all_seeds = sorted({s.seed for ds in runs for s in ds.seeds})
+    summaries = {ds.name: _summarise(ds, all_seeds, num_resamples) for ds in runs}
     figs = _figures(runs, summaries, figures_dir, output_md)
     text = _page(runs, summaries, figs, command, num_resamples,
                  DISCUSSION_FILE if discussion is None else Path(discussion))

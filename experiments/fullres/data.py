@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from crfrnn.data import CamVid, Compose, RandomCrop, RandomHorizontalFlip, SegmentationFolder, read_ids, scale_pair
-from crfrnn.data.transforms import hflip_pair
+from crfrnn.data import CamVid, Compose, RandomCrop, RandomHorizontalFlip, SegmentationFolder, scale_pair
 
 from .settings import IGNORE, Settings
 
@@ -118,4 +117,4 @@ class FullPairs(Dataset):
         return self.flip(image, self.split.masks[i].long())
 
 
-__all__ = ["Split", "load", "class_names", "fcn_train_set", "FullPairs", "hflip_pair"]
+__all__ = ["Split", "load", "class_names", "fcn_train_set", "FullPairs"]

@@ -32,23 +32,26 @@ from crfrnn.engine.runfiles import atomic_write, write_text
 from crfrnn.engine.stats import paired_bootstrap
 from crfrnn.viz import palette
 
+from .settings import ARMS as _ARM_LABELS
+from .settings import FINETUNED, SETTINGS
+
 __all__ = ["write_report", "load_runs", "main", "ARMS", "PAIRS", "DISCUSSION_FILE"]
 
-#: The arms, in report order, and the paper-style tag of each.
-ARMS = ("fcn", "fcn_plus", "crf_post", "crfrnn", "crfrnn_theta", "crf_only")
+#: The arms, in report order (the runner's), and the paper-style tag of each.
+ARMS = tuple(_ARM_LABELS)
 TAGS = {"fcn": "(a)", "fcn_plus": "(a+)", "crf_post": "(b)", "crfrnn": "(c)", "crfrnn_theta": "(d)",
         "crf_only": "crf-only"}
 #: Paired differences reported, ``(x, y)`` meaning score(x) − score(y) on the same images and seeds.
 PAIRS = (("crf_post", "fcn"), ("crfrnn", "fcn"), ("crfrnn", "fcn_plus"), ("crfrnn", "crf_post"),
          ("crfrnn_theta", "crfrnn"), ("crfrnn_theta", "crf_post"), ("fcn_plus", "fcn"), ("crf_only", "crf_post"))
 #: Arms with a learning curve (the fine-tuned ones).
-CURVE_ARMS = ("fcn_plus", "crfrnn", "crfrnn_theta", "crf_only")
+CURVE_ARMS = FINETUNED
 #: Columns of the picture grid (Figure 4 of the paper), between the photo and the truth.
 PICTURE_ARMS = (("fcn", "FCN"), ("crf_post", "+ CRF"), ("crfrnn", "CRF-RNN"), ("crfrnn_theta", "(d) θ learned"))
 CRF_KEYS = ("theta_alpha", "theta_beta", "theta_gamma", "spatial_weight", "bilateral_weight")
 THETA_KEYS = CRF_KEYS[:3]
 #: Known datasets come first, in this order; other dataset folders follow alphabetically.
-DATASETS = ("camvid", "weizmann-horse")
+DATASETS = tuple(SETTINGS)
 #: The hand-written discussion copied into the page.
 DISCUSSION_FILE = Path(__file__).with_name("discussion.md")
 BOOTSTRAP_SEED = 0

@@ -20,7 +20,8 @@ from crfrnn.engine import TrainConfig, atomic_write, train
 from crfrnn.engine.metrics import class_iou, confusion_matrix, mean_iou, pixel_accuracy, trimap_confusion
 from crfrnn.engine.state import seed_all
 from crfrnn.meanfield import CrfRnn, mean_field
-from crfrnn.models import CrfRnnHead, SmallFCN8s, UnaryNet, save_model_file
+from crfrnn.models import CrfRnnHead, SmallFCN8s, UnaryNet
+from crfrnn.models.checkpoints import save_model_file
 
 from .data import FullPairs, Split, class_names, fcn_train_set, load
 from .settings import ARMS, IGNORE, TRIMAP_RADII, Settings
@@ -102,9 +103,10 @@ class Run:
         self.confusion[f"{arm}/image"], self.confusion[f"{arm}/trimap"] = conf, tri
         self.figure_preds[arm] = preds
         self.arms[arm] = {
-            "label": ARMS[arm], "mean_iou": _nan_none(mean_iou(total)), "pixel_accuracy": _nan_none(pixel_accuracy(total)),
+            "label": ARMS[arm], "mean_iou": _nan_none(mean_iou(total)),
+            "pixel_accuracy": _nan_none(pixel_accuracy(total)),
             "class_iou": [_nan_none(v) for v in class_iou(total).tolist()],
-            "trimap_mean_iou": [_nan_none(mean_iou(torch.from_numpy(tri[k].sum(0)))) for k in range(len(TRIMAP_RADII))],
+            "trimap_mean_iou": [_nan_none(mean_iou(torch.from_numpy(band.sum(0)))) for band in tri],
             "steps": steps, "train_seconds": t_train, "eval_seconds": dt, "crf": crf,
         }
         if model is not None:
@@ -122,6 +124,7 @@ class Run:
 
     def _save_model(self, arm: str, model: nn.Module, crf: dict | None) -> None:
         kind = "small-fcn" if crf is None else "small-crfrnn"
+        (self.run_dir / "models").mkdir(exist_ok=True)
         save_model_file(self.run_dir / "models" / f"{arm}.pt", model, self._sidecar(kind, crf))
 
     # ------------------------------------------------------------------ phases
@@ -312,7 +315,7 @@ class Run:
     def write_arrays(self) -> None:
         _atomic_npz(self.run_dir / "confusion.npz", self.confusion)
         figs = {}
-        for i, name in enumerate(self.figure_names):
+        for name in self.figure_names:
             k = self.val.names.index(name)
             figs[f"{name}/image"] = self.val.images[k].permute(1, 2, 0).numpy()
             figs[f"{name}/truth"] = self.val.masks[k].numpy()

@@ -39,13 +39,13 @@ class Settings:
     # the unary network (SmallFCN8s), trained from scratch at the reduced resolution
     widths: tuple[int, ...] = (16, 32, 48, 64, 96)
     fc: int = 128
-    fcn_steps: int = 800
+    fcn_steps: int = 2000
     fcn_batch: int = 8
     fcn_crop: tuple[int, int] | None = None  # None: whole (reduced) images, which then must share one size
     fcn_lr: float = 0.05
     weight_decay: float = 5e-4
     # fine-tuning: every fine-tuned arm gets the same steps, images and learning rate
-    finetune_steps: int = 120
+    finetune_steps: int = 480
     finetune_lr: float = 1e-3
     kernel_lr_mult: float = 100.0
     compat_lr_mult: float = 100.0
@@ -54,13 +54,13 @@ class Settings:
     train_iterations: int = 5
     test_iterations: int = 10
     # grid search of (b) on held-apart training images
-    held_apart: int = 20
+    held_apart: int = 37
     grid_alpha_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
     grid_beta_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
-    grid_weight_factors: tuple[float, ...] = (0.5, 2.0)  # bilateral weight, at the default widths
+    grid_weight_factors: tuple[float, ...] = (0.5, 1.0, 2.0)  # bilateral weight
     # curves, figures
-    curve_every: int = 30
-    curve_images: int = 5
+    curve_every: int = 40
+    curve_images: int = 8
     figure_images: int = 4
     max_train: int | None = None  # smoke runs only
     max_val: int | None = None
@@ -77,13 +77,12 @@ class Settings:
         return {**VOC, "theta_alpha": round(VOC["theta_alpha"] * s, 1), "theta_gamma": round(VOC["theta_gamma"] * s, 2)}
 
     def grid(self) -> list[dict[str, float]]:
-        """(theta_alpha x theta_beta) around the rescaled VOC defaults at the default weight, plus the bilateral
-        weight scaled both ways at the default widths; the defaults themselves are in it."""
+        """theta_alpha x theta_beta x bilateral weight, each scaled both ways around the rescaled VOC defaults
+        (which are in it); theta_gamma and the spatial weight stay at the defaults."""
         d = self.voc_defaults()
-        rows = [{**d, "theta_alpha": round(d["theta_alpha"] * a, 1), "theta_beta": d["theta_beta"] * b}
-                for a in self.grid_alpha_factors for b in self.grid_beta_factors]
-        rows += [{**d, "bilateral_weight": d["bilateral_weight"] * w} for w in self.grid_weight_factors]
-        return rows
+        return [{**d, "theta_alpha": round(d["theta_alpha"] * a, 1), "theta_beta": d["theta_beta"] * b,
+                 "bilateral_weight": d["bilateral_weight"] * w}
+                for a in self.grid_alpha_factors for b in self.grid_beta_factors for w in self.grid_weight_factors]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -99,7 +98,7 @@ CAMVID = Settings(
 HORSE = Settings(
     dataset="weizmann-horse", root=DATA / "weizmann-horse", unary_scale=0.5,
     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), typical_pixels=50457,  # the median of the 218 masks
-    fcn_steps=600, fcn_crop=(96, 96), finetune_steps=150, held_apart=20,
+    fcn_steps=1500, fcn_crop=(96, 96), finetune_steps=450, held_apart=24, curve_every=30,
 )
 SETTINGS = {s.dataset: s for s in (CAMVID, HORSE)}
 SEEDS = (0, 1, 2)

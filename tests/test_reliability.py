@@ -381,3 +381,19 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(tmp_path, data, c
 @pytest.mark.slow
 def test_sigkill_at_five_random_points_then_resume_is_bit_identical(tmp_path, data, capsys):
     _fault_injection(tmp_path, data, capsys, kills=5, seed=7)
+
+
+def test_eval_accepts_a_class_list_that_also_names_the_void_label(tmp_path, data, capsys):
+    """CamVid's class_names.txt lists its 11 classes and then "Unlabelled", the void label 11: with
+    --ignore-index 11 that list fits an 11-class checkpoint; with another ignore index it does not."""
+    rc, _, err = cli(train_args(data, tmp_path / "run", 1), capsys)
+    assert rc == 0, err
+    L = len(SCENE_CLASSES)
+    folder = scene_folder(tmp_path / "void", [1, 2], names=list(SCENE_CLASSES) + ["Unlabelled"])
+    rc, out, err = cli(["eval", "--weights", tmp_path / "run", "--dataset", "folder", "--root", folder,
+                        "--ignore-index", str(L), "--json", "--quiet"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["class_names"] == list(SCENE_CLASSES)
+    rc, out, err = cli(["eval", "--weights", tmp_path / "run", "--dataset", "folder", "--root", folder, "--quiet"],
+                       capsys)
+    assert rc == 2 and f"lists {L + 1}" in err

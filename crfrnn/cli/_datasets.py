@@ -30,6 +30,8 @@ def _folder_dataset(root: Path, num_classes: int | None, transform, ignore_index
         raise UsageError(f"folder data set {root} must hold images/ and masks/")
     names_file = _names_file(root)
     names = read_names_file(names_file) if names_file is not None else None
+    if names and len(names) == ignore_index + 1 and (num_classes is None or num_classes == ignore_index):
+        names = names[:ignore_index]  # the last name is the void label's (CamVid's "Unlabelled" at 11)
     if names and num_classes is not None and len(names) != num_classes:
         raise UsageError(f"{classes_from} has {num_classes} classes but {names_file} lists "
                          f"{len(names)} ({short_names(names)}); they must agree")

@@ -12,9 +12,29 @@ from crfrnn.models.checkpoints import CRF_KINDS, MODEL_FILE_FORMAT, MODEL_KINDS,
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "experiments" / "models").glob("*/*.pt"))
-FILES = [pytest.param(p, id=str(p.relative_to(ROOT))) for p in SHIPPED] or [
-    pytest.param(None, marks=pytest.mark.skip(reason="no shipped model files (experiments/models/*/*.pt) yet"))]
+MODELS = ROOT / "experiments" / "models"
+SHIPPED = sorted(MODELS.glob("*/*.pt"))
+FILES = [pytest.param(p, id=str(p.relative_to(ROOT))) for p in SHIPPED]
+#: What the full-resolution reproduction ships (experiments/fullres): seed 0 of every arm but the controls.
+EXPECTED = {f"{ds}/{arm}.pt" for ds in ("camvid", "weizmann-horse") for arm in ("fcn", "crf_post", "crfrnn",
+                                                                              "crfrnn_theta")}
+CLASSES = {"camvid": 11, "weizmann-horse": 2}
+
+
+def test_the_reproduction_ships_every_model_within_10_mb():
+    assert {str(p.relative_to(MODELS)) for p in SHIPPED} == EXPECTED
+    assert sum(p.stat().st_size for p in SHIPPED) <= 10 * 2**20
+
+
+@pytest.mark.parametrize("path", FILES)
+def test_shipped_model_matches_its_arm(path):
+    _, info = load_model(path)
+    sc = info["sidecar"]
+    assert info["num_classes"] == CLASSES[path.parent.name]
+    assert sc["kind"] == ("small-fcn" if path.stem == "fcn" else "small-crfrnn")
+    if path.stem != "fcn":
+        assert sc["crf"]["learn_bandwidths"] == (path.stem == "crfrnn_theta")
+        assert sc["crf"]["num_test_iterations"] == 10
 
 
 @pytest.mark.parametrize("path", FILES)

@@ -128,3 +128,19 @@ def run_cli(argv, capsys):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def write_scene_folder(folder: Path, seeds, h=40, w=48) -> None:
+    """Generated scenes (crfrnn.demo.make_scene, seeds ``seeds``) as ``folder/images/s<seed>.png`` and label
+    PNGs ``folder/masks/s<seed>.png``: a folder data set for the command-line tests."""
+    from PIL import Image
+
+    from crfrnn import viz
+    from crfrnn.demo import make_scene
+
+    for s in seeds:
+        img, mask = make_scene(h, w, seed=s)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).byte().numpy()).save(folder / "images" / f"s{s}.png")
+        viz.label_image(mask).save(folder / "masks" / f"s{s}.png")

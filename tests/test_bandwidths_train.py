@@ -7,17 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from crfrnn import viz
-from crfrnn.demo import make_scene
 from crfrnn.engine.config import TrainConfig
 from crfrnn.engine.step import param_groups
 from crfrnn.models import TinyCrfRnnNet
 from crfrnn.models.checkpoints import SIDECAR, build_model, crf_layout, init_weights, load_model, read_compatibility
 from crfrnn.models.weights import flip_compatibility
 
-from conftest import run_cli
+from conftest import run_cli, write_scene_folder
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -149,19 +146,10 @@ def test_scalar_theta_beta_layout_keeps_the_sidecars_values(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ crfrnn train
-def _scene_folder(folder: Path, seeds, h=32, w=40) -> None:
-    for s in seeds:
-        img, mask = make_scene(h, w, seed=s)
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        (folder / "masks").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).byte().numpy()).save(folder / "images" / f"s{s}.png")
-        viz.label_image(mask).save(folder / "masks" / f"s{s}.png")
-
-
 def _train(tmp_path, capsys, run_dir, *extra):
     data = tmp_path / "data"
     if not data.is_dir():
-        _scene_folder(data, range(2))
+        write_scene_folder(data, range(2), h=32, w=40)
     argv = ["train", "--dataset", "folder", "--root", data, "--train-split", "", "--val-split", "",
             "--num-classes", L, "--model", "tiny", "--batch-size", 2, "--lr", 0.05, "--log-every", 1,
             "--crf-iterations", 2, "--crf-test-iterations", 2, "--device", "cpu", "--run-dir", run_dir,
@@ -228,7 +216,7 @@ def test_train_without_the_flag_has_no_width_parameters(tmp_path, capsys):
 
 
 def test_train_refuses_the_flag_for_a_model_without_crf(tmp_path, capsys):
-    _scene_folder(tmp_path / "data", range(2))
+    write_scene_folder(tmp_path / "data", range(2), h=32, w=40)
     rc, _, err = run_cli(["train", "--dataset", "folder", "--root", tmp_path / "data", "--train-split", "",
                           "--val-split", "", "--num-classes", L, "--model", "tiny-fcn", "--steps", 1,
                           "--learn-bandwidths", "--run-dir", tmp_path / "run"], capsys)

@@ -22,7 +22,7 @@ from crfrnn.data import voc_palette
 from crfrnn.demo import coarse_logits, make_scene
 from crfrnn.models import TinyCrfRnnNet
 
-from conftest import run_cli
+from conftest import run_cli, write_scene_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -84,17 +84,6 @@ def panels(picture: Image.Image, h: int, w: int, count: int = 4, pad: int = 6) -
     assert a.shape[1] == count * w + (count + 1) * pad
     top = a.shape[0] - pad - h
     return [a[top : top + h, pad + k * (w + pad) : pad + k * (w + pad) + w] for k in range(count)]
-
-
-def write_scene_folder(folder: Path, seeds, h=40, w=48) -> None:
-    from crfrnn import viz
-
-    for s in seeds:
-        img, mask = make_scene(h, w, seed=s)
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        (folder / "masks").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img.permute(1, 2, 0).byte().numpy()).save(folder / "images" / f"s{s}.png")
-        viz.label_image(mask).save(folder / "masks" / f"s{s}.png")
 
 
 def tiny_checkpoint(path: Path, num_classes: int, seed: int = 2) -> dict:

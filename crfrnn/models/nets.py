@@ -180,6 +180,25 @@ class CrfRnnNet(FCN8s):
         return self.crfrnn(unary, rgb, valid_mask=valid_mask)
 
 
+def _check_head_args(model: Any, num_classes: Any) -> int:
+    """``num_classes`` as an int, after checking that ``model`` is callable and L a positive integer."""
+    if not callable(model):
+        raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _model_logits(model: Callable, image: Tensor) -> Tensor:
+    """``model(image)``, or its ``"out"`` entry (torchvision's segmentation models return a mapping)."""
+    logits = model(image)
+    if isinstance(logits, Mapping) and "out" in logits:
+        logits = logits["out"]
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"model must return a logits tensor (B, L, H, W), got {type(logits).__name__}")
+    return logits
+
+
 class CrfRnnHead(nn.Module):
     """A CRF-RNN after any segmentation model.
 
@@ -195,11 +214,7 @@ class CrfRnnHead(nn.Module):
 
     def __init__(self, model: nn.Module, num_classes: int, *, unary_scale: float = 1.0, **crf_kwargs):
         super().__init__()
-        if not callable(model):
-            raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
-        if int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self.num_classes = int(num_classes)
+        self.num_classes = _check_head_args(model, num_classes)
         self.unary_scale = check_unary_scale(unary_scale)
         self.model = model
         self.crfrnn = CrfRnn(self.num_classes, **crf_kwargs)
@@ -208,12 +223,7 @@ class CrfRnnHead(nn.Module):
         return f"unary_scale={self.unary_scale}"
 
     def _model_logits(self, image: Tensor) -> Tensor:
-        logits = self.model(image)
-        if isinstance(logits, Mapping) and "out" in logits:
-            logits = logits["out"]
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"model must return a logits tensor (B, L, H, W), got {type(logits).__name__}")
-        return logits
+        return _model_logits(self.model, image)
 
     def unary(self, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         """The CRF's unaries: the model's logits of ``image`` (at ``unary_scale`` != 1 computed on the resized
@@ -269,11 +279,7 @@ class UnaryNet(nn.Module):
 
     def __init__(self, model: nn.Module, num_classes: int, *, unary_scale: float = 1.0):
         super().__init__()
-        if not callable(model):
-            raise TypeError(f"model must be a callable nn.Module, got {type(model).__name__}")
-        if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self.num_classes = int(num_classes)
+        self.num_classes = _check_head_args(model, num_classes)
         self.unary_scale = check_unary_scale(unary_scale)
         self.model = model
 
@@ -281,12 +287,7 @@ class UnaryNet(nn.Module):
         return f"num_classes={self.num_classes}, unary_scale={self.unary_scale}"
 
     def _model_logits(self, image: Tensor) -> Tensor:
-        logits = self.model(image)
-        if isinstance(logits, Mapping) and "out" in logits:
-            logits = logits["out"]
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"model must return a logits tensor (B, L, H, W), got {type(logits).__name__}")
-        return logits
+        return _model_logits(self.model, image)
 
     def unary(self, image: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         """The model's logits of ``image`` (B, 3, H, W) -> (B, L, H, W), at ``unary_scale`` (see the class)."""

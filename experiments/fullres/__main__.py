@@ -8,8 +8,11 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+
+from crfrnn.engine.runfiles import write_text
 
 from .run import SHIPPED, log, run
 from .settings import REPO, SEEDS, SETTINGS, smoke
@@ -30,15 +33,13 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _jobs(datasets, seeds, workers: int) -> list[list[tuple[str, int]]]:
-    """Jobs per worker: the long CamVid runs spread first, the short horse runs after them."""
-    queues: list[list[tuple[str, int]]] = [[] for _ in range(workers)]
-    k = 0
-    for ds in datasets:
-        for seed in seeds:
-            queues[k % workers].append((ds, seed))
-            k += 1
-    return queues
+def _run_job(job: tuple[str, int], root: Path, smoke: bool, env: dict[str, str]) -> int:
+    """One data set and seed in a process of its own (one thread), its output in ``root/<dataset>-seed<k>.log``."""
+    ds, seed = job
+    cmd = [sys.executable, "-m", "experiments.fullres", "run", "--dataset", ds, "--seed", str(seed),
+           "--run-dir", str(root / ds / f"seed{seed}")] + (["--smoke"] if smoke else [])
+    with open(root / f"{ds}-seed{seed}.log", "w", encoding="utf-8") as out:
+        return subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
 def cmd_reproduce(args) -> int:
@@ -50,20 +51,12 @@ def cmd_reproduce(args) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    queues = _jobs(args.datasets, args.seeds, args.workers)
-    procs = []
-    for q in queues:  # one shell loop per worker: its jobs one after another, stopping at the first failure
-        cmds = []
-        for ds, seed in q:
-            cmd = [sys.executable, "-m", "experiments.fullres", "run", "--dataset", ds, "--seed", str(seed),
-                   "--run-dir", str(root / ds / f"seed{seed}")] + (["--smoke"] if args.smoke else [])
-            cmds.append((cmd, root / f"{ds}-seed{seed}.log"))
-        procs.append(subprocess.Popen([sys.executable, "-c", _CHAIN, repr([(c, str(p)) for c, p in cmds])], env=env,
-                                      cwd=REPO))
-    codes = [p.wait() for p in procs]
+    jobs = [(ds, seed) for ds in args.datasets for seed in args.seeds]  # the long CamVid runs start first
+    with ThreadPoolExecutor(args.workers) as pool:
+        codes = list(pool.map(lambda job: _run_job(job, root, args.smoke, env), jobs))
     wall = time.perf_counter() - t0
     log(f"all runs finished in {wall / 60:.1f} min (exit codes {codes})")
-    (root / "wall_seconds.txt").write_text(f"{wall:.0f}\n", encoding="utf-8")
+    write_text(root / "wall_seconds.txt", f"{wall:.0f}\n")
     if any(codes):
         raise SystemExit("a run failed; see the logs in " + str(root))
     if not args.smoke:
@@ -74,15 +67,6 @@ def cmd_reproduce(args) -> int:
     report_main(["--runs", str(RESULTS if not args.smoke else root), "--output", args.output, "--figures",
                  args.figures])
     return 0
-
-
-_CHAIN = """
-import subprocess, sys, ast
-for cmd, log in ast.literal_eval(sys.argv[1]):
-    with open(log, "w") as f:
-        if subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT):
-            sys.exit(1)
-"""
 
 
 def copy_results(root: Path, dest: Path) -> None:

@@ -4,7 +4,6 @@ models/<arm>.pt, the training run folders)."""
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import platform
@@ -18,10 +17,11 @@ from torch import nn
 
 from crfrnn.engine import TrainConfig, atomic_write, train
 from crfrnn.engine.metrics import class_iou, confusion_matrix, mean_iou, pixel_accuracy, trimap_confusion
+from crfrnn.engine.runfiles import write_text
 from crfrnn.engine.state import seed_all
 from crfrnn.meanfield import CrfRnn, mean_field
 from crfrnn.models import CrfRnnHead, SmallFCN8s, UnaryNet
-from crfrnn.models.checkpoints import save_model_file
+from crfrnn.models.checkpoints import crf_options, save_model_file, small_model_sidecar
 
 from .data import FullPairs, Split, class_names, fcn_train_set, load
 from .settings import ARMS, IGNORE, TRIMAP_RADII, Settings
@@ -35,15 +35,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(data))
-
-
 def _atomic_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    _atomic_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _nan_none(v: float) -> float | None:
@@ -110,22 +103,17 @@ class Run:
             "steps": steps, "train_seconds": t_train, "eval_seconds": dt, "crf": crf,
         }
         if model is not None:
-            self._save_model(arm, model, crf)
+            self._save_model(arm, model)
         log(f"{self.s.dataset} seed {self.seed} {arm}: mean IU {100 * (self.arms[arm]['mean_iou'] or 0):.2f} "
             f"pixel acc {100 * (self.arms[arm]['pixel_accuracy'] or 0):.2f} ({dt:.0f}s eval)")
         self._write_results()
 
-    def _sidecar(self, kind: str, crf: dict | None) -> dict[str, Any]:
-        s = self.s
-        return {"kind": kind, "num_classes": self.L, "class_names": self.class_names, "unary_scale": s.unary_scale,
-                "architecture": {"widths": list(s.widths), "fc": s.fc, "mean": list(s.mean), "std": list(s.std)},
-                "crf": crf, "ignore_index": IGNORE,
-                "description": f"crfrnn full-resolution reproduction, {s.dataset}, seed {self.seed}"}
-
-    def _save_model(self, arm: str, model: nn.Module, crf: dict | None) -> None:
-        kind = "small-fcn" if crf is None else "small-crfrnn"
+    def _save_model(self, arm: str, model: nn.Module) -> None:
         (self.run_dir / "models").mkdir(exist_ok=True)
-        save_model_file(self.run_dir / "models" / f"{arm}.pt", model, self._sidecar(kind, crf))
+        sidecar = small_model_sidecar(model, class_names=self.class_names, ignore_index=IGNORE,
+                                      description=f"crfrnn full-resolution reproduction, {self.s.dataset}, "
+                                                  f"seed {self.seed}")
+        save_model_file(self.run_dir / "models" / f"{arm}.pt", model, sidecar)
 
     # ------------------------------------------------------------------ phases
     def load_data(self) -> None:
@@ -210,12 +198,8 @@ class Run:
                           **self._crf_kwargs(learn_bandwidths)).eval()
 
     def _crf_summary(self, head: CrfRnnHead) -> dict[str, Any]:
-        """The CRF's options as the shipped file needs them (the learned widths where they are learned)."""
-        c = head.crfrnn
-        kw = self._crf_kwargs(bool(getattr(c, "learn_bandwidths", False)))
-        kw.update(theta_alpha=float(c.theta_alpha), theta_beta=_as_number(c.theta_beta),
-                  theta_gamma=float(c.theta_gamma))
-        return kw
+        """The CRF's options (the learned widths where they are learned) and its initial kernel weights."""
+        return {**self.best, **crf_options(head.crfrnn)}
 
     def _finetune_cfg(self) -> TrainConfig:
         s = self.s
@@ -244,7 +228,7 @@ class Run:
         elif arm == "crf_only":
             net = self._crf_head(learn_bandwidths=False)
             model, fn = CachedUnaryCrf(net.crfrnn), net
-            dataset = FullPairs(self.train_split, self._train_logits())
+            dataset = FullPairs(self.train_split, self._train_logits())  # computed once: only this arm uses them
         else:
             net = self._crf_head(learn_bandwidths=arm == "crfrnn_theta", trainable_fcn=True)
             model, fn, dataset = net, net, FullPairs(self.train_split)
@@ -279,12 +263,11 @@ class Run:
 
     @torch.no_grad()
     def _train_logits(self) -> list[torch.Tensor]:
-        """The frozen FCN's full-resolution logits of every training image, computed once."""
-        if not hasattr(self, "_cached"):
-            t = time.process_time()
-            self._cached = [self.unary(im[None].float())[0].clone() for im in self.train_split.images]
-            self._phase("cache_logits", t)
-        return self._cached
+        """The frozen FCN's full-resolution logits of every training image."""
+        t = time.process_time()
+        logits = [self.unary(im[None].float())[0] for im in self.train_split.images]
+        self._phase("cache_logits", t)
+        return logits
 
     # ------------------------------------------------------------------ files
     def _write_results(self) -> None:
@@ -309,8 +292,7 @@ class Run:
                             "threads": torch.get_num_threads(), "machine": platform.machine(),
                             "cpu_count": os.cpu_count()},
         }
-        _atomic_bytes(self.run_dir / "results.json",
-                      (json.dumps(res, indent=1, allow_nan=False) + "\n").encode("utf-8"))
+        write_text(self.run_dir / "results.json", json.dumps(res, indent=1, allow_nan=False) + "\n")
 
     def write_arrays(self) -> None:
         _atomic_npz(self.run_dir / "confusion.npz", self.confusion)

@@ -327,7 +327,46 @@ def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, met
         _Kernel(spa, bw_spa, method, backend, valid_mask, unary.dtype),
         _Kernel(bil, bw_bil, method, backend, valid_mask, unary.dtype),
     )
+    if _fusable(unary, kernels, (ws, wb, c), (ta, tb, tg)):
+        return _fused_loop(unary, kernels, ws[0], wb[0], c[0], num_iterations)
     return _mean_field_loop(unary, kernels, ws, wb, c, num_iterations, valid_mask)
+
+
+def _fusable(unary, kernels, weights, thetas) -> bool:
+    """Whether :func:`_fused_loop` may run: CPU float32 on numba lattices, the same weights in every
+    iteration, and no gradient wanted (it keeps nothing for a backward pass)."""
+    if unary.dtype != torch.float32 or unary.device.type != "cpu" or not weights[0]:  # T = 0: nothing to run
+        return False
+    if any(k.matrix is not None or k.lattice.backend != "numba" for k in kernels):
+        return False
+    if any(any(w is not ws[0] for w in ws) for ws in weights):
+        return False
+    if torch.is_grad_enabled():
+        tensors = [unary, *(ws[0] for ws in weights), *(t for t in thetas if isinstance(t, torch.Tensor))]
+        return not any(t.requires_grad for t in tensors)
+    return True
+
+
+def _fused_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations):
+    """:func:`_mean_field_loop` (its slow twin, tested equal) as one compiled pass per iteration over both
+    lattices (:mod:`crfrnn.lattice.fused`): the label weights act on the blurred lattice vertices and the
+    marginals never go through memory between iterations. Masked points have no lattice weight and a
+    normaliser of 1, so they come out as their unary, as in the twin."""
+    from .lattice.fused import fused_mean_field, stack_lattices
+
+    B, L = unary.shape[:2]
+
+    def entering(w):  # logits = unary + a @ m_s + b @ m_b: a vector (L,) or a matrix (L, L)
+        w = w.detach().to(torch.float32)
+        return (w.expand(L) if w.dim() == 0 else w).contiguous().numpy()
+
+    a, b = _compose(spatial_w, bilateral_w, compat)
+    stacked = stack_lattices([k.lattice for k in kernels], [None, None],
+                             [k.inv_norm.detach().reshape(-1).contiguous().numpy() for k in kernels],
+                             [entering(a), entering(b)], L)
+    logits = unary.detach().reshape(B, L, -1).transpose(0, 1).reshape(L, -1)  # (L, B * N), the lattices' order
+    out = fused_mean_field(logits, stacked, num_iterations, marginals=False)
+    return out.reshape(L, B, -1).transpose(0, 1).reshape(unary.shape)
 
 
 def mean_field(

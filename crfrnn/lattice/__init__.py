@@ -4,6 +4,7 @@
   the vectorised torch backend (any device) and the dispatch to the compiled CPU kernels;
 * :mod:`._numba_kernels` — the compiled CPU kernels (Numba): build, splat/blur/slice, fused dense-CRF pass;
 * :mod:`._geometry_grad` — the opt-in gradient w.r.t. the features / bandwidths (filters on the same lattice);
+* :mod:`.fused` — mean field over several lattices in one compiled pass per iteration (CPU);
 * :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle.
 """
 from .exact import dense_gaussian_filter, dense_gaussian_kernel

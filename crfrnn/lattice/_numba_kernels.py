@@ -907,12 +907,14 @@ def _softmax_row(typingctx, row, c):  # pragma: no cover - compiled
 
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                     pre, post, wdiag, wmat, ismat, n_iter, partial, lat, tmp, msg_lat):  # pragma: no cover - compiled
+                     pre, post, wdiag, wmat, ismat, n_iter, marginals, partial, lat, tmp,
+                     msg_lat):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
     multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
-    ``softmax(-U)``). Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
+    ``softmax(-U)``), or with ``marginals`` False the last iteration's logits (before its softmax:
+    CRF-RNN's output). Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
     ``bary[tstart[t] : tstart[t] + N * td1[t]]`` and the same slice of ``offsets`` (global vertex
     rows), vertex rows ``vstart[t] ... vstart[t] + vcount[t]`` and blur neighbours ``nbr[nstart[t] :
     ...]`` laid out ``(td1, vcount, 2)`` (global rows, -1 = missing). ``pre (T, N)``/``post (T, N)``:
@@ -1011,7 +1013,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for t in range(nt):
                             d1 = td1[t]
                             _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
-                    _softmax_row(row, c)
+                    if marginals or not last:
+                        _softmax_row(row, c)
                     if not last:
                         for t in range(nt):
                             d1 = td1[t]

@@ -1,0 +1,92 @@
+"""Mean field over several CPU lattices in one compiled pass per iteration (the numba backend).
+
+Every pairwise term's slice, the unary, the softmax and every term's splat run point by point in one pass
+(:func:`crfrnn.lattice._numba_kernels.dense_meanfield`), so the marginals never go through memory between
+iterations, and a label matrix is applied to the blurred lattice vertices rather than to every point.
+Used by :mod:`crfrnn.densecrf` (pydensecrf's inference) and by :func:`crfrnn.mean_field` /
+:class:`crfrnn.CrfRnn` when no gradient is needed. Their slow twins (one filter call per term and
+iteration) are tested equal.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import _numba_kernels as _nb
+from .permutohedral import _SPLAT_COPIES, PermutohedralLattice
+
+__all__ = ["stack_lattices", "fused_mean_field"]
+
+
+def _padded(n_labels: int) -> int:
+    """Labels padded to whole SIMD registers, as the fused kernel lays them out."""
+    return -(-n_labels // _nb._LANES) * _nb._LANES
+
+
+def stack_lattices(
+    lattices: Sequence[PermutohedralLattice],
+    pres: Sequence[Optional[np.ndarray]],
+    posts: Sequence[Optional[np.ndarray]],
+    weights: Sequence[np.ndarray],
+    n_labels: int,
+) -> tuple:
+    """The terms laid end to end, as the fused kernel takes them (made once per set of terms).
+
+    Term ``t`` sends the message ``m = posts[t] * F_t(pres[t] * Q)`` (``pres``/``posts``: ``(P,)``
+    float32 per-point scales over the lattice's ``P = B * N`` points, or ``None`` for ones), which enters
+    the logits as ``+ weights[t] * m`` for a vector ``(L,)`` or ``+ weights[t] @ m`` for a matrix
+    ``(L, L)``. Every lattice must be a numba one over the same points.
+    """
+    bary, offsets, nbr, tstart, td1, nstart, vstart, vcount = [], [], [], [], [], [], [], []
+    pre, post, wdiag, wmat, ismat = [], [], [], [], []
+    pos = npos = vpos = 0
+    zeros_mat = np.zeros((n_labels, n_labels), np.float32)
+    for lat, p_pre, p_post, w in zip(lattices, pres, posts, weights, strict=True):
+        arrays = lat.compiled_arrays()
+        bary.append(arrays.barycentric)
+        offsets.append(arrays.offsets + np.int32(vpos) if vpos else arrays.offsets)
+        nb = arrays.neighbours
+        nbr.append(np.where(nb >= 0, nb + np.int32(vpos), nb) if vpos else nb)
+        tstart.append(pos)
+        td1.append(lat.dim + 1)
+        nstart.append(npos)
+        vstart.append(vpos)
+        vcount.append(lat.num_vertices)
+        pos += bary[-1].shape[0]
+        npos += nb.shape[0]
+        vpos += lat.num_vertices
+        n = lat.batch_size * lat.num_points
+        alpha = np.float32(arrays.alpha)  # the lattice's output factor, folded into post
+        pre.append(np.ones(n, np.float32) if p_pre is None else np.asarray(p_pre, np.float32))
+        post.append(np.full(n, alpha, np.float32) if p_post is None else np.asarray(p_post, np.float32) * alpha)
+        w = np.asarray(w, np.float32)
+        wd = np.zeros(_padded(n_labels), np.float32)
+        if w.ndim == 1:
+            wd[:n_labels] = w
+        wdiag.append(wd)
+        wmat.append(-w if w.ndim == 2 else zeros_mat)  # the kernel subtracts wmat @ m
+        ismat.append(w.ndim == 2)
+    i64 = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
+    return (np.concatenate(bary), np.concatenate(offsets), i64(tstart), i64(td1), np.concatenate(nbr),
+            i64(nstart), i64(vstart), i64(vcount), np.stack(pre), np.stack(post), np.stack(wdiag),
+            np.ascontiguousarray(np.stack(wmat)), np.array(ismat, dtype=np.bool_))
+
+
+def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True
+                     ) -> torch.Tensor:
+    """``n_iterations`` of mean field from ``logits (L, P)`` (float32, CPU) on the terms of
+    :func:`stack_lattices`: ``Q = softmax(logits)``, then per iteration ``softmax(logits + sum_t
+    message_t(Q))``. Returns ``Q (L, P)``, or with ``marginals=False`` the last iteration's logits
+    (before its softmax; ``logits`` itself for 0 iterations)."""
+    L, n = logits.shape
+    un = np.zeros((n, _padded(L)), dtype=np.float32)  # (P, Cp): a point's labels side by side
+    un[:, :L] = logits.detach().numpy().T
+    out = np.empty((L, n), dtype=np.float32)
+    m = int(stacked[7].sum())  # vertices of all terms
+    parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
+    work = (np.zeros((parts, m, un.shape[1]), np.float32),
+            *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(3)))  # + the zero row
+    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, *work)
+    return torch.from_numpy(out)

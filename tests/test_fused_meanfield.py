@@ -1,0 +1,132 @@
+"""The fused CPU path of mean_field / CrfRnn (no gradient wanted) against its slow twin, the per-kernel
+loop that autograd runs, and against the brute-force float64 reference."""
+import numba
+import numpy as np
+import pytest
+import torch
+from test_meanfield import noisy_unary, reference_mean_field
+
+import crfrnn.meanfield as mf
+from crfrnn import CrfRnn, mean_field
+
+from conftest import crop, image_pairs
+
+
+def _case(source, count=2, h=60, w=80, L=21, seed=0):
+    """Crops as float32 tensors: unary (B, L, h, w), image (B, 3, h, w) 0..255, masks (B, h, w)."""
+    rng = np.random.default_rng(seed)
+    us, ims, masks = [], [], []
+    for _, img, mask in image_pairs(source, count=count):
+        m = crop(mask, h, w)
+        us.append(noisy_unary(m, L, rng))
+        ims.append(crop(img, h, w).transpose(2, 0, 1).astype(np.float64))
+        masks.append(m)
+    return (torch.from_numpy(np.stack(us)).float(), torch.from_numpy(np.stack(ims)).float(), np.stack(masks))
+
+
+def _slow(fn, unary, *args, **kw):
+    """The twin: the same call with a unary that requires grad takes the autograd loop."""
+    return fn(unary.clone().requires_grad_(), *args, **kw).detach()
+
+
+def _random_layer(L, seed):
+    g = torch.Generator().manual_seed(seed)
+    layer = CrfRnn(L)
+    with torch.no_grad():  # asymmetric, non-Potts weights: the (L, L) matrices act on lattice vertices
+        layer.compatibility_matrix.add_(0.3 * torch.randn(L, L, generator=g))
+        layer.spatial_ker_weights.add_(0.5 * torch.randn(L, L, generator=g))
+        layer.bilateral_ker_weights.add_(0.5 * torch.randn(L, L, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_crfrnn_without_grad_equals_the_autograd_loop(image_source, training):
+    unary, image, _ = _case(image_source)
+    layer = _random_layer(21, seed=1).train(training)
+    with torch.no_grad():
+        fast = layer(unary, image)
+    slow = _slow(layer, unary, image)
+    exact = _slow(layer.double(), unary.double(), image.double()).float()  # the same maths in float64
+    layer.float()
+    # float32 rounding, summed in another order, is all that differs: the fused path is as far from the
+    # float64 twin as the float32 twin is (within a small factor), and close in absolute terms
+    err_fast, err_twin = ((x - exact).abs().max().item() for x in (fast, slow))
+    assert err_fast <= 4 * err_twin + 1e-6
+    assert (fast - slow).abs().max().item() <= 2e-5 * max(1.0, slow.abs().max().item())
+    assert fast.argmax(1).eq(slow.argmax(1)).float().mean().item() >= 0.9999
+    assert not torch.equal(fast, unary)  # the messages were applied
+
+
+@pytest.mark.parametrize("weights", ["scalar", "vector"])
+def test_mean_field_fused_weights_and_masks(weights):
+    unary, image, _ = _case("scene", count=2, h=40, w=56)
+    L = unary.shape[1]
+    g = torch.Generator().manual_seed(2)
+    ws, wb = (2.5, 4.0) if weights == "scalar" else (torch.rand(L, generator=g) * 4, torch.rand(L, generator=g) * 6)
+    mask = torch.ones(2, 1, 40, 56, dtype=torch.bool)
+    mask[1, :, 25:, :] = False  # the second image padded below
+    mask[1, :, :, 40:] = False
+    kw = dict(spatial_weight=ws, bilateral_weight=wb, num_iterations=4, valid_mask=mask)
+    fast = mean_field(unary, image, **kw)  # grad enabled, nothing requires it: fused
+    slow = _slow(mean_field, unary, image, **kw)
+    assert (fast - slow).abs().max().item() <= 2e-5 * slow.abs().max().item()
+    pad = ~mask.expand_as(unary)
+    assert torch.equal(fast[pad], unary[pad])  # padding comes out as its unary, bit for bit
+    # the padded image equals the unpadded one run alone
+    alone = mean_field(unary[1:, :, :25, :40].contiguous(), image[1:, :, :25, :40].contiguous(),
+                       spatial_weight=ws, bilateral_weight=wb, num_iterations=4)
+    assert (fast[1:, :, :25, :40] - alone).abs().max().item() <= 2e-5 * alone.abs().max().item()
+
+
+def test_fused_matches_the_float64_reference(image_source):
+    unary, image, masks = _case(image_source, count=3)
+    L = unary.shape[1]
+    rng = np.random.default_rng(3)
+    compat = -np.eye(L) + 0.1 * rng.normal(size=(L, L))
+    agree, changed = [], []
+    for b in range(unary.shape[0]):
+        ref = reference_mean_field(unary[b].double().numpy(), image[b].double().numpy(), 160.0, 3.0, 3.0,
+                                   3.0 * np.eye(L), 5.0 * np.eye(L), compat, 10)
+        with torch.no_grad():
+            got = mean_field(unary[b:b + 1], image[b:b + 1], compatibility=torch.from_numpy(compat).float(),
+                             num_iterations=10)[0].numpy()
+        agree.append((got.argmax(0) == ref.argmax(0)).mean())
+        changed.append((ref.argmax(0) != unary[b].numpy().argmax(0)).mean())
+    assert min(changed) > 0.2, changed  # the CRF moved many labels: agreement is not trivial
+    assert min(agree) >= 0.98 and np.mean(agree) >= 0.99, agree
+
+
+def test_fused_is_bit_identical_for_any_thread_count():
+    unary, image, _ = _case("scene")
+    layer = _random_layer(21, seed=4).eval()
+    before = numba.get_num_threads()
+    try:
+        outs = []
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(layer(unary, image))
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fused_path_taken_only_when_no_gradient_is_wanted(monkeypatch):
+    unary, image, _ = _case("scene", count=1, h=24, w=32)
+    calls = []
+    real = mf._fused_loop
+    monkeypatch.setattr(mf, "_fused_loop", lambda *a: calls.append(1) or real(*a))
+    layer = CrfRnn(21)
+    with torch.no_grad():
+        layer(unary, image)
+    assert len(calls) == 1
+    layer(unary, image).sum().backward()  # parameters require grad: the autograd loop
+    mean_field(unary.double(), image.double())  # float64: the twin
+    CrfRnn(21, untied=True).eval()(unary, image.detach()).detach()  # untied weights require grad too
+    with torch.no_grad():
+        CrfRnn(21, untied=True)(unary, image)  # per-iteration weights: the loop
+        mean_field(unary, image, method="exact")
+        mean_field(unary, image, backend="torch")
+    theta = torch.tensor(50.0, requires_grad=True)
+    mean_field(unary, image, theta_alpha=theta).sum().backward()
+    assert len(calls) == 1 and theta.grad is not None

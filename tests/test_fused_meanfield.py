@@ -1,5 +1,7 @@
 """The fused CPU path of mean_field / CrfRnn (no gradient wanted) against its slow twin, the per-kernel
 loop that autograd runs, and against the brute-force float64 reference."""
+import contextlib
+
 import numba
 import numpy as np
 import pytest
@@ -24,9 +26,20 @@ def _case(source, count=2, h=60, w=80, L=21, seed=0):
     return (torch.from_numpy(np.stack(us)).float(), torch.from_numpy(np.stack(ims)).float(), np.stack(masks))
 
 
+@contextlib.contextmanager
+def twin():
+    """Within: every call takes the slow twin (the per-kernel loop that autograd differentiates)."""
+    real = mf._fusable
+    mf._fusable = lambda *a: False
+    try:
+        yield
+    finally:
+        mf._fusable = real
+
+
 def _slow(fn, unary, *args, **kw):
-    """The twin: the same call with a unary that requires grad takes the autograd loop."""
-    return fn(unary.clone().requires_grad_(), *args, **kw).detach()
+    with twin(), torch.no_grad():
+        return fn(unary, *args, **kw)
 
 
 def _random_layer(L, seed):
@@ -67,7 +80,7 @@ def test_mean_field_fused_weights_and_masks(weights):
     mask[1, :, 25:, :] = False  # the second image padded below
     mask[1, :, :, 40:] = False
     kw = dict(spatial_weight=ws, bilateral_weight=wb, num_iterations=4, valid_mask=mask)
-    fast = mean_field(unary, image, **kw)  # grad enabled, nothing requires it: fused
+    fast = mean_field(unary, image, **kw)
     slow = _slow(mean_field, unary, image, **kw)
     assert (fast - slow).abs().max().item() <= 2e-5 * slow.abs().max().item()
     pad = ~mask.expand_as(unary)
@@ -111,7 +124,7 @@ def test_fused_is_bit_identical_for_any_thread_count():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_fused_path_taken_only_when_no_gradient_is_wanted(monkeypatch):
+def test_which_calls_take_the_fused_path(monkeypatch):
     unary, image, _ = _case("scene", count=1, h=24, w=32)
     calls = []
     real = mf._fused_loop
@@ -119,14 +132,77 @@ def test_fused_path_taken_only_when_no_gradient_is_wanted(monkeypatch):
     layer = CrfRnn(21)
     with torch.no_grad():
         layer(unary, image)
-    assert len(calls) == 1
-    layer(unary, image).sum().backward()  # parameters require grad: the autograd loop
-    mean_field(unary.double(), image.double())  # float64: the twin
-    CrfRnn(21, untied=True).eval()(unary, image.detach()).detach()  # untied weights require grad too
-    with torch.no_grad():
-        CrfRnn(21, untied=True)(unary, image)  # per-iteration weights: the loop
-        mean_field(unary, image, method="exact")
-        mean_field(unary, image, backend="torch")
+    layer(unary, image).sum().backward()  # training: fused, with its own backward
+    assert len(calls) == 2 and layer.compatibility_matrix.grad is not None
+    mean_field(unary, image, num_iterations=0)  # nothing to run
+    mean_field(unary.double(), image.double())  # float64
+    CrfRnn(21, untied=True)(unary, image)  # per-iteration weights
+    mean_field(unary, image, method="exact")
+    mean_field(unary, image, backend="torch")
     theta = torch.tensor(50.0, requires_grad=True)
-    mean_field(unary, image, theta_alpha=theta).sum().backward()
-    assert len(calls) == 1 and theta.grad is not None
+    mean_field(unary, image, theta_alpha=theta).sum().backward()  # learned widths: the lattice's geometry path
+    assert len(calls) == 2 and theta.grad is not None
+    with torch.no_grad():
+        mean_field(unary, image, theta_alpha=theta)  # no gradient wanted: fused again
+    assert len(calls) == 3
+
+
+def _grads(fn, unary, params, *args, **kw):
+    """(output, d unary, d params) of a fixed random loss."""
+    u = unary.clone().requires_grad_()
+    out = fn(u, *args, **kw)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum() + out.square().mean(), [u, *params])
+    return out.detach(), grads
+
+
+def _close(fast, slow, exact, name):
+    """The fused path is as far from the float64 twin as the float32 twin is, within a small factor."""
+    err_fast, err_twin = ((x - exact).abs().max().item() for x in (fast, slow))
+    scale = exact.abs().max().item()
+    assert err_fast <= 4 * err_twin + 1e-6 * scale, (name, err_fast, err_twin, scale)
+
+
+@pytest.mark.parametrize("untrained", [True, False])
+def test_crfrnn_gradients_equal_the_autograd_loop(image_source, untrained):
+    unary, image, _ = _case(image_source, count=2, h=48, w=64)
+    layer = (CrfRnn(21) if untrained else _random_layer(21, seed=5)).train()
+    params = [layer.spatial_ker_weights, layer.bilateral_ker_weights, layer.compatibility_matrix]
+    fast = _grads(layer, unary, params, image)
+    with twin():
+        slow = _grads(layer, unary, params, image)
+        layer.double()
+        exact = _grads(layer, unary.double(), params, image.double())
+        layer.float()
+    for i, name in enumerate(["unary", "spatial", "bilateral", "compatibility"]):
+        _close(fast[1][i], slow[1][i], exact[1][i].float(), name)
+    _close(fast[0], slow[0], exact[0].float(), "output")
+
+
+@pytest.mark.parametrize("weights", ["scalar", "vector"])
+def test_mean_field_gradients_with_masks_equal_the_twin(weights):
+    unary, image, _ = _case("scene", count=2, h=40, w=56)
+    L = unary.shape[1]
+    g = torch.Generator().manual_seed(8)
+    shape = () if weights == "scalar" else (L,)
+    ws = (torch.rand(shape, generator=g) * 4).requires_grad_()
+    wb = (torch.rand(shape, generator=g) * 6).requires_grad_()
+    compat = (-torch.eye(L) + 0.2 * torch.randn(L, L, generator=g)).requires_grad_()
+    mask = torch.ones(2, 1, 40, 56, dtype=torch.bool)
+    mask[1, :, 25:, :] = False
+    kw = dict(valid_mask=mask, num_iterations=5)
+
+    def run(u, ws, wb, compat):
+        return mean_field(u, image.to(u.dtype), spatial_weight=ws, bilateral_weight=wb, compatibility=compat, **kw)
+
+    def both(u, ps):
+        return _grads(lambda x, *p: run(x, *p), u, ps, *ps)
+
+    fast = both(unary, [ws, wb, compat])
+    with twin():
+        slow = both(unary, [ws, wb, compat])
+        exact = both(unary.double(), [p.detach().double().requires_grad_() for p in (ws, wb, compat)])
+    for i in range(4):
+        _close(fast[1][i], slow[1][i], exact[1][i].float(), i)
+    pad = ~mask[:, 0]
+    assert torch.equal(fast[0].permute(1, 0, 2, 3)[:, pad], unary.permute(1, 0, 2, 3)[:, pad])

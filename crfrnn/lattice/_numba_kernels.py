@@ -907,14 +907,16 @@ def _softmax_row(typingctx, row, c):  # pragma: no cover - compiled
 
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                     pre, post, wdiag, wmat, ismat, n_iter, marginals, partial, lat, tmp,
+                     pre, post, wdiag, wmat, ismat, n_iter, marginals, history, partial, lat, tmp,
                      msg_lat):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
     multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
     ``softmax(-U)``), or with ``marginals`` False the last iteration's logits (before its softmax:
-    CRF-RNN's output). Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
+    CRF-RNN's output). ``history (T - 1, L, N)`` (or empty, ``(0, L, N)``) receives the logits of
+    iterations ``1 ... T - 1`` before their softmax, for a backward pass.
+    Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
     ``bary[tstart[t] : tstart[t] + N * td1[t]]`` and the same slice of ``offsets`` (global vertex
     rows), vertex rows ``vstart[t] ... vstart[t] + vcount[t]`` and blur neighbours ``nbr[nstart[t] :
     ...]`` laid out ``(td1, vcount, 2)`` (global rows, -1 = missing). ``pre (T, N)``/``post (T, N)``:
@@ -950,6 +952,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     for t in range(nt):
         split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
     flat = partial.reshape((parts * mtot, cp))  # copy p's row v is row p * mtot + v
+    keep = history.shape[0] > 0
     lat[mtot] = 0  # the zero row read for missing blur neighbours
     tmp[mtot] = 0
     for it in range(n_iter + 1):
@@ -991,9 +994,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for ch in range(cp):
                             dst[ch] = wd[ch] * s[ch]
         last = it == n_iter
+        keep_it = keep and 0 < it < n_iter
         for p in prange(parts):
             shift = p * mtot
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
+            hbuf = np.empty((_BLOCK if keep_it else 0, cp), dtype=np.float32)
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
                 i1 = min(i0 + _BLOCK, n)
@@ -1013,6 +1018,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for t in range(nt):
                             d1 = td1[t]
                             _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
+                    if keep_it:
+                        hb = hbuf[i - i0]
+                        for ch in range(c):
+                            hb[ch] = row[ch]
                     if marginals or not last:
                         _softmax_row(row, c)
                     if not last:
@@ -1023,6 +1032,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     for ch in range(c):
                         for i in range(i0, i1):
                             q[ch, i] = buf[i - i0, ch]
+                if keep_it:  # channel by channel: sequential writes
+                    hrow = history[it - 1]
+                    for ch in range(c):
+                        for i in range(i0, i1):
+                            hrow[ch, i] = hbuf[i - i0, ch]
 
 
 dense_meanfield = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(_dense_meanfield)

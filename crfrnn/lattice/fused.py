@@ -74,12 +74,13 @@ def stack_lattices(
             np.ascontiguousarray(np.stack(wmat)), np.array(ismat, dtype=np.bool_))
 
 
-def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True
-                     ) -> torch.Tensor:
+def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True,
+                     history: Optional[np.ndarray] = None) -> torch.Tensor:
     """``n_iterations`` of mean field from ``logits (L, P)`` (float32, CPU) on the terms of
     :func:`stack_lattices`: ``Q = softmax(logits)``, then per iteration ``softmax(logits + sum_t
     message_t(Q))``. Returns ``Q (L, P)``, or with ``marginals=False`` the last iteration's logits
-    (before its softmax; ``logits`` itself for 0 iterations)."""
+    (before its softmax; ``logits`` itself for 0 iterations). ``history``: an optional float32 array
+    ``(n_iterations - 1, L, P)`` that receives the logits of iterations ``1 ... n_iterations - 1``."""
     L, n = logits.shape
     un = np.zeros((n, _padded(L)), dtype=np.float32)  # (P, Cp): a point's labels side by side
     un[:, :L] = logits.detach().numpy().T
@@ -88,5 +89,10 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
     work = (np.zeros((parts, m, un.shape[1]), np.float32),
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(3)))  # + the zero row
-    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, *work)
+    if history is None:
+        history = np.empty((0, L, n), np.float32)
+    elif history.shape != (max(n_iterations - 1, 0), L, n) or history.dtype != np.float32:
+        raise ValueError(f"history must be float32 of shape {(max(n_iterations - 1, 0), L, n)}, got "
+                         f"{history.dtype} {history.shape}")
+    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, *work)
     return torch.from_numpy(out)

@@ -25,9 +25,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# On a quiet machine (nothing else running): times are ratios to pydensecrf2 measured in the same run.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lattice.py
 	$(PY) benchmarks/bench_meanfield.py
+	$(PY) benchmarks/bench_folders.py
 
 # The full-resolution reproduction (CamVid + Weizmann horses, 3 seeds, every arm; about an hour on 2 cores):
 # writes runs/fullres/, experiments/fullres/results/, experiments/models/ and docs/experiments.md.

@@ -75,15 +75,20 @@ def stack_lattices(
 
 
 def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True,
-                     history: Optional[np.ndarray] = None) -> torch.Tensor:
+                     history: Optional[np.ndarray] = None, energies: bool = False) -> torch.Tensor:
     """``n_iterations`` of mean field from ``logits (L, P)`` (float32, CPU) on the terms of
     :func:`stack_lattices`: ``Q = softmax(logits)``, then per iteration ``softmax(logits + sum_t
     message_t(Q))``. Returns ``Q (L, P)``, or with ``marginals=False`` the last iteration's logits
     (before its softmax; ``logits`` itself for 0 iterations). ``history``: an optional float32 array
-    ``(n_iterations - 1, L, P)`` that receives the logits of iterations ``1 ... n_iterations - 1``."""
+    ``(n_iterations - 1, L, P)`` that receives the logits of iterations ``1 ... n_iterations - 1``.
+    ``energies``: ``logits`` holds unary energies ``-logits`` (pydensecrf's convention), negated on the way
+    in (in the copy the kernel's layout needs anyway)."""
     L, n = logits.shape
     un = np.zeros((n, _padded(L)), dtype=np.float32)  # (P, Cp): a point's labels side by side
-    un[:, :L] = logits.detach().numpy().T
+    if energies:
+        np.negative(logits.detach().numpy().T, out=un[:, :L])
+    else:
+        un[:, :L] = logits.detach().numpy().T
     out = np.empty((L, n), dtype=np.float32)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))

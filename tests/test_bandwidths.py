@@ -85,8 +85,8 @@ def exact_lattice(monkeypatch):
 
     orig_init = PermutohedralLattice.__init__
 
-    def init(self, features, *, backend=None, mask=None, bandwidth=None):
-        orig_init(self, features, backend=backend, mask=mask, bandwidth=bandwidth)
+    def init(self, features, *, backend=None, mask=None, bandwidth=None, **kw):
+        orig_init(self, features, backend=backend, mask=mask, bandwidth=bandwidth, **kw)
         bw = None if bandwidth is None else torch.as_tensor(bandwidth, dtype=torch.float64).detach()
         bw = None if bw is None else (bw.expand(1, self.dim) if bw.dim() == 0 else bw.reshape(-1, self.dim))
         self._exact = (features.detach(), bw, None if mask is None else (mask != 0).to(torch.float64))
@@ -143,6 +143,76 @@ def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, case):
     want = _grads(dense_fn, *inputs)
     for name, a, b in zip(["values", "features", "bandwidth", "pre", "post"], got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize("case", ["2d", "3d-batch", "masked", "reverse", "scales"])
+def test_fine_mode_formula_equals_autograd_of_the_exact_filter(exact_lattice, monkeypatch, case):
+    """``geometry_grad="fine"`` with the exact kernel as its moment lattice: its centred moments plus the
+    lattice's mean moment are then the exact moments, so the bandwidth gradient is autograd's."""
+    monkeypatch.setattr(PermutohedralLattice, "_moment_lattice", lambda self: self)
+    g = torch.Generator().manual_seed(11)
+    spatial = (2, 4, 5) if case == "3d-batch" else (6, 7)
+    B = 2 if case == "3d-batch" else 1
+    feats = torch.randn((B, 4) + spatial, generator=g, dtype=torch.float64) * 2
+    bw = (0.5 + torch.rand((B, 4) if case == "3d-batch" else (4,), generator=g, dtype=torch.float64)).requires_grad_()
+    v = torch.randn((B, 3) + spatial, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if case == "masked":
+        mask = torch.ones((B, 1) + spatial, dtype=torch.bool)
+        mask[..., :2, :] = False
+    scales = ()
+    if case == "scales":
+        scales = tuple(torch.rand((B, 1) + spatial, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+                       for _ in range(2))
+
+    def lattice_fn(v, b, *sc):
+        lat = PermutohedralLattice(feats, mask=mask, bandwidth=b, geometry_grad="fine")
+        if sc:
+            return lat._filter_diff(v, pre=sc[0], post=sc[1])
+        out = lat.filter(v, reverse=case == "reverse")
+        return out if mask is None else out / lat.filter(mask.to(v.dtype)).clamp_min(1e-300) * mask
+
+    def dense_fn(v, b, *sc):
+        bshape = b.shape + (1,) * len(spatial) if b.dim() == 2 else (1, -1) + (1,) * len(spatial)
+        vv = v if not sc else v * sc[0]
+        if mask is not None:
+            vv = vv * mask
+        out = dense_gaussian_filter(vv, feats / b.reshape(bshape))
+        if sc:
+            return out * sc[1]
+        if mask is None:
+            return out
+        return out / dense_gaussian_filter(mask.to(v.dtype), feats / b.reshape(bshape)).clamp_min(1e-300) * mask
+
+    inputs = (v, bw) + scales
+    for name, a, b in zip(["values", "bandwidth", "pre", "post"], _grads(lattice_fn, *inputs), _grads(dense_fn, *inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient w.r.t. {name}")
+
+
+def test_fine_moment_lattice_kernel_is_closer_to_the_gaussian():
+    """The fine lattice's kernel, measured on a dense random 2-D cloud: unit variance per dimension (the
+    design: 3/4 per blur round, 1/4 from splat + slice, features x 2, 5 rounds) and a fourth moment
+    ``E r^4 / (E r^2)^2`` less than half as far from the Gaussian's 2 as the official lattice's (measured
+    1.91 and 1.77: the official kernel has a flat top and a cut tail)."""
+    g = torch.Generator().manual_seed(12)
+    D, N, S = 2, 20000, 16
+    pts = torch.cat([torch.randn(S, D, generator=g, dtype=torch.float64) * 0.5,
+                     (torch.rand(N, D, generator=g, dtype=torch.float64) * 2 - 1) * 6.0])
+    f = pts.T.reshape(1, D, -1, 1).contiguous()
+    v = torch.zeros(1, S, S + N, 1, dtype=torch.float64)
+    v[0, torch.arange(S), torch.arange(S)] = 1
+    delta = pts[None, S:] - pts[:S, None]  # (S, N, D)
+    r2 = (delta ** 2).sum(-1)
+    stats = {}
+    for mode in ("lattice", "fine"):
+        lat = PermutohedralLattice(f, bandwidth=torch.ones(D, dtype=torch.float64, requires_grad=True))
+        op = lat if mode == "lattice" else lat._moment_lattice()
+        k = op.filter_scaled(v, reverse=True)[0, :, S:, 0]
+        m2 = (k[..., None] * delta ** 2).sum(1) / k.sum(1)[:, None]
+        kurt = ((k * r2 ** 2).sum(1) / k.sum(1)) / m2.sum(1) ** 2
+        stats[mode] = (m2.mean(0), float(kurt.mean()))
+    torch.testing.assert_close(stats["fine"][0], torch.ones(D, dtype=torch.float64), rtol=0.05, atol=0)
+    assert abs(stats["fine"][1] - 2.0) < 0.5 * abs(stats["lattice"][1] - 2.0), stats
 
 
 # ----------------------------------------------------------------------------- the lattice against the exact filter

@@ -86,7 +86,7 @@ def _fine_bandwidth_grad(ctx, fc, g, vs, post, go, spatial):
     rho, a_fine, a_lat = _fine_constants(lat, mom, fc, ctx.reverse, spatial)
     gp = g if post is None else g * post.reshape(B, 1, n).to(g.dtype)  # post g
     # sum_i (rho g)_i (M_d v)_i by the bilinear identity of the single-pass bandwidth gradient
-    plain, second = _filter_groups(mom, gp, rho[:, None], fc, not ctx.reverse, vs, with_plain=True)
+    plain, second = _filter_groups(mom, gp, rho.reshape((B, 1) + spatial), fc, not ctx.reverse, vs, with_plain=True)
     my = mom.filter_scaled(vs.reshape((B, C) + spatial), reverse=ctx.reverse).reshape(B, C, n)
     gmy = _sum_channels(lat, gp, my)  # sum_c (post g) M v, (B, n)
     common = rho * gmy + _sum_channels(lat, vs, plain)

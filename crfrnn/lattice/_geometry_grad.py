@@ -92,7 +92,8 @@ def _fine_bandwidth_grad(ctx, fc, g, vs, post, go, spatial):
     common = rho * gmy + _sum_channels(lat, vs, plain)
     del plain, my
     s = (fc * (2.0 * second - fc * common[:, None])).sum(2, dtype=torch.float64)  # -sum (rho g) M_d v
-    s = s + ((rho * gmy)[:, None] * a_fine).sum(2, dtype=torch.float64) - (go[:, None] * a_lat).sum(2, dtype=torch.float64)
+    s = s + ((rho * gmy)[:, None] * a_fine).sum(2, dtype=torch.float64)
+    s = s - (go[:, None] * a_lat).sum(2, dtype=torch.float64)
     bandwidth = lat._geometry[1]
     gb = -s / bandwidth.to(torch.float64)
     if bandwidth.shape[0] != B:
@@ -113,7 +114,8 @@ def _fine_constants(lat, mom, fc, reverse, spatial):
             row = r[:, 2 * D]
             moment = r[:, :D] - 2.0 * fc * r[:, D : 2 * D] + fc * fc * row[:, None]  # G_d 1
             ok = row > 0  # left-out points: 0 / 0, and no part in the gradient
-            out.append((row, torch.where(ok[:, None], moment / row.clamp_min(1e-300)[:, None], torch.zeros_like(moment))))
+            mean = torch.where(ok[:, None], moment / row.clamp_min(1e-300)[:, None], torch.zeros_like(moment))
+            out.append((row, mean))
         (row_m, a_fine), (row_g, a_lat) = out
         rho = torch.where(row_m > 0, row_g / row_m.clamp_min(1e-300), torch.zeros_like(row_g))
         lat._grad_cache[key] = (rho, a_fine, a_lat)

@@ -216,7 +216,7 @@ def test_fine_moment_lattice_kernel_is_closer_to_the_gaussian():
 
 
 # ----------------------------------------------------------------------------- the lattice against the exact filter
-def _theta_gradients(image, labels, kernel, thetas, L, gen, backends):
+def _theta_gradients(image, labels, kernel, thetas, L, gen, backends, geometry_grad="lattice"):
     """dL/dθ and dL/d(features) of one random loss for the exact dense filter (autograd) and the lattice on
     each backend. The loss is L = <g, z> for the normalised filter z of noisy label probabilities v, with
     g = z_exact - t, t another noisy label map: the upstream gradient of |z - t|^2 / 2, the same for both,
@@ -237,12 +237,13 @@ def _theta_gradients(image, labels, kernel, thetas, L, gen, backends):
         return torch.stack(grads[:-1]), grads[-1], g
 
     exact = run(lambda f, bw: dense_gaussian_filter(v, f / bw.view(1, -1, 1, 1), normalize=True))
-    lattice = {b: run(lambda f, bw: permutohedral_filter(v, f, normalize=True, backend=b, bandwidth=bw), exact[2])[:2]
+    lattice = {b: run(lambda f, bw: permutohedral_filter(v, f, normalize=True, backend=b, bandwidth=bw,
+                                                         geometry_grad=geometry_grad), exact[2])[:2]
                for b in backends}
     return exact[:2], lattice
 
 
-def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_min):
+def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_min, geometry_grad="lattice"):
     """dL/dθ of the lattice vs autograd of the exact filter over ``losses`` random losses, for the bilateral
     (D = 5: θα, θβ) and the spatial (D = 2: θγ) kernel, on both backends: cosine, relative L2 error and
     sign agreement of the stacked gradients; per-pixel feature gradients by their median cosine."""
@@ -254,22 +255,25 @@ def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_mi
         cos_f = {b: [] for b in BACKENDS}
         for i in range(losses):
             img, lab = imgs[i % len(imgs)]
-            exact, lattice = _theta_gradients(img, lab, kernel, th, 4, gen, BACKENDS)
+            exact, lattice = _theta_gradients(img, lab, kernel, th, 4, gen, BACKENDS, geometry_grad)
             exact_t.append(exact[0])
             for b, (gt, gf) in lattice.items():
                 lat_t[b].append(gt)
                 cos_f[b].append(agreement(exact[1], gf)[0])
         for b in BACKENDS:
             cos, rel, sign = agreement(torch.cat(exact_t), torch.cat(lat_t[b]))
-            msg = f"{source} {size} {kernel} θ={th} {b}: cosine {cos:.3f}, relative L2 {rel:.3f}, signs {sign:.2f}"
+            msg = (f"{source} {size} {kernel} θ={th} {b} {geometry_grad}: cosine {cos:.3f}, relative L2 {rel:.3f}, "
+                   f"signs {sign:.2f}")
             assert cos >= cos_min and rel <= rel_max and sign >= sign_min, msg
             assert float(np.median(cos_f[b])) >= 0.9, f"{msg}; feature-gradient cosines {np.round(cos_f[b], 3)}"
 
 
 # The issue asks for cosine >= 0.97, relative L2 <= 10 % and signs >= 95 %. The lattice-evaluated gradient
-# points the right way (cosine 0.97-1.0 at these θ) but its size is off by -20..+30 % depending on θ and the
-# image (the lattice kernel is not a Gaussian in its tails, where dk/dθ ~ |f_i - f_j|^2 k puts its weight;
-# worst for D = 5): docs/bandwidths.md has the measurements. The thresholds below are what it achieves.
+# points the right way (cosine 0.97-1.0 at these θ) but its size is off by -15..+20 % depending on θ and the
+# image: the lattice's kernel has a flat top and a cut tail (its 4th moment is below the Gaussian's, where
+# dk/dθ ~ |f_i - f_j|^2 k puts its weight), and on the sparse bilateral lattice the blur is cut short where no
+# point lies (docs/bandwidths.md, Accuracy). The thresholds below are what it achieves; geometry_grad="fine"
+# (moment terms on a finer, untruncated lattice) meets the issue's bar (the slow tests further down).
 def test_bandwidth_gradient_matches_exact_filter():
     _check_against_exact(SOURCE, (30, 40), [(20.0, 13.0), (1.5,)], losses=20, cos_min=0.95, rel_max=0.4, sign_min=0.8)
 
@@ -278,6 +282,28 @@ def test_bandwidth_gradient_matches_exact_filter():
 @pytest.mark.parametrize("source", SOURCES)
 def test_bandwidth_gradient_matches_exact_filter_60x80(source):
     _check_against_exact(source, (60, 80), [(40.0, 10.0), (3.0,)], losses=20, cos_min=0.97, rel_max=0.4, sign_min=0.85)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("size", [(30, 40), (60, 80)], ids=["30x40", "60x80"])
+def test_fine_bandwidth_gradient_meets_the_issue_bar(source, size):
+    thetas = [(20.0, 13.0), (1.5,)] if size == (30, 40) else [(40.0, 10.0), (3.0,)]
+    _check_against_exact(source, size, thetas, losses=20, cos_min=0.97, rel_max=0.10, sign_min=0.95,
+                         geometry_grad="fine")
+
+
+def test_geometry_grad_is_checked_and_leaves_the_forward_alone():
+    g = torch.Generator().manual_seed(13)
+    f = torch.randn(1, 3, 6, 7, generator=g, dtype=torch.float64)
+    v = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"geometry_grad must be one of \('lattice', 'fine'\), got 'exact'"):
+        PermutohedralLattice(f, geometry_grad="exact")
+    bw = torch.tensor([1.0, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    outs = [permutohedral_filter(v, f, normalize=True, bandwidth=bw, geometry_grad=m) for m in ("lattice", "fine")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    grads = [torch.autograd.grad(o.square().sum(), [bw])[0] for o in outs]
+    assert torch.isfinite(grads[1]).all() and not torch.equal(grads[0], grads[1])  # its own moment terms
 
 
 # ----------------------------------------------------------------------------- opt-in, paths, backends

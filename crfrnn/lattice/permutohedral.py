@@ -69,7 +69,7 @@ _MAX_ELEVATED = 2.0**30
 # how the feature/bandwidth gradient's moment terms are evaluated (docs/bandwidths.md, Accuracy): on this
 # lattice, or on a finer, untruncated one whose kernel is closer to the Gaussian (opt-in, slower)
 _GEOMETRY_GRADS = ("lattice", "fine")
-_FINE_SCALE, _FINE_ROUNDS, _FINE_RINGS = 2.0, 5, 2
+_FINE_SCALE, _FINE_ROUNDS, _FINE_RINGS = 2.0, 5, 4
 
 
 def available_backends() -> tuple:
@@ -166,7 +166,7 @@ class PermutohedralLattice:
             :math:`\exp(-\frac12\sum_d (f_i^d - f_j^d)^2 / \sigma_d^2)`. A tensor may require grad.
         geometry_grad: how the gradient w.r.t. ``features``/``bandwidth`` evaluates its moment terms:
             ``"lattice"`` (default) on this lattice; ``"fine"`` on a second lattice (features x 2, five blur
-            rounds, two rings of extra vertices, ``"torch"`` backend) whose kernel is much closer to the
+            rounds, four rings of extra vertices, ``"torch"`` backend) whose kernel is much closer to the
             Gaussian: a more accurate but much slower and larger backward pass (``docs/bandwidths.md``).
             The forward pass is the same either way.
 

@@ -339,7 +339,7 @@ def test_bandwidth_only_gradient_equals_the_full_feature_path(backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
-def _all_grads(backend, device, dtype=torch.float64):
+def _all_grads(backend, device, dtype=torch.float64, geometry_grad="lattice"):
     g = torch.Generator().manual_seed(3)
     f = (torch.randn(2, 3, 2, 5, 6, generator=g, dtype=dtype) * 2).to(device).requires_grad_()
     bw = (0.5 + torch.rand(2, 3, generator=g, dtype=dtype)).to(device).requires_grad_()
@@ -348,18 +348,20 @@ def _all_grads(backend, device, dtype=torch.float64):
     mask[1, :, :, :2] = False
     mask = mask.to(device)
     w = torch.randn(2, 4, 2, 5, 6, generator=g, dtype=dtype).to(device)
-    lat = PermutohedralLattice(f, backend=backend, mask=mask, bandwidth=bw)
+    lat = PermutohedralLattice(f, backend=backend, mask=mask, bandwidth=bw, geometry_grad=geometry_grad)
     out = lat.filter(v) / lat.filter(mask.to(dtype)).clamp_min(1e-12)
     return [t.cpu() for t in torch.autograd.grad((out * w).sum(), [v, f, bw])]
 
 
-def test_backends_and_devices_give_the_same_gradients():
+@pytest.mark.parametrize("geometry_grad", ["lattice", "fine"])
+def test_backends_and_devices_give_the_same_gradients(geometry_grad):
     """3-D volumes, a per-image (B, D) bandwidth and a mask: every backend on every device the same."""
-    ref = _all_grads("torch", "cpu")
+    ref = _all_grads("torch", "cpu", geometry_grad=geometry_grad)
     cuda = [("torch", "cuda")] if torch.cuda.is_available() else []  # every device present
     runs = [(b, "cpu") for b in BACKENDS if b != "torch"] + cuda
     for backend, device in runs:
-        for name, a, b in zip(["values", "features", "bandwidth"], _all_grads(backend, device), ref):
+        got = _all_grads(backend, device, geometry_grad=geometry_grad)
+        for name, a, b in zip(["values", "features", "bandwidth"], got, ref):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"{backend} on {device}: {name}")
     assert ref[1][1, :, :, :2].abs().max() == 0  # left-out points get no feature gradient
 

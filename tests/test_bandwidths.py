@@ -243,7 +243,8 @@ def _theta_gradients(image, labels, kernel, thetas, L, gen, backends, geometry_g
     return exact[:2], lattice
 
 
-def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_min, geometry_grad="lattice"):
+def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_min, geometry_grad="lattice",
+                         backends=BACKENDS):
     """dL/dθ of the lattice vs autograd of the exact filter over ``losses`` random losses, for the bilateral
     (D = 5: θα, θβ) and the spatial (D = 2: θγ) kernel, on both backends: cosine, relative L2 error and
     sign agreement of the stacked gradients; per-pixel feature gradients by their median cosine."""
@@ -251,16 +252,16 @@ def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_mi
     imgs = scenes(source, 3, h, w)
     gen = torch.Generator().manual_seed(7)
     for kernel, th in zip(("bilateral", "spatial"), thetas):
-        exact_t, lat_t = [], {b: [] for b in BACKENDS}
-        cos_f = {b: [] for b in BACKENDS}
+        exact_t, lat_t = [], {b: [] for b in backends}
+        cos_f = {b: [] for b in backends}
         for i in range(losses):
             img, lab = imgs[i % len(imgs)]
-            exact, lattice = _theta_gradients(img, lab, kernel, th, 4, gen, BACKENDS, geometry_grad)
+            exact, lattice = _theta_gradients(img, lab, kernel, th, 4, gen, backends, geometry_grad)
             exact_t.append(exact[0])
             for b, (gt, gf) in lattice.items():
                 lat_t[b].append(gt)
                 cos_f[b].append(agreement(exact[1], gf)[0])
-        for b in BACKENDS:
+        for b in backends:
             cos, rel, sign = agreement(torch.cat(exact_t), torch.cat(lat_t[b]))
             msg = (f"{source} {size} {kernel} θ={th} {b} {geometry_grad}: cosine {cos:.3f}, relative L2 {rel:.3f}, "
                    f"signs {sign:.2f}")
@@ -289,8 +290,9 @@ def test_bandwidth_gradient_matches_exact_filter_60x80(source):
 @pytest.mark.parametrize("size", [(30, 40), (60, 80)], ids=["30x40", "60x80"])
 def test_fine_bandwidth_gradient_meets_the_issue_bar(source, size):
     thetas = [(20.0, 13.0), (1.5,)] if size == (30, 40) else [(40.0, 10.0), (3.0,)]
+    # one backend: the fine lattice is the torch backend's either way, and the backends agree (test below)
     _check_against_exact(source, size, thetas, losses=20, cos_min=0.97, rel_max=0.10, sign_min=0.95,
-                         geometry_grad="fine")
+                         geometry_grad="fine", backends=BACKENDS[:1])
 
 
 def test_geometry_grad_is_checked_and_leaves_the_forward_alone():

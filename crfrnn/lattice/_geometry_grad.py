@@ -174,22 +174,13 @@ def _geometry_grads(ctx, fc, g, vs, second, common, spatial):
     term ``sum_c v G^T(f^d post g)`` ``(B, D, n)``; ``common = sum_c (g y + v G^T(post g))`` ``(B, n)``."""
     lat, need = ctx.lattice, ctx.needs_input_grad
     B, D, n = fc.shape
-    first = None
+    feats = bw = None
+    bandwidth = lat._geometry[1]
     if need[5]:
         _, first = _filter_groups(lat, vs, None, fc, ctx.reverse, g, with_plain=False)  # sum_c g G(f^d v)
         post = ctx.saved_tensors[3]
         if post is not None:
             first = first * post.reshape(B, 1, n).to(first.dtype)
-    return _finish(ctx, fc, second, common, first, spatial)
-
-
-def _finish(ctx, fc, second, common, first, spatial):
-    """The features' (if ``first`` is given) and the bandwidth's gradient from the terms of the formula."""
-    lat, need = ctx.lattice, ctx.needs_input_grad
-    B, D, n = fc.shape
-    feats = bw = None
-    bandwidth = lat._geometry[1]
-    if need[5]:
         df = first + second - fc * common[:, None]  # dL/d(features / bandwidth), (B, D, n)
         s = (fc * df).sum(2, dtype=torch.float64)
         if bandwidth is not None:

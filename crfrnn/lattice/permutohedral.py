@@ -324,7 +324,10 @@ class PermutohedralLattice:
             for _ in range(rings):
                 vkeys = torch.cat([vkeys, (vkeys[None] + step[:, None]).reshape(-1, d + 1),
                                    (vkeys[None] - step[:, None]).reshape(-1, d + 1)])
-                vkeys = torch.unique(vkeys, dim=0)
+                uc, inv = torch.unique(_encode_rows(vkeys), return_inverse=True)
+                first = torch.full((uc.numel(),), vkeys.shape[0], dtype=torch.int64, device=dev)
+                first.scatter_reduce_(0, inv, torch.arange(vkeys.shape[0], device=dev), reduce="amin")
+                vkeys = vkeys[first]
             m = vkeys.shape[0]
             codes = _encode_rows(torch.cat([vkeys, keys], 0))
             svc, perm = torch.sort(codes[:m])

@@ -85,8 +85,8 @@ def exact_lattice(monkeypatch):
 
     orig_init = PermutohedralLattice.__init__
 
-    def init(self, features, *, backend=None, mask=None, bandwidth=None):
-        orig_init(self, features, backend=backend, mask=mask, bandwidth=bandwidth)
+    def init(self, features, *, backend=None, mask=None, bandwidth=None, **kw):
+        orig_init(self, features, backend=backend, mask=mask, bandwidth=bandwidth, **kw)
         bw = None if bandwidth is None else torch.as_tensor(bandwidth, dtype=torch.float64).detach()
         bw = None if bw is None else (bw.expand(1, self.dim) if bw.dim() == 0 else bw.reshape(-1, self.dim))
         self._exact = (features.detach(), bw, None if mask is None else (mask != 0).to(torch.float64))
@@ -145,8 +145,78 @@ def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, case):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient w.r.t. {name}")
 
 
+@pytest.mark.parametrize("case", ["2d", "3d-batch", "masked", "reverse", "scales"])
+def test_fine_mode_formula_equals_autograd_of_the_exact_filter(exact_lattice, monkeypatch, case):
+    """``geometry_grad="fine"`` with the exact kernel as its moment lattice: its centred moments plus the
+    lattice's mean moment are then the exact moments, so the bandwidth gradient is autograd's."""
+    monkeypatch.setattr(PermutohedralLattice, "_moment_lattice", lambda self: self)
+    g = torch.Generator().manual_seed(11)
+    spatial = (2, 4, 5) if case == "3d-batch" else (6, 7)
+    B = 2 if case == "3d-batch" else 1
+    feats = torch.randn((B, 4) + spatial, generator=g, dtype=torch.float64) * 2
+    bw = (0.5 + torch.rand((B, 4) if case == "3d-batch" else (4,), generator=g, dtype=torch.float64)).requires_grad_()
+    v = torch.randn((B, 3) + spatial, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if case == "masked":
+        mask = torch.ones((B, 1) + spatial, dtype=torch.bool)
+        mask[..., :2, :] = False
+    scales = ()
+    if case == "scales":
+        scales = tuple(torch.rand((B, 1) + spatial, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+                       for _ in range(2))
+
+    def lattice_fn(v, b, *sc):
+        lat = PermutohedralLattice(feats, mask=mask, bandwidth=b, geometry_grad="fine")
+        if sc:
+            return lat._filter_diff(v, pre=sc[0], post=sc[1])
+        out = lat.filter(v, reverse=case == "reverse")
+        return out if mask is None else out / lat.filter(mask.to(v.dtype)).clamp_min(1e-300) * mask
+
+    def dense_fn(v, b, *sc):
+        bshape = b.shape + (1,) * len(spatial) if b.dim() == 2 else (1, -1) + (1,) * len(spatial)
+        vv = v if not sc else v * sc[0]
+        if mask is not None:
+            vv = vv * mask
+        out = dense_gaussian_filter(vv, feats / b.reshape(bshape))
+        if sc:
+            return out * sc[1]
+        if mask is None:
+            return out
+        return out / dense_gaussian_filter(mask.to(v.dtype), feats / b.reshape(bshape)).clamp_min(1e-300) * mask
+
+    inputs = (v, bw) + scales
+    for name, a, b in zip(["values", "bandwidth", "pre", "post"], _grads(lattice_fn, *inputs), _grads(dense_fn, *inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient w.r.t. {name}")
+
+
+def test_fine_moment_lattice_kernel_is_closer_to_the_gaussian():
+    """The fine lattice's kernel, measured on a dense random 2-D cloud: unit variance per dimension (the
+    design: 3/4 per blur round, 1/4 from splat + slice, features x 2, 5 rounds) and a fourth moment
+    ``E r^4 / (E r^2)^2`` less than half as far from the Gaussian's 2 as the official lattice's (measured
+    1.91 and 1.77: the official kernel has a flat top and a cut tail)."""
+    g = torch.Generator().manual_seed(12)
+    D, N, S = 2, 20000, 16
+    pts = torch.cat([torch.randn(S, D, generator=g, dtype=torch.float64) * 0.5,
+                     (torch.rand(N, D, generator=g, dtype=torch.float64) * 2 - 1) * 6.0])
+    f = pts.T.reshape(1, D, -1, 1).contiguous()
+    v = torch.zeros(1, S, S + N, 1, dtype=torch.float64)
+    v[0, torch.arange(S), torch.arange(S)] = 1
+    delta = pts[None, S:] - pts[:S, None]  # (S, N, D)
+    r2 = (delta ** 2).sum(-1)
+    stats = {}
+    for mode in ("lattice", "fine"):
+        lat = PermutohedralLattice(f, bandwidth=torch.ones(D, dtype=torch.float64, requires_grad=True))
+        op = lat if mode == "lattice" else lat._moment_lattice()
+        k = op.filter_scaled(v, reverse=True)[0, :, S:, 0]
+        m2 = (k[..., None] * delta ** 2).sum(1) / k.sum(1)[:, None]
+        kurt = ((k * r2 ** 2).sum(1) / k.sum(1)) / m2.sum(1) ** 2
+        stats[mode] = (m2.mean(0), float(kurt.mean()))
+    torch.testing.assert_close(stats["fine"][0], torch.ones(D, dtype=torch.float64), rtol=0.05, atol=0)
+    assert abs(stats["fine"][1] - 2.0) < 0.5 * abs(stats["lattice"][1] - 2.0), stats
+
+
 # ----------------------------------------------------------------------------- the lattice against the exact filter
-def _theta_gradients(image, labels, kernel, thetas, L, gen, backends):
+def _theta_gradients(image, labels, kernel, thetas, L, gen, backends, geometry_grad="lattice"):
     """dL/dθ and dL/d(features) of one random loss for the exact dense filter (autograd) and the lattice on
     each backend. The loss is L = <g, z> for the normalised filter z of noisy label probabilities v, with
     g = z_exact - t, t another noisy label map: the upstream gradient of |z - t|^2 / 2, the same for both,
@@ -167,12 +237,14 @@ def _theta_gradients(image, labels, kernel, thetas, L, gen, backends):
         return torch.stack(grads[:-1]), grads[-1], g
 
     exact = run(lambda f, bw: dense_gaussian_filter(v, f / bw.view(1, -1, 1, 1), normalize=True))
-    lattice = {b: run(lambda f, bw: permutohedral_filter(v, f, normalize=True, backend=b, bandwidth=bw), exact[2])[:2]
+    lattice = {b: run(lambda f, bw: permutohedral_filter(v, f, normalize=True, backend=b, bandwidth=bw,
+                                                         geometry_grad=geometry_grad), exact[2])[:2]
                for b in backends}
     return exact[:2], lattice
 
 
-def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_min):
+def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_min, geometry_grad="lattice",
+                         backends=BACKENDS):
     """dL/dθ of the lattice vs autograd of the exact filter over ``losses`` random losses, for the bilateral
     (D = 5: θα, θβ) and the spatial (D = 2: θγ) kernel, on both backends: cosine, relative L2 error and
     sign agreement of the stacked gradients; per-pixel feature gradients by their median cosine."""
@@ -180,26 +252,30 @@ def _check_against_exact(source, size, thetas, losses, cos_min, rel_max, sign_mi
     imgs = scenes(source, 3, h, w)
     gen = torch.Generator().manual_seed(7)
     for kernel, th in zip(("bilateral", "spatial"), thetas):
-        exact_t, lat_t = [], {b: [] for b in BACKENDS}
-        cos_f = {b: [] for b in BACKENDS}
+        exact_t, lat_t = [], {b: [] for b in backends}
+        cos_f = {b: [] for b in backends}
         for i in range(losses):
             img, lab = imgs[i % len(imgs)]
-            exact, lattice = _theta_gradients(img, lab, kernel, th, 4, gen, BACKENDS)
+            exact, lattice = _theta_gradients(img, lab, kernel, th, 4, gen, backends, geometry_grad)
             exact_t.append(exact[0])
             for b, (gt, gf) in lattice.items():
                 lat_t[b].append(gt)
                 cos_f[b].append(agreement(exact[1], gf)[0])
-        for b in BACKENDS:
+        for b in backends:
             cos, rel, sign = agreement(torch.cat(exact_t), torch.cat(lat_t[b]))
-            msg = f"{source} {size} {kernel} θ={th} {b}: cosine {cos:.3f}, relative L2 {rel:.3f}, signs {sign:.2f}"
+            msg = (f"{source} {size} {kernel} θ={th} {b} {geometry_grad}: cosine {cos:.3f}, relative L2 {rel:.3f}, "
+                   f"signs {sign:.2f}")
             assert cos >= cos_min and rel <= rel_max and sign >= sign_min, msg
             assert float(np.median(cos_f[b])) >= 0.9, f"{msg}; feature-gradient cosines {np.round(cos_f[b], 3)}"
 
 
 # The issue asks for cosine >= 0.97, relative L2 <= 10 % and signs >= 95 %. The lattice-evaluated gradient
-# points the right way (cosine 0.97-1.0 at these θ) but its size is off by -20..+30 % depending on θ and the
-# image (the lattice kernel is not a Gaussian in its tails, where dk/dθ ~ |f_i - f_j|^2 k puts its weight;
-# worst for D = 5): docs/bandwidths.md has the measurements. The thresholds below are what it achieves.
+# points the right way (cosine 0.97-1.0 at these θ) but its size is off by -15..+20 % depending on θ and the
+# image: the lattice's kernel has a flat top and a cut tail (its 4th moment is below the Gaussian's, where
+# dk/dθ ~ |f_i - f_j|^2 k puts its weight), and on the sparse bilateral lattice the blur is cut short where no
+# point lies (docs/bandwidths.md, Accuracy). The thresholds below are what it achieves; geometry_grad="fine"
+# (moment terms on a finer, untruncated lattice) meets the issue's bar at 30x40 and comes close at 60x80 (the
+# slow tests further down).
 def test_bandwidth_gradient_matches_exact_filter():
     _check_against_exact(SOURCE, (30, 40), [(20.0, 13.0), (1.5,)], losses=20, cos_min=0.95, rel_max=0.4, sign_min=0.8)
 
@@ -208,6 +284,32 @@ def test_bandwidth_gradient_matches_exact_filter():
 @pytest.mark.parametrize("source", SOURCES)
 def test_bandwidth_gradient_matches_exact_filter_60x80(source):
     _check_against_exact(source, (60, 80), [(40.0, 10.0), (3.0,)], losses=20, cos_min=0.97, rel_max=0.4, sign_min=0.85)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("size", [(30, 40), (60, 80)], ids=["30x40", "60x80"])
+def test_fine_bandwidth_gradient_against_the_issue_bar(source, size):
+    # The issue's bar (cosine >= 0.97, relative L2 <= 10 %, signs >= 95 %) holds at 30x40; at 60x80 the
+    # bilateral relative error is 0.12 (VOC), the fine kernel's remaining shape (docs/bandwidths.md)
+    thetas = [(20.0, 13.0), (1.5,)] if size == (30, 40) else [(40.0, 10.0), (3.0,)]
+    rel_max = 0.10 if size == (30, 40) else 0.15
+    # one backend: the fine lattice is the torch backend's either way, and the backends agree (test below)
+    _check_against_exact(source, size, thetas, losses=20, cos_min=0.97, rel_max=rel_max, sign_min=0.95,
+                         geometry_grad="fine", backends=BACKENDS[:1])
+
+
+def test_geometry_grad_is_checked_and_leaves_the_forward_alone():
+    g = torch.Generator().manual_seed(13)
+    f = torch.randn(1, 3, 6, 7, generator=g, dtype=torch.float64)
+    v = torch.rand(1, 2, 6, 7, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"geometry_grad must be one of \('lattice', 'fine'\), got 'exact'"):
+        PermutohedralLattice(f, geometry_grad="exact")
+    bw = torch.tensor([1.0, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    outs = [permutohedral_filter(v, f, normalize=True, bandwidth=bw, geometry_grad=m) for m in ("lattice", "fine")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    grads = [torch.autograd.grad(o.square().sum(), [bw])[0] for o in outs]
+    assert torch.isfinite(grads[1]).all() and not torch.equal(grads[0], grads[1])  # its own moment terms
 
 
 # ----------------------------------------------------------------------------- opt-in, paths, backends
@@ -243,7 +345,7 @@ def test_bandwidth_only_gradient_equals_the_full_feature_path(backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
 
 
-def _all_grads(backend, device, dtype=torch.float64):
+def _all_grads(backend, device, dtype=torch.float64, geometry_grad="lattice"):
     g = torch.Generator().manual_seed(3)
     f = (torch.randn(2, 3, 2, 5, 6, generator=g, dtype=dtype) * 2).to(device).requires_grad_()
     bw = (0.5 + torch.rand(2, 3, generator=g, dtype=dtype)).to(device).requires_grad_()
@@ -252,18 +354,20 @@ def _all_grads(backend, device, dtype=torch.float64):
     mask[1, :, :, :2] = False
     mask = mask.to(device)
     w = torch.randn(2, 4, 2, 5, 6, generator=g, dtype=dtype).to(device)
-    lat = PermutohedralLattice(f, backend=backend, mask=mask, bandwidth=bw)
+    lat = PermutohedralLattice(f, backend=backend, mask=mask, bandwidth=bw, geometry_grad=geometry_grad)
     out = lat.filter(v) / lat.filter(mask.to(dtype)).clamp_min(1e-12)
     return [t.cpu() for t in torch.autograd.grad((out * w).sum(), [v, f, bw])]
 
 
-def test_backends_and_devices_give_the_same_gradients():
+@pytest.mark.parametrize("geometry_grad", ["lattice", "fine"])
+def test_backends_and_devices_give_the_same_gradients(geometry_grad):
     """3-D volumes, a per-image (B, D) bandwidth and a mask: every backend on every device the same."""
-    ref = _all_grads("torch", "cpu")
+    ref = _all_grads("torch", "cpu", geometry_grad=geometry_grad)
     cuda = [("torch", "cuda")] if torch.cuda.is_available() else []  # every device present
     runs = [(b, "cpu") for b in BACKENDS if b != "torch"] + cuda
     for backend, device in runs:
-        for name, a, b in zip(["values", "features", "bandwidth"], _all_grads(backend, device), ref):
+        got = _all_grads(backend, device, geometry_grad=geometry_grad)
+        for name, a, b in zip(["values", "features", "bandwidth"], got, ref):
             torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=f"{backend} on {device}: {name}")
     assert ref[1][1, :, :, :2].abs().max() == 0  # left-out points get no feature gradient
 

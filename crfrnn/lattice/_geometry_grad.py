@@ -37,8 +37,11 @@ def geometric_backward(ctx, grad):
     vs = v if pre_s is None else v * pre_s
     geometric = need[5] or need[6]
     fc = _centred(lat, dt) if geometric else None
-    # G^T(post g) and sum_c v G^T(f^d post g)
-    bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, with_plain=True)
+    fine = geometric and lat.geometry_grad == "fine"
+    if fine:  # the values' gradient on this lattice, the moment terms on the fine one
+        bg = lat.filter_scaled(g.reshape(values.shape), reverse=not ctx.reverse, pre=post).reshape(B, C, n).to(dt)
+    else:  # G^T(post g) and sum_c v G^T(f^d post g)
+        bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, with_plain=True)
     grads = [None] * 7
     if need[0]:
         grads[0] = (bg if pre_s is None else bg * pre_s).reshape(values.shape).to(values.dtype)
@@ -48,11 +51,75 @@ def geometric_backward(ctx, grad):
         go = _sum_channels(lat, g, out.reshape(B, C, n).to(dt))  # sum_c g out = sum_c (post g) y, (B, n)
     if need[4]:  # sum_c g y with y = out / post: post is non-zero where it requires grad (see _filter_diff)
         grads[4] = (go / post.reshape(B, n).to(dt)).reshape(post.shape).to(post.dtype)
-    if geometric:
+    if fine:
+        del bg
+        grads[6] = _fine_bandwidth_grad(ctx, fc, g, vs, post, go, tuple(values.shape[2:])) if need[6] else None
+        if need[5]:  # the features' gradient stays on this lattice (the fine mode is for the bandwidth)
+            bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, with_plain=True)
+            common = go + _sum_channels(lat, vs, bg)
+            del bg
+            grads[5] = _geometry_grads(ctx, fc, g, vs, second, common, tuple(values.shape[2:]))[0]
+    elif geometric:
         common = go + _sum_channels(lat, vs, bg)  # sum_c (g y + v G^T g), (B, n)
         del bg
         grads[5], grads[6] = _geometry_grads(ctx, fc, g, vs, second, common, tuple(values.shape[2:]))
     return tuple(grads)
+
+
+def _fine_bandwidth_grad(ctx, fc, g, vs, post, go, spatial):
+    r"""dL/dσ of ``geometry_grad="fine"``: the moment terms on the fine lattice ``M`` (see
+    ``PermutohedralLattice._moment_lattice``), centred on its own mean moment, plus this lattice's mean moment:
+
+    .. math:: D_d(v) = \rho\,(M_d v - a^M_d\, M v) + a^G_d\, G v, \qquad
+              dL/d\sigma_d = \sigma_d^{-1} \sum_c \langle g_c, D_d(v_c) \rangle
+
+    with :math:`(M_d v)_i = \sum_j M_{ij} (f_i^d - f_j^d)^2 v_j` (likewise :math:`G_d`),
+    :math:`a^M_d = M_d 1 / M 1`, :math:`a^G_d = G_d 1 / G 1` and :math:`\rho = G 1 / M 1` (per point).
+    For the exact kernel every estimate of :math:`D_d` is :math:`\sum_j k_{ij} (f_i^d - f_j^d)^2 v_j`; here,
+    in a normalised filter ``G v / G 1`` the official terms cancel and the derivative is the covariance of
+    :math:`(f_i^d - f_j^d)^2` and ``v`` under ``M``'s kernel, whatever the forward's normalised output is
+    (mixing ``M``'s moments with the forward's mean would add (z_M - z_G) a, an error of the forward).
+    ``g`` (B, C, n) the incoming gradient, ``vs`` the (pre-scaled) values, ``go = sum_c (post g) y``."""
+    lat = ctx.lattice
+    B, C, n = g.shape
+    mom = lat._moment_lattice()
+    rho, a_fine, a_lat = _fine_constants(lat, mom, fc, ctx.reverse, spatial)
+    gp = g if post is None else g * post.reshape(B, 1, n).to(g.dtype)  # post g
+    # sum_i (rho g)_i (M_d v)_i by the bilinear identity of the single-pass bandwidth gradient
+    plain, second = _filter_groups(mom, gp, rho.reshape((B, 1) + spatial), fc, not ctx.reverse, vs, with_plain=True)
+    my = mom.filter_scaled(vs.reshape((B, C) + spatial), reverse=ctx.reverse).reshape(B, C, n)
+    gmy = _sum_channels(lat, gp, my)  # sum_c (post g) M v, (B, n)
+    common = rho * gmy + _sum_channels(lat, vs, plain)
+    del plain, my
+    s = (fc * (2.0 * second - fc * common[:, None])).sum(2, dtype=torch.float64)  # -sum (rho g) M_d v
+    s = s + ((rho * gmy)[:, None] * a_fine).sum(2, dtype=torch.float64)
+    s = s - (go[:, None] * a_lat).sum(2, dtype=torch.float64)
+    bandwidth = lat._geometry[1]
+    gb = -s / bandwidth.to(torch.float64)
+    if bandwidth.shape[0] != B:
+        gb = gb.sum(0, keepdim=True)
+    return gb.to(lat._diff_bandwidth.dtype)
+
+
+def _fine_constants(lat, mom, fc, reverse, spatial):
+    """``rho = G 1 / M 1`` (B, n) and the mean moments ``a^M_d = M_d 1 / M 1``, ``a^G_d = G_d 1 / G 1`` (B, D, n)
+    in the forward's orientation, cached on the lattice (they depend on the features only)."""
+    key = ("fine constants", reverse, fc.dtype)
+    if key not in lat._grad_cache:
+        B, D, n = fc.shape
+        chans = torch.cat([fc * fc, fc, torch.ones_like(fc[:, :1])], 1).reshape((B, 2 * D + 1) + spatial)
+        out = []
+        for op in (mom, lat):
+            r = op.filter_scaled(chans, reverse=reverse).reshape(B, 2 * D + 1, n)
+            row = r[:, 2 * D]
+            moment = r[:, :D] - 2.0 * fc * r[:, D : 2 * D] + fc * fc * row[:, None]  # G_d 1
+            ok = row > 0  # left-out points: 0 / 0, and no part in the gradient
+            mean = torch.where(ok[:, None], moment / row.clamp_min(1e-300)[:, None], torch.zeros_like(moment))
+            out.append((row, mean))
+        (row_m, a_fine), (row_g, a_lat) = out
+        rho = torch.where(row_m > 0, row_g / row_m.clamp_min(1e-300), torch.zeros_like(row_g))
+        lat._grad_cache[key] = (rho, a_fine, a_lat)
+    return lat._grad_cache[key]
 
 
 # channels per filter pass of the gradient: [f^d g] for all d is (D + 1) C channels, whose input, output and

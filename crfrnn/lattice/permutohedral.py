@@ -66,6 +66,10 @@ _SPLAT_COPIES = 4
 _SERIAL_WORK = 1 << 18
 # keys are int32; this bound keeps every lattice coordinate (and its neighbours) representable
 _MAX_ELEVATED = 2.0**30
+# how the feature/bandwidth gradient's moment terms are evaluated (docs/bandwidths.md, Accuracy): on this
+# lattice, or on a finer, untruncated one whose kernel is closer to the Gaussian (opt-in, slower)
+_GEOMETRY_GRADS = ("lattice", "fine")
+_FINE_SCALE, _FINE_ROUNDS, _FINE_RINGS = 2.0, 5, 4
 
 
 def available_backends() -> tuple:
@@ -160,6 +164,11 @@ class PermutohedralLattice:
         bandwidth: optional per-dimension standard deviations the features are divided by: a number,
             ``D`` numbers, or a tensor of shape ``()``, ``(D,)`` or ``(B, D)``; the kernel is then
             :math:`\exp(-\frac12\sum_d (f_i^d - f_j^d)^2 / \sigma_d^2)`. A tensor may require grad.
+        geometry_grad: how the gradient w.r.t. ``features``/``bandwidth`` evaluates its moment terms:
+            ``"lattice"`` (default) on this lattice; ``"fine"`` on a second lattice (features x 2, five blur
+            rounds, four rings of extra vertices, ``"torch"`` backend) whose kernel is much closer to the
+            Gaussian: a more accurate but much slower and larger backward pass (``docs/bandwidths.md``).
+            The forward pass is the same either way.
 
     Gradients w.r.t. ``features`` and ``bandwidth`` are opt-in: when either requires grad, :meth:`filter`
     is differentiable in it too (the lattice keeps a reference to them; otherwise it keeps nothing).
@@ -178,10 +187,15 @@ class PermutohedralLattice:
         backend: Optional[str] = None,
         mask: Optional[torch.Tensor] = None,
         bandwidth=None,
+        geometry_grad: str = "lattice",
     ):
         _check_features(features)
         if mask is not None:
             _check_mask(mask, features)
+        if geometry_grad not in _GEOMETRY_GRADS:
+            raise ValueError(f"geometry_grad must be one of {_GEOMETRY_GRADS}, got {geometry_grad!r}")
+        self.geometry_grad = geometry_grad
+        self._rounds = 1
         bandwidth = None if bandwidth is None else _check_bandwidth(bandwidth, features)
         self.backend = _resolve_backend(backend, features.device)
         self.device = features.device
@@ -252,7 +266,7 @@ class PermutohedralLattice:
         self.num_vertices = base
         self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
 
-    def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
+    def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor], rings: int = 0) -> None:
         d, B, n = self.dim, self.batch_size, self.num_points
         dev = f.device
         pts = f.permute(0, 2, 1).reshape(B * n, d)  # (P0, d)
@@ -305,6 +319,19 @@ class PermutohedralLattice:
         step = torch.full((d + 1, d), -1, dtype=torch.int64, device=dev)
         step[torch.arange(d), torch.arange(d)] = d
         step = torch.cat([torch.zeros(d + 1, 1, dtype=torch.int64, device=dev), step], dim=1)  # batch id fixed
+        if rings:  # add the vertices within `rings` blur steps, so that the blur is not cut short where
+            # no point lies (the moment lattice of geometry_grad="fine"); the points keep their vertices
+            for _ in range(rings):
+                vkeys = torch.cat([vkeys, (vkeys[None] + step[:, None]).reshape(-1, d + 1),
+                                   (vkeys[None] - step[:, None]).reshape(-1, d + 1)])
+                uc, inv = torch.unique(_encode_rows(vkeys), return_inverse=True)
+                first = torch.full((uc.numel(),), vkeys.shape[0], dtype=torch.int64, device=dev)
+                first.scatter_reduce_(0, inv, torch.arange(vkeys.shape[0], device=dev), reduce="amin")
+                vkeys = vkeys[first]
+            m = vkeys.shape[0]
+            codes = _encode_rows(torch.cat([vkeys, keys], 0))
+            svc, perm = torch.sort(codes[:m])
+            inverse = perm[torch.searchsorted(svc, codes[m:])]
         queries = torch.stack([vkeys[None] + step[:, None], vkeys[None] - step[:, None]], dim=2)  # (d+1, M, 2, 1+d)
         all_codes = _encode_rows(torch.cat([vkeys, queries.reshape(-1, d + 1)], 0))
         vcodes, qcodes = all_codes[:m], all_codes[m:]
@@ -333,6 +360,33 @@ class PermutohedralLattice:
         self._grad_cache = {}  # centred features and work buffers of the gradient, reused by every call
         if self._diff_features is not None or self._diff_bandwidth is not None:
             self._geometry = (features.detach(), None if bandwidth is None else bandwidth.detach(), valid)
+
+    def _moment_lattice(self) -> "PermutohedralLattice":
+        """The lattice of ``geometry_grad="fine"`` (cached): the features x ``_FINE_SCALE``, ``_FINE_ROUNDS``
+        blur rounds, ``_FINE_RINGS`` rings of extra vertices, ``"torch"`` backend.
+
+        Each blur round adds a variance of 3/4 per dimension (``[1/4, 1/2, 1/4]`` along the ``D + 1``
+        directions) and splat + slice 1/4 (so the official lattice's kernel has variance 1, as measured);
+        with the features x s the kernel's variance in the original units is ``(3 n / 4 + 1 / 4) / s^2``, 1
+        for s = 2, n = 5. Five rounds of a finer blur make the kernel much closer to the Gaussian than one
+        round (its tails and its peak, where the moment terms ``|f_i - f_j|^2 k`` weigh), and the extra
+        vertices keep the blur from being cut short where no point lies (the sparse bilateral lattice).
+        Its scale (alpha) does not matter: the gradient rescales it to this lattice's row sums."""
+        key = ("moment lattice",)
+        if key not in self._grad_cache:
+            feats, bw, valid = self._geometry
+            f = _divided(feats, bw).reshape(self.batch_size, self.dim, self.num_points)
+            if valid is not None:
+                f = torch.where(valid[:, None, :], f, torch.zeros((), dtype=f.dtype, device=f.device))
+            lat = PermutohedralLattice.__new__(PermutohedralLattice)
+            lat.backend, lat.device, lat.geometry_grad = "torch", self.device, "lattice"
+            lat.batch_size, lat.dim, lat.spatial_shape, lat.num_points = (
+                self.batch_size, self.dim, self.spatial_shape, self.num_points)
+            lat._alpha, lat._rounds, lat._bary_cache, lat._grad_cache = 1.0, _FINE_ROUNDS, {}, {}
+            lat._diff_features = lat._diff_bandwidth = lat._geometry = None
+            lat._build_torch(f * _FINE_SCALE, _scale_factors(self.dim).to(f.device), valid, rings=_FINE_RINGS)
+            self._grad_cache[key] = lat
+        return self._grad_cache[key]
 
     # ------------------------------------------------------------------ apply
     def _bary(self, dtype):
@@ -455,7 +509,8 @@ class PermutohedralLattice:
         off = self._offsets_t
         lat = torch.zeros(m + 1, C, dtype=flat.dtype, device=flat.device)
         lat.index_add_(0, off.reshape(-1), (flat[:, None, :] * w[:, :, None]).reshape(-1, C))
-        order = range(d1 - 1, -1, -1) if reverse else range(d1)
+        order = (range(d1 - 1, -1, -1) if reverse else range(d1)) if self._rounds == 1 else (
+            [j for _ in range(self._rounds) for j in (range(d1 - 1, -1, -1) if reverse else range(d1))])
         for j in order:
             nb = self._nbr_t[j]
             new = torch.zeros_like(lat)
@@ -567,17 +622,19 @@ def permutohedral_filter(
     *,
     backend: Optional[str] = None,
     bandwidth=None,
+    geometry_grad: str = "lattice",
 ) -> torch.Tensor:
     """One-shot lattice build + filter: ``values (B, C, *spatial)``, ``features (B, D, *spatial)``.
 
     ``normalize=True`` divides by the filter's response to ones (a weighted average, self included).
     ``bandwidth``: optional per-dimension stds the features are divided by (see
     :class:`PermutohedralLattice`). Differentiable w.r.t. ``values``, and w.r.t. ``features`` and
-    ``bandwidth`` when they require grad (opt-in; the normalisation is differentiated too). To filter
+    ``bandwidth`` when they require grad (opt-in; the normalisation is differentiated too; ``geometry_grad`` as
+    in :class:`PermutohedralLattice`). To filter
     several value tensors with the same features, build a :class:`PermutohedralLattice` once instead.
     """
     _check_pair(values, features)
-    lattice = PermutohedralLattice(features, backend=backend, bandwidth=bandwidth)
+    lattice = PermutohedralLattice(features, backend=backend, bandwidth=bandwidth, geometry_grad=geometry_grad)
     out = lattice.filter(values)
     if normalize:
         ones = torch.ones((values.shape[0], 1) + tuple(values.shape[2:]), dtype=values.dtype, device=values.device)

@@ -32,7 +32,9 @@ Conventions (the paper's and the official Caffe/Keras code's):
 * Colour scale: ``image`` is used as given; for RGB pass 0..255 values, the scale θβ = 3 (VOC) and
   pydensecrf's ``srgb`` assume.
 
-Both kernels' lattices are built once per call and reused by every iteration and the backward pass.
+Both kernels' lattices are built once per call and reused by every iteration and the backward pass. On CPU
+in float32 with tied weights and fixed bandwidths the iterations run as one fused compiled pass each
+(:func:`_fused_loop`, with its own backward); everything else takes the autograd loop, its tested twin.
 """
 from __future__ import annotations
 

@@ -101,6 +101,33 @@ def _grads(fn, *inputs):
     return torch.autograd.grad((out * w).sum() + (out ** 2).sum(), inputs)
 
 
+def _lattice_and_exact(mask, reverse, **lattice_kw):
+    """``(v, f, b, *scales) ->`` the lattice filter and its exact dense twin: ``post * F(pre * v)`` with
+    scales, else ``F v`` (``F^T`` if ``reverse``), normalised by the filtered mask when there is one."""
+
+    def lattice_fn(v, f, b, *scales):
+        lat = PermutohedralLattice(f, mask=mask, bandwidth=b, **lattice_kw)
+        if scales:
+            return lat._filter_diff(v, pre=scales[0], post=scales[1])
+        out = lat.filter(v, reverse=reverse)
+        return out if mask is None else out / lat.filter(mask.to(v.dtype)).clamp_min(1e-300) * mask
+
+    def dense_fn(v, f, b, *scales):
+        extra = (1,) * (v.dim() - 2)
+        bshape = b.shape + extra if b.dim() == 2 else (1, -1) + extra
+        vv = v if not scales else v * scales[0]
+        if mask is not None:
+            vv = vv * mask
+        out = dense_gaussian_filter(vv, f / b.reshape(bshape))
+        if scales:
+            return out * scales[1]
+        if mask is None:
+            return out
+        return out / dense_gaussian_filter(mask.to(v.dtype), f / b.reshape(bshape)).clamp_min(1e-300) * mask
+
+    return lattice_fn, dense_fn
+
+
 @pytest.mark.parametrize("case", ["2d", "3d-batch", "masked", "reverse", "scales"])
 def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, case):
     g = torch.Generator().manual_seed(1)
@@ -120,24 +147,7 @@ def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, case):
         post = torch.rand((B, 1) + spatial, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
     inputs = (v, feats, bw) + (() if pre is None else (pre, post))
 
-    def lattice_fn(v, f, b, *scales):
-        lat = PermutohedralLattice(f, mask=mask, bandwidth=b)
-        if scales:
-            return lat._filter_diff(v, pre=scales[0], post=scales[1])
-        out = lat.filter(v, reverse=case == "reverse")
-        return out if mask is None else out / lat.filter(mask.to(v.dtype)).clamp_min(1e-300) * mask
-
-    def dense_fn(v, f, b, *scales):
-        bshape = b.shape + (1,) * len(spatial) if b.dim() == 2 else (1, -1) + (1,) * len(spatial)
-        vv = v if not scales else v * scales[0]
-        if mask is not None:
-            vv = vv * mask
-        out = dense_gaussian_filter(vv, f / b.reshape(bshape))
-        if scales:
-            return out * scales[1]
-        if mask is None:
-            return out
-        return out / dense_gaussian_filter(mask.to(v.dtype), f / b.reshape(bshape)).clamp_min(1e-300) * mask
+    lattice_fn, dense_fn = _lattice_and_exact(mask, case == "reverse")
 
     got = _grads(lattice_fn, *inputs)
     want = _grads(dense_fn, *inputs)
@@ -165,24 +175,13 @@ def test_fine_mode_formula_equals_autograd_of_the_exact_filter(exact_lattice, mo
         scales = tuple(torch.rand((B, 1) + spatial, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
                        for _ in range(2))
 
+    fine, exact = _lattice_and_exact(mask, case == "reverse", geometry_grad="fine")
+
     def lattice_fn(v, b, *sc):
-        lat = PermutohedralLattice(feats, mask=mask, bandwidth=b, geometry_grad="fine")
-        if sc:
-            return lat._filter_diff(v, pre=sc[0], post=sc[1])
-        out = lat.filter(v, reverse=case == "reverse")
-        return out if mask is None else out / lat.filter(mask.to(v.dtype)).clamp_min(1e-300) * mask
+        return fine(v, feats, b, *sc)
 
     def dense_fn(v, b, *sc):
-        bshape = b.shape + (1,) * len(spatial) if b.dim() == 2 else (1, -1) + (1,) * len(spatial)
-        vv = v if not sc else v * sc[0]
-        if mask is not None:
-            vv = vv * mask
-        out = dense_gaussian_filter(vv, feats / b.reshape(bshape))
-        if sc:
-            return out * sc[1]
-        if mask is None:
-            return out
-        return out / dense_gaussian_filter(mask.to(v.dtype), feats / b.reshape(bshape)).clamp_min(1e-300) * mask
+        return exact(v, feats, b, *sc)
 
     inputs = (v, bw) + scales
     for name, a, b in zip(["values", "bandwidth", "pre", "post"], _grads(lattice_fn, *inputs), _grads(dense_fn, *inputs)):

@@ -61,7 +61,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from crfrnn.lattice.permutohedral import PermutohedralLattice, _all_finite
+from crfrnn.lattice._checks import _all_finite
+from crfrnn.lattice.permutohedral import PermutohedralLattice
 
 from ._fused import fused_meanfield, stack_terms
 

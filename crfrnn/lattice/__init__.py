@@ -5,7 +5,8 @@
 * :mod:`._numba_kernels` — the compiled CPU kernels (Numba): build, splat/blur/slice, fused dense-CRF pass;
 * :mod:`._geometry_grad` — the opt-in gradient w.r.t. the features / bandwidths (filters on the same lattice);
 * :mod:`.fused` — mean field over several lattices in one compiled pass per iteration (CPU);
-* :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle.
+* :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle;
+* :mod:`._checks` — the argument checks of the public entry points.
 """
 from .exact import dense_gaussian_filter, dense_gaussian_kernel
 from .permutohedral import PermutohedralLattice, available_backends, permutohedral_filter

@@ -38,7 +38,8 @@ def geometric_backward(ctx, grad):
     geometric = need[5] or need[6]
     fc = _centred(lat, dt) if geometric else None
     fine = geometric and lat.geometry_grad == "fine"
-    if fine:  # the values' gradient on this lattice, the moment terms on the fine one
+    second = None
+    if fine and not need[5]:  # the values' gradient on this lattice, the moment terms on the fine one
         bg = lat.filter_scaled(g.reshape(values.shape), reverse=not ctx.reverse, pre=post).reshape(B, C, n).to(dt)
     else:  # G^T(post g) and sum_c v G^T(f^d post g)
         bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, with_plain=True)
@@ -51,18 +52,13 @@ def geometric_backward(ctx, grad):
         go = _sum_channels(lat, g, out.reshape(B, C, n).to(dt))  # sum_c g out = sum_c (post g) y, (B, n)
     if need[4]:  # sum_c g y with y = out / post: post is non-zero where it requires grad (see _filter_diff)
         grads[4] = (go / post.reshape(B, n).to(dt)).reshape(post.shape).to(post.dtype)
-    if fine:
-        del bg
-        grads[6] = _fine_bandwidth_grad(ctx, fc, g, vs, post, go, tuple(values.shape[2:])) if need[6] else None
-        if need[5]:  # the features' gradient stays on this lattice (the fine mode is for the bandwidth)
-            bg, second = _filter_groups(lat, g, post, fc, not ctx.reverse, vs, with_plain=True)
-            common = go + _sum_channels(lat, vs, bg)
-            del bg
-            grads[5] = _geometry_grads(ctx, fc, g, vs, second, common, tuple(values.shape[2:]))[0]
-    elif geometric:
+    if geometric and second is not None:  # the features' gradient stays on this lattice in the fine mode too
         common = go + _sum_channels(lat, vs, bg)  # sum_c (g y + v G^T g), (B, n)
         del bg
         grads[5], grads[6] = _geometry_grads(ctx, fc, g, vs, second, common, tuple(values.shape[2:]))
+    bg = None  # freed before the fine lattice's passes
+    if fine and need[6]:  # the bandwidth's gradient from the fine lattice's moments
+        grads[6] = _fine_bandwidth_grad(ctx, fc, g, vs, post, go, tuple(values.shape[2:]))
     return tuple(grads)
 
 

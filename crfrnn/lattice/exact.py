@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .permutohedral import _check_features, _check_pair
+from ._checks import _check_features, _check_pair
 
 __all__ = ["dense_gaussian_filter", "dense_gaussian_kernel"]
 

@@ -52,11 +52,16 @@ def layer_rows(runs) -> list[str]:
         for r in run["meanfield"]["crfrnn_layer"]:
             groups.setdefault(r["threads"], []).append(r)
     out = ["| CrfRnn, VOC kernels, 500x375, L=21, T=5 | threads | forward ms | forward / pydensecrf2 T=5 "
-           "| forward + backward ms | fwd+bwd / fwd |", "|---|---|---|---|---|---|"]
+           "(per-image spread) | forward + backward ms | fwd+bwd / fwd (per-image spread) |", "|---|---|---|---|---|---|"]
     for th, rs in groups.items():
-        out.append(f"| image {rs[0]['image']} | {th} | {_span([r['forward_ms'] for r in rs], '{:.0f}')} "
-                   f"| **{_span([r['forward_over_pydensecrf'] for r in rs])}** "
-                   f"| {_span([r['forward_backward_ms'] for r in rs], '{:.0f}')} | {_span([r['fb_over_f'] for r in rs])} |")
+        def ratio(key):
+            spread = (f" ({min(r[key + '_min'] for r in rs):.2f}-{max(r[key + '_max'] for r in rs):.2f})"
+                      if key + "_min" in rs[0] else "")
+            return _span([r[key] for r in rs]) + spread
+
+        out.append(f"| {rs[0].get('images', 1)} image(s) | {th} | {_span([r['forward_ms'] for r in rs], '{:.0f}')} "
+                   f"| **{ratio('forward_over_pydensecrf')}** "
+                   f"| {_span([r['forward_backward_ms'] for r in rs], '{:.0f}')} | {ratio('fb_over_f')} |")
     mem = [run["memory"] for run in runs if "memory" in run]
     if mem:
         out.append(f"\nPeak RSS during forward + backward (fresh process): {_span([m['peak_rss_mb'] for m in mem], '{:.0f}')}"
@@ -89,8 +94,9 @@ def main(argv=None) -> int:
     folders = [d for d in docs if "rows" in d]
     if mf:
         print(f"{len(mf)} run(s) of bench_meanfield\n")
-        print("\n".join(densecrf_rows(mf)), end="\n\n")
-        print("\n".join(scaling_rows(mf)), end="\n\n")
+        if any("densecrf" in d["meanfield"] for d in mf):
+            print("\n".join(densecrf_rows([d for d in mf if "densecrf" in d["meanfield"]])), end="\n\n")
+            print("\n".join(scaling_rows([d for d in mf if "densecrf" in d["meanfield"]])), end="\n\n")
         print("\n".join(layer_rows(mf)), end="\n\n")
     if folders:
         print(f"{len(folders)} run(s) of bench_folders\n")

@@ -8,7 +8,7 @@ spread (min-max) of the per-image medians.
 * ``meanfield`` — ``crfrnn.densecrf`` (setup + 10 iterations) against pydensecrf2 on real VOC images,
   on the kernels CRF-RNN uses (VOC: θα 160, θβ 3, θγ 3, weights 5/3) and on pydensecrf's README kernels
   (sxy 80, srgb 13, compat 10 and 3), 1 and 2 threads, L = 21; then L = 59 and 1000x750; MAP agreement
-  with pydensecrf2; the :class:`crfrnn.CrfRnn` layer (T=5) forward, forward + backward against
+  with pydensecrf2; the :class:`crfrnn.CrfRnn` layer (T=5) forward, forward + backward (on every image) against
   pydensecrf2's 5 iterations on the VOC kernels.
 * ``lattice`` — lattice build and filter times per kernel, 500x375 and 1000x750, C in (2, 21, 59), both
   backends (the torch one at 500x375 only); pydensecrf2's setup and per-iteration time on the same image.
@@ -459,10 +459,32 @@ def run_meanfield(quick: bool = False, log: Callable[[str], object] = lambda s: 
     if res["scaling"]:
         log("== cost of 1000x750 over 500x375 (4x the pixels) ==")
         log(_table(res["scaling"]))
-    res["crfrnn_layer"] = [bench_layer(images[0], th, rounds=rounds) for th in (1, 2)]
-    log("== CrfRnn layer, VOC kernels, T=5, vs pydensecrf2 setup + 5 iterations ==")
-    log(_table(res["crfrnn_layer"]))
+    res.update(run_layer(images, rounds, log))
     return res
+
+
+def summarize_layer(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """One line per thread count: medians over the images of the per-image medians, and their spread."""
+    out = []
+    for th in sorted({r["threads"] for r in rows}):
+        rs = [r for r in rows if r["threads"] == th]
+        s = {"threads": th, "images": len(rs), "forward_ms": _med(r["forward_ms"] for r in rs),
+             "forward_backward_ms": _med(r["forward_backward_ms"] for r in rs)}
+        for key in ("fb_over_f", "forward_over_pydensecrf"):
+            if key in rs[0]:
+                xs = [r[key] for r in rs]
+                s.update({key: _med(xs), f"{key}_min": min(xs), f"{key}_max": max(xs)})
+        out.append(s)
+    return out
+
+
+def run_layer(images: Sequence[Optional[Path]], rounds: int = 3, log: Callable[[str], object] = lambda s: None
+              ) -> Dict[str, object]:
+    """The CrfRnn layer (T=5) on every image, 1 and 2 threads: per-image rows and their summary."""
+    rows = [bench_layer(path, th, rounds=rounds) for th in (1, 2) for path in images]
+    log("== CrfRnn layer, VOC kernels, T=5, vs pydensecrf2 setup + 5 iterations (per image) ==")
+    log(_table(rows))
+    return {"crfrnn_layer_per_image": rows, "crfrnn_layer": summarize_layer(rows)}
 
 
 def run(which=("lattice", "meanfield", "memory"), repeats: int = 5, quick: bool = False, image: Optional[str] = None,
@@ -470,6 +492,8 @@ def run(which=("lattice", "meanfield", "memory"), repeats: int = 5, quick: bool 
     results: Dict[str, object] = {"machine": machine_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if "meanfield" in which:
         results["meanfield"] = run_meanfield(quick, log)
+    elif "layer" in which:
+        results["meanfield"] = run_layer(voc_images(2 if quick else 5) or [None], 2 if quick else 3, log)
     if "lattice" in which:
         sizes = (SIZE,) if quick else (SIZE, (750, 1000))
         backends = ("numba", "torch") if device == "cpu" else ("torch",)
@@ -503,7 +527,7 @@ def main(argv=None) -> int:
                "  crfrnn bench --only meanfield --json benchmarks/results/meanfield.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--only", choices=["lattice", "meanfield", "memory"], action="append",
+    p.add_argument("--only", choices=["lattice", "meanfield", "layer", "memory"], action="append",
                    help="run only these benchmarks (repeatable)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per lattice measurement (median reported)")
     p.add_argument("--quick", action="store_true", help="2 images, 500x375 and 21 labels only, fewer rounds")

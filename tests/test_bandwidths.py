@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from crfrnn import CrfRnn, PermutohedralLattice, available_backends, mean_field
-from crfrnn.lattice import dense_gaussian_filter, permutohedral_filter
+from crfrnn.lattice import _geometry_grad, dense_gaussian_filter, permutohedral_filter
 from crfrnn.lattice._geometry_grad import divided
 
 from conftest import VOC, crop, voc_pairs
@@ -128,8 +128,16 @@ def _lattice_and_exact(mask, reverse, **lattice_kw):
     return lattice_fn, dense_fn
 
 
+# the gradient's filter passes: several channel groups per pass (small C), or one group per pass with f^d folded
+# into the pass's input scale (C >= 13, CRF-RNN's 21 labels); _PASS_CHANNELS = 1 forces the second for C = 3
+PASSES = pytest.mark.parametrize("pass_channels", [None, 1], ids=["grouped", "one-group-per-pass"])
+
+
+@PASSES
 @pytest.mark.parametrize("case", ["2d", "3d-batch", "masked", "reverse", "scales"])
-def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, case):
+def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, monkeypatch, case, pass_channels):
+    if pass_channels is not None:
+        monkeypatch.setattr(_geometry_grad, "_PASS_CHANNELS", pass_channels)
     g = torch.Generator().manual_seed(1)
     spatial = (2, 4, 5) if case == "3d-batch" else (6, 7)
     B = 2 if case == "3d-batch" else 1
@@ -155,10 +163,13 @@ def test_formula_equals_autograd_of_the_exact_filter(exact_lattice, case):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient w.r.t. {name}")
 
 
+@PASSES
 @pytest.mark.parametrize("case", ["2d", "3d-batch", "masked", "reverse", "scales"])
-def test_fine_mode_formula_equals_autograd_of_the_exact_filter(exact_lattice, monkeypatch, case):
+def test_fine_mode_formula_equals_autograd_of_the_exact_filter(exact_lattice, monkeypatch, case, pass_channels):
     """``geometry_grad="fine"`` with the exact kernel as its moment lattice: its centred moments plus the
     lattice's mean moment are then the exact moments, so the bandwidth gradient is autograd's."""
+    if pass_channels is not None:
+        monkeypatch.setattr(_geometry_grad, "_PASS_CHANNELS", pass_channels)
     monkeypatch.setattr(PermutohedralLattice, "_moment_lattice", lambda self: self)
     g = torch.Generator().manual_seed(11)
     spatial = (2, 4, 5) if case == "3d-batch" else (6, 7)

@@ -480,6 +480,34 @@ def test_fused_inference_matches_per_term_loop(n_labels):
     np.testing.assert_allclose(fused.sum(0), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_labels", [1, 2, 9, 21])
+@pytest.mark.parametrize("n_iterations", [0, 4])
+def test_fused_map_labels_are_the_argmax_of_the_marginals(n_labels, n_iterations):
+    """The labels the fused pass picks as it goes (``refine``'s path) are ``np.argmax`` of the marginals it
+    returns, and of the per-term twin's where the twin's top two labels are not within rounding; ties
+    (here: pairs of labels with equal unaries, so equal marginals) go to the first label, as in ``np.argmax``."""
+    _, img, mask, _ = _problem((45, 70), start=5)
+    h, w = mask.shape
+    rng = np.random.default_rng(n_labels)
+    U = rng.normal(0, 2, (n_labels, h * w)).astype(np.float32)
+    if n_labels > 2:
+        U[1] = U[0]  # exact ties, decided by the label order
+    d = cd.DenseCRF2D(w, h, n_labels)
+    d.setUnaryEnergy(np.ascontiguousarray(U))
+    d.addPairwiseGaussian(3, 3.0)
+    d.addPairwiseBilateral(30, 13, img, 5.0)
+    q = d.inference(n_iterations)
+    labels = d._map_labels(n_iterations).numpy()
+    assert labels.dtype == np.int64 and labels.shape == (h * w,)
+    np.testing.assert_array_equal(labels, q.argmax(0))
+    if n_labels > 2:
+        assert (labels == 0).any() and not (labels == 1).any()  # label 1 always ties with label 0
+    twin = d._infer_by_terms(-torch.from_numpy(U), n_iterations).numpy()
+    top2 = np.sort(twin, 0)[-2:]
+    clear = (top2[-1] - top2[0]) > 1e-5 if n_labels > 1 else np.ones(h * w, bool)
+    np.testing.assert_array_equal(labels[clear], twin.argmax(0)[clear])
+
+
 def test_fused_inference_is_independent_of_thread_count():
     """Fixed splat copies summed in a fixed order: bit-identical marginals for 1 and 2 threads."""
     _, img, mask, probs = _problem((60, 80), start=2)

@@ -424,6 +424,16 @@ class DenseCRF:
         return self._infer_by_terms(-self._unary_or_zero(), n_iterations)
 
     @torch.no_grad()
+    def _map_labels(self, n_iterations: int) -> torch.Tensor:
+        """``argmax_l Q`` after ``n_iterations``, ``(N,)`` int64 (the first label at a tie); on CPU lattices the
+        fused pass picks it as it goes (no ``(L, N)`` marginals written and read back)."""
+        if self._pairwise and all(t.lattice.backend == "numba" for t in self._pairwise):
+            if self._stacked is None:
+                self._stacked = stack_terms(self._pairwise, self._nlabel)
+            return fused_meanfield(self._unary_or_zero(), self._stacked, n_iterations, labels=True)
+        return self._infer(n_iterations).argmax(0)
+
+    @torch.no_grad()
     def _infer_by_terms(self, neg_unary: torch.Tensor, n_iterations: int) -> torch.Tensor:
         """Mean field one filter call per term and iteration (any device; the fused path's twin)."""
         q = torch.softmax(neg_unary, dim=0)

@@ -76,7 +76,8 @@ def refine(
     pshape = _shape(probs)
     if probs.dim() != 3 or min(pshape) < 1:
         raise ValueError(f"probabilities must have shape (L, H, W), got {pshape}")
-    if not bool(torch.isfinite(probs).all()) or bool((probs < 0).any()):
+    lo, hi = torch.aminmax(probs)  # one pass; NaN propagates to both
+    if not (bool(torch.isfinite(lo) & torch.isfinite(hi)) and float(lo) >= 0):
         raise ValueError(f"probabilities (shape {pshape}) must be finite and non-negative")
     n_labels, h, w = pshape
     img = _image_hwc(image, h, w, pshape)
@@ -87,5 +88,5 @@ def refine(
     crf._set_unary(unary, "unary (from probabilities)")
     crf.addPairwiseGaussian(sxy_gaussian, compat_gaussian)
     crf.addPairwiseBilateral(sxy_bilateral, srgb, img, compat_bilateral)
-    labels = crf._infer(n).argmax(0).reshape(h, w).to(torch.int64)
+    labels = crf._map_labels(n).reshape(h, w).to(torch.int64)
     return labels.cpu().numpy() if as_numpy else labels.to(device)

@@ -906,8 +906,18 @@ def _softmax_row(typingctx, row, c):  # pragma: no cover - compiled
     return types.void(row, c), codegen
 
 
+@njit(inline="always")
+def _argmax_row(row, c):  # pragma: no cover - compiled
+    """The first index of the largest of ``row[:c]`` (NaN wins, as in ``np.argmax``)."""
+    best = 0
+    for ch in range(1, c):
+        if row[ch] > row[best] or (row[ch] != row[ch] and row[best] == row[best]):
+            best = ch
+    return best
+
+
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                     pre, post, wdiag, wmat, ismat, n_iter, marginals, history, partial, lat, tmp,
+                     pre, post, wdiag, wmat, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
                      msg_lat):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
@@ -915,7 +925,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
     ``softmax(-U)``), or with ``marginals`` False the last iteration's logits (before its softmax:
     CRF-RNN's output). ``history (T - 1, L, N)`` (or empty, ``(0, L, N)``) receives the logits of
-    iterations ``1 ... T - 1`` before their softmax, for a backward pass.
+    iterations ``1 ... T - 1`` before their softmax, for a backward pass. ``labels (N,)`` int64 (or empty):
+    receives each point's arg max of the output (the first label at a tie, as ``np.argmax``) instead of ``q``
+    (then ``(L, 0)``), so that a caller who wants labels skips writing and re-reading ``(L, N)`` values.
     Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
     ``bary[tstart[t] : tstart[t] + N * td1[t]]`` and the same slice of ``offsets`` (global vertex
     rows), vertex rows ``vstart[t] ... vstart[t] + vcount[t]`` and blur neighbours ``nbr[nstart[t] :
@@ -953,6 +965,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
     flat = partial.reshape((parts * mtot, cp))  # copy p's row v is row p * mtot + v
     keep = history.shape[0] > 0
+    want_labels = labels.shape[0] > 0
     lat[mtot] = 0  # the zero row read for missing blur neighbours
     tmp[mtot] = 0
     for it in range(n_iter + 1):
@@ -1028,7 +1041,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for t in range(nt):
                             d1 = td1[t]
                             _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row, split[p, t], shift)
-                if last:
+                if last and want_labels:
+                    for i in range(i0, i1):
+                        labels[i] = _argmax_row(buf[i - i0], c)
+                elif last:
                     for ch in range(c):
                         for i in range(i0, i1):
                             q[ch, i] = buf[i - i0, ch]

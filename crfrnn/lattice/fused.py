@@ -75,21 +75,24 @@ def stack_lattices(
 
 
 def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True,
-                     history: Optional[np.ndarray] = None, energies: bool = False) -> torch.Tensor:
+                     history: Optional[np.ndarray] = None, energies: bool = False,
+                     labels: bool = False) -> torch.Tensor:
     """``n_iterations`` of mean field from ``logits (L, P)`` (float32, CPU) on the terms of
     :func:`stack_lattices`: ``Q = softmax(logits)``, then per iteration ``softmax(logits + sum_t
     message_t(Q))``. Returns ``Q (L, P)``, or with ``marginals=False`` the last iteration's logits
     (before its softmax; ``logits`` itself for 0 iterations). ``history``: an optional float32 array
     ``(n_iterations - 1, L, P)`` that receives the logits of iterations ``1 ... n_iterations - 1``.
     ``energies``: ``logits`` holds unary energies ``-logits`` (pydensecrf's convention), negated on the way
-    in (in the copy the kernel's layout needs anyway)."""
+    in (in the copy the kernel's layout needs anyway). ``labels``: return each point's arg max of the output,
+    ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
     L, n = logits.shape
     un = np.zeros((n, _padded(L)), dtype=np.float32)  # (P, Cp): a point's labels side by side
     if energies:
         np.negative(logits.detach().numpy().T, out=un[:, :L])
     else:
         un[:, :L] = logits.detach().numpy().T
-    out = np.empty((L, n), dtype=np.float32)
+    out = np.empty((L, 0 if labels else n), dtype=np.float32)
+    lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
     work = (np.zeros((parts, m, un.shape[1]), np.float32),
@@ -99,5 +102,5 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     elif history.shape != (max(n_iterations - 1, 0), L, n) or history.dtype != np.float32:
         raise ValueError(f"history must be float32 of shape {(max(n_iterations - 1, 0), L, n)}, got "
                          f"{history.dtype} {history.shape}")
-    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, *work)
-    return torch.from_numpy(out)
+    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work)
+    return torch.from_numpy(lab if labels else out)

@@ -422,6 +422,11 @@ class _RowKernel:
     def vec_ptr(self, data, index):
         return self.builder.bitcast(self.builder.gep(data, [index]), self.vec.as_pointer())
 
+    def chunk(self, data, start, c):
+        """Pointer to vector ``c`` (a constant) of the row starting at element ``start`` (None: 0)."""
+        first = ir.Constant(self.intp, c * self.lanes)
+        return self.vec_ptr(data, first if start is None else self.builder.add(start, first))
+
     def vertex(self, k, split=None, shift=None):
         """Row start and broadcast weight of simplex vertex ``k``; with ``split``/``shift``, vertices
         numbered below ``split`` are moved ``shift`` rows on (into the splat's private copy)."""
@@ -460,10 +465,33 @@ def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
     return a(a, b, c), codegen
 
 
+_UNROLL = 4  # rows of up to this many vectors (32 float32 labels) keep every vector of the row in a register
+
+
+def _by_width(k_, unrolled, generic):
+    """Emit ``unrolled(K)`` for rows of ``K = 1 ... _UNROLL`` vectors (a branch on the row's width, the same for
+    every call of a kernel: predicted), else ``generic()``. Unrolled, each simplex vertex's row and weight are
+    computed once per point instead of once per vector of the row, and the row's vectors stay in registers."""
+    b = k_.builder
+
+    def emit(K):
+        if K > _UNROLL:
+            generic()
+            return
+        with b.if_else(b.icmp_unsigned("==", k_.nchunk, ir.Constant(k_.intp, K))) as (then, other):
+            with then:
+                unrolled(K)
+            with other:
+                emit(K + 1)
+
+    emit(1)
+
+
 @intrinsic
 def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma: no cover - compiled
     """``row[:] += sum_{r < d1} (bary[base + r] * scale) * lat[offsets[base + r], :]`` (``len(row)`` a
-    multiple of the vector width, ``lat (M, len(row))``), the sum held in registers."""
+    multiple of the vector width, ``lat (M, len(row))``), the sum held in registers (per vector of the row,
+    the terms are added in the order of ``r``)."""
     if not (_same_float_arrays(row, lat, bary) and row.ndim == 1 and lat.ndim == 2 and _is_i32_vector(offsets)):
         return None
     kind = _float_kind(row)
@@ -473,15 +501,30 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
         rowa, lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
         base, d1, scale = args[4], args[5], args[6]
         k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
-        with cgutils.for_range(builder, k_.nchunk) as lc:
-            c0 = builder.shl(lc.index, k_.shift)
-            rp = k_.vec_ptr(rowa.data, c0)
-            accp = cgutils.alloca_once_value(builder, builder.load(rp, align=4))
-            with cgutils.for_range(builder, d1) as lr:
-                row0, w = k_.vertex(builder.add(base, lr.index))
-                sv = builder.load(k_.vec_ptr(lata.data, builder.add(row0, c0)), align=4)
-                builder.store(builder.call(k_.fma, [w, sv, builder.load(accp)]), accp)
-            builder.store(builder.load(accp), rp, align=4)
+        b = builder
+
+        def unrolled(K):
+            accs = [cgutils.alloca_once_value(b, b.load(k_.chunk(rowa.data, None, c), align=4)) for c in range(K)]
+            with cgutils.for_range(b, d1) as lr:
+                row0, w = k_.vertex(b.add(base, lr.index))
+                for c in range(K):
+                    sv = b.load(k_.chunk(lata.data, row0, c), align=4)
+                    b.store(b.call(k_.fma, [w, sv, b.load(accs[c])]), accs[c])
+            for c in range(K):
+                b.store(b.load(accs[c]), k_.chunk(rowa.data, None, c), align=4)
+
+        def generic():
+            with cgutils.for_range(b, k_.nchunk) as lc:
+                c0 = b.shl(lc.index, k_.shift)
+                rp = k_.vec_ptr(rowa.data, c0)
+                accp = cgutils.alloca_once_value(b, b.load(rp, align=4))
+                with cgutils.for_range(b, d1) as lr:
+                    row0, w = k_.vertex(b.add(base, lr.index))
+                    sv = b.load(k_.vec_ptr(lata.data, b.add(row0, c0)), align=4)
+                    b.store(b.call(k_.fma, [w, sv, b.load(accp)]), accp)
+                b.store(b.load(accp), rp, align=4)
+
+        _by_width(k_, unrolled, generic)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -501,13 +544,26 @@ def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row, split, shif
         rowa = context.make_array(signature.args[6])(context, builder, args[6])
         base, d1, scale, split, shift = args[3], args[4], args[5], args[7], args[8]
         k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
-        with cgutils.for_range(builder, d1) as lr:
-            row0, w = k_.vertex(builder.add(base, lr.index), split, shift)
-            with cgutils.for_range(builder, k_.nchunk) as lc:
-                c0 = builder.shl(lc.index, k_.shift)
-                rv = builder.load(k_.vec_ptr(rowa.data, c0), align=4)
-                dp = k_.vec_ptr(lata.data, builder.add(row0, c0))
-                builder.store(builder.call(k_.fma, [w, rv, builder.load(dp, align=4)]), dp, align=4)
+        b = builder
+
+        def unrolled(K):
+            rv = [b.load(k_.chunk(rowa.data, None, c), align=4) for c in range(K)]
+            with cgutils.for_range(b, d1) as lr:
+                row0, w = k_.vertex(b.add(base, lr.index), split, shift)
+                for c in range(K):
+                    dp = k_.chunk(lata.data, row0, c)
+                    b.store(b.call(k_.fma, [w, rv[c], b.load(dp, align=4)]), dp, align=4)
+
+        def generic():
+            with cgutils.for_range(b, d1) as lr:
+                row0, w = k_.vertex(b.add(base, lr.index), split, shift)
+                with cgutils.for_range(b, k_.nchunk) as lc:
+                    c0 = b.shl(lc.index, k_.shift)
+                    rv = b.load(k_.vec_ptr(rowa.data, c0), align=4)
+                    dp = k_.vec_ptr(lata.data, b.add(row0, c0))
+                    b.store(b.call(k_.fma, [w, rv, b.load(dp, align=4)]), dp, align=4)
+
+        _by_width(k_, unrolled, generic)
         return context.get_dummy_value()
 
     return sig, codegen

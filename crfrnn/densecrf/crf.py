@@ -414,23 +414,29 @@ class DenseCRF:
             return torch.zeros(self._nlabel, self._nvar, dtype=torch.float32, device=self.device)
         return self._unary
 
+    def _fused_terms(self) -> Optional[tuple]:
+        """The terms laid out for the fused CPU pass (made once), or None unless every lattice is a numba one."""
+        if not (self._pairwise and all(t.lattice.backend == "numba" for t in self._pairwise)):
+            return None
+        if self._stacked is None:
+            self._stacked = stack_terms(self._pairwise, self._nlabel)
+        return self._stacked
+
     @torch.no_grad()
     def _infer(self, n_iterations: int) -> torch.Tensor:
         """Mean field as tensors: ``(L, N)`` float32 on ``self.device`` (fused on CPU lattices)."""
-        if self._pairwise and all(t.lattice.backend == "numba" for t in self._pairwise):
-            if self._stacked is None:
-                self._stacked = stack_terms(self._pairwise, self._nlabel)
-            return fused_meanfield(self._unary_or_zero(), self._stacked, n_iterations)
+        stacked = self._fused_terms()
+        if stacked is not None:
+            return fused_meanfield(self._unary_or_zero(), stacked, n_iterations)
         return self._infer_by_terms(-self._unary_or_zero(), n_iterations)
 
     @torch.no_grad()
     def _map_labels(self, n_iterations: int) -> torch.Tensor:
         """``argmax_l Q`` after ``n_iterations``, ``(N,)`` int64 (the first label at a tie); on CPU lattices the
         fused pass picks it as it goes (no ``(L, N)`` marginals written and read back)."""
-        if self._pairwise and all(t.lattice.backend == "numba" for t in self._pairwise):
-            if self._stacked is None:
-                self._stacked = stack_terms(self._pairwise, self._nlabel)
-            return fused_meanfield(self._unary_or_zero(), self._stacked, n_iterations, labels=True)
+        stacked = self._fused_terms()
+        if stacked is not None:
+            return fused_meanfield(self._unary_or_zero(), stacked, n_iterations, labels=True)
         return self._infer(n_iterations).argmax(0)
 
     @torch.no_grad()

@@ -177,8 +177,9 @@ def _filter_each_group(lat, x, scale, fc, reverse, w, with_plain):
     plain, parts = None, []
     if with_plain:
         plain = lat.filter_scaled(x.reshape(shape), reverse=reverse, pre=scale).reshape(B, C, n)
+    scale_n = None if scale is None or fc is None else scale.reshape(B, 1, n).to(fc.dtype)
     for d in range(0 if fc is None else fc.shape[1]):
-        pre = fc[:, d : d + 1] if scale is None else fc[:, d : d + 1] * scale.reshape(B, 1, n).to(fc.dtype)
+        pre = fc[:, d : d + 1] if scale_n is None else fc[:, d : d + 1] * scale_n
         res = lat.filter_scaled(x.reshape(shape), reverse=reverse, pre=pre.reshape((B, 1) + lat.spatial_shape))
         res = res.reshape(B, C, n)
         parts.append(_sum_channels(lat, res, w))

@@ -11,24 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_bandwidths as tb  # noqa: E402  (the accuracy test's crops, losses and agreement measures)
 
 from crfrnn.lattice import permutohedral  # noqa: E402
-
-from conftest import crop, voc_pairs  # noqa: E402
-
-
-def crops(start: int, h: int, w: int):
-    out = []
-    for _, img, mask in voc_pairs(count=3, start=start):
-        lab = torch.from_numpy(crop(mask, h, w).astype(np.int64))
-        lab[lab == 255] = 0
-        out.append((torch.from_numpy(crop(img, h, w).copy()).permute(2, 0, 1).double(), lab))
-    return out
 
 
 def main() -> None:
@@ -41,7 +29,7 @@ def main() -> None:
     a = ap.parse_args()
     permutohedral._FINE_ROUNDS, permutohedral._FINE_RINGS = a.rounds, a.rings
     permutohedral._FINE_SCALE = a.scale if a.scale is not None else (3 * a.rounds / 4 + 1 / 4) ** 0.5
-    imgs = crops(a.start, 60, 80)
+    imgs = tb.scenes("voc", 3, 60, 80, start=a.start)
     gen = torch.Generator().manual_seed(7)
     exact, approx = [], []
     t0 = time.perf_counter()

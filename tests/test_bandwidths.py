@@ -32,12 +32,13 @@ def synthetic_scene(h, w, seed):
     return img.clamp(0, 255), labels
 
 
-def scenes(source, count, h, w):
-    """``count`` (image (3, h, w) float64, labels (h, w) int64) pairs: central VOC crops or synthetic scenes."""
+def scenes(source, count, h, w, start=0):
+    """``count`` (image (3, h, w) float64, labels (h, w) int64) pairs: central VOC crops (of the sample's images
+    from ``start`` on, sorted) or synthetic scenes."""
     if source == "synthetic":
         return [synthetic_scene(h, w, seed) for seed in range(count)]
     out = []
-    for _, img, mask in voc_pairs(count=count):
+    for _, img, mask in voc_pairs(count=count, start=start):
         lab = torch.from_numpy(crop(mask, h, w).astype(np.int64))
         lab[lab == 255] = 0
         out.append((torch.from_numpy(crop(img, h, w).copy()).permute(2, 0, 1).double(), lab))

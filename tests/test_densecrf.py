@@ -497,7 +497,7 @@ def test_fused_map_labels_are_the_argmax_of_the_marginals(n_labels, n_iterations
     d.addPairwiseGaussian(3, 3.0)
     d.addPairwiseBilateral(30, 13, img, 5.0)
     q = d.inference(n_iterations)
-    labels = d._map_labels(n_iterations).numpy()
+    labels = d._infer(n_iterations, labels=True).numpy()
     assert labels.dtype == np.int64 and labels.shape == (h * w,)
     np.testing.assert_array_equal(labels, q.argmax(0))
     if n_labels > 2:

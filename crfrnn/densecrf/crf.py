@@ -423,21 +423,15 @@ class DenseCRF:
         return self._stacked
 
     @torch.no_grad()
-    def _infer(self, n_iterations: int) -> torch.Tensor:
-        """Mean field as tensors: ``(L, N)`` float32 on ``self.device`` (fused on CPU lattices)."""
+    def _infer(self, n_iterations: int, labels: bool = False) -> torch.Tensor:
+        """Mean field as tensors: ``Q (L, N)`` float32 on ``self.device``, or with ``labels`` its arg max ``(N,)``
+        int64 (the first label at a tie). On CPU lattices fused, and the fused pass picks the labels as it goes
+        (no ``(L, N)`` marginals written and read back)."""
         stacked = self._fused_terms()
         if stacked is not None:
-            return fused_meanfield(self._unary_or_zero(), stacked, n_iterations)
-        return self._infer_by_terms(-self._unary_or_zero(), n_iterations)
-
-    @torch.no_grad()
-    def _map_labels(self, n_iterations: int) -> torch.Tensor:
-        """``argmax_l Q`` after ``n_iterations``, ``(N,)`` int64 (the first label at a tie); on CPU lattices the
-        fused pass picks it as it goes (no ``(L, N)`` marginals written and read back)."""
-        stacked = self._fused_terms()
-        if stacked is not None:
-            return fused_meanfield(self._unary_or_zero(), stacked, n_iterations, labels=True)
-        return self._infer(n_iterations).argmax(0)
+            return fused_meanfield(self._unary_or_zero(), stacked, n_iterations, labels=labels)
+        q = self._infer_by_terms(-self._unary_or_zero(), n_iterations)
+        return q.argmax(0) if labels else q
 
     @torch.no_grad()
     def _infer_by_terms(self, neg_unary: torch.Tensor, n_iterations: int) -> torch.Tensor:

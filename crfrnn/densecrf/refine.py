@@ -88,5 +88,5 @@ def refine(
     crf._set_unary(unary, "unary (from probabilities)")
     crf.addPairwiseGaussian(sxy_gaussian, compat_gaussian)
     crf.addPairwiseBilateral(sxy_bilateral, srgb, img, compat_bilateral)
-    labels = crf._map_labels(n).reshape(h, w).to(torch.int64)
+    labels = crf._infer(n, labels=True).reshape(h, w).to(torch.int64)
     return labels.cpu().numpy() if as_numpy else labels.to(device)

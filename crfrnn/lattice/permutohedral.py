@@ -305,6 +305,7 @@ class PermutohedralLattice:
         pos = torch.searchsorted(svc, qcodes).clamp_(max=m - 1)
         found = svc[pos] == qcodes
         nbr = torch.where(found, perm[pos], torch.full_like(pos, m)).reshape(d + 1, m, 2)
+        nbr = nbr.transpose(1, 2).contiguous()  # (d+1, 2, M): each direction's two index vectors contiguous
         self.num_vertices = m
         offsets = inverse.reshape(-1, d + 1)
         if keep is not None:  # left-out points: weight 0 on vertex 0
@@ -478,19 +479,12 @@ class PermutohedralLattice:
         directions = range(d1 - 1, -1, -1) if reverse else range(d1)
         new, side = torch.zeros_like(lat), torch.empty_like(lat[:m])  # row m stays 0: the missing neighbour
         for j in [j for _ in range(self._rounds) for j in directions]:
-            lower, upper = self._neighbours(j)
+            lower, upper = self._nbr_t[j]
             # lat + 0.5 (lower + upper) in two work buffers (the fine lattice's many rounds over ~1e6 vertices)
             torch.index_select(lat, 0, lower, out=new[:m])
             new[:m].add_(torch.index_select(lat, 0, upper, out=side)).mul_(0.5).add_(lat[:m])
             lat, new = new, lat
         return (lat[off] * (w * self._alpha)[:, :, None]).sum(1)
-
-    def _neighbours(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The vertices' two neighbours along direction ``j`` as contiguous index vectors (M,)."""
-        cache = self.__dict__.setdefault("_nbr_cols", {})
-        if j not in cache:
-            cache[j] = (self._nbr_t[j, :, 0].contiguous(), self._nbr_t[j, :, 1].contiguous())
-        return cache[j]
 
     def __repr__(self) -> str:
         return (

@@ -118,12 +118,31 @@ def _attempt(work: Callable[[Any], dict], item) -> tuple[bool, Any]:
         return False, e
 
 
+def keep_freed_memory() -> None:
+    """Let this process's allocator keep the memory it frees, for the next item (glibc; elsewhere nothing).
+
+    By default glibc hands large freed blocks straight back to the kernel (``mmap`` above a threshold, and it
+    trims the top of the heap), so every image of a folder faults its ~100 MB of working memory in again; in a
+    VM a fault costs microseconds. Measured on 12 VOC images (T=10, 1 thread): ~5000 faults and ~15 % of each
+    image's time, against ~100 faults with this setting. Only folder jobs call it, in processes of their own
+    or in the ``crfrnn`` command's process."""
+    with contextlib.suppress(Exception):  # no glibc (macOS, Windows): keep the platform's allocator as it is
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+        if not mallopt(m_mmap_threshold, 1 << 30):
+            mallopt(m_mmap_threshold, 32 << 20)  # the largest value older glibc accepts
+        mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def _init_worker(threads: int) -> None:
     import signal
 
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool and cleans up
+    keep_freed_memory()
 
     torch.set_num_threads(threads)
     with contextlib.suppress(ImportError, ValueError):
@@ -151,6 +170,7 @@ def _outcomes(work, items: list, workers: int, threads: int) -> Iterator[tuple[b
     """(ok, record-or-exception) per item, in the items' order. A worker that dies (a crash, the OOM killer)
     raises ``BrokenProcessPool`` here instead of leaving the job waiting for it."""
     if workers <= 1 or len(items) <= 1:
+        keep_freed_memory()
         for item in items:
             yield _attempt(work, item)
         return

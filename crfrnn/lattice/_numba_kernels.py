@@ -585,19 +585,45 @@ def _band(offsets, k0, k1, m):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _sum_copies(partial, lo, hi, v, dst, clear):  # pragma: no cover - compiled
+def _sum_copies(partial, lo, hi, v, dst):  # pragma: no cover - compiled
     """``dst = sum_p partial[p, v]`` in copy order (fixed: results do not depend on the thread count),
     adding only the copies whose band ``[lo[p], hi[p])`` holds row ``v`` (the others are zero there:
-    neighbouring pixels share vertices, numbered in order of first appearance, so bands are narrow);
-    ``clear`` zeroes the rows read, for the next splat."""
+    neighbouring pixels share vertices, numbered in order of first appearance, so bands are narrow)."""
     dst[:] = 0
     for p in range(partial.shape[0]):
         if lo[p] <= v < hi[p]:
             src = partial[p, v]
             for ch in range(dst.shape[0]):
                 dst[ch] += src[ch]
-            if clear:
-                src[:] = 0
+
+
+@njit(inline="always")
+def _add_copies(partial, lo, hi, v):  # pragma: no cover - compiled
+    """``partial[0, v] += partial[p, v]`` for ``p = 1, 2, ...`` in copy order where copy ``p``'s band
+    ``[lo[p], hi[p])`` holds row ``v``, clearing the rows added: the same sums, bit for bit, as
+    :func:`_sum_copies` into a zeroed row (``0 + x = x`` for the non-negative splat values)."""
+    dst = partial[0, v]
+    for p in range(1, partial.shape[0]):
+        if lo[p] <= v < hi[p]:
+            src = partial[p, v]
+            for ch in range(dst.shape[0]):
+                dst[ch] += src[ch]
+            src[:] = 0
+
+
+@njit(inline="always")
+def _blur_vertex_weighted(src, dst, row, pairs, k, zero, half, w):  # pragma: no cover - compiled
+    """:func:`_blur_vertex` with the result multiplied by ``w`` (a diagonal compatibility) on the way out."""
+    ka = 2 * (k + _AHEAD)
+    if ka < pairs.shape[0]:
+        _prefetch(src, _or_zero(pairs[ka], zero))
+        _prefetch(src, _or_zero(pairs[ka + 1], zero))
+    s = src[row]
+    sa = src[_or_zero(pairs[2 * k], zero)]
+    sb = src[_or_zero(pairs[2 * k + 1], zero)]
+    for ch in range(dst.shape[0]):
+        b = s[ch] + half * (sa[ch] + sb[ch])
+        dst[ch] = w[ch] * b
 
 
 _AHEAD = 16  # the blur prefetches the neighbours of the vertex this many rows ahead
@@ -738,7 +764,7 @@ def _filter_values(vals, bary, offsets, nbr, reverse, consts, parts, out, pre, p
         lat = lat_w
         lat[m] = 0
         for v in prange(m):
-            _sum_copies(partial, lo, hi, v, lat[v], False)
+            _sum_copies(partial, lo, hi, v, lat[v])
     tmp[m] = 0
     half = consts[0]
     for jj in range(d1):
@@ -993,9 +1019,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     where ``ismat[t]`` (``wmat (T, L, L)``); being linear, the compatibility is applied to the
     blurred vertices (``M`` rows) rather than to the sliced points (``N`` rows). Work arrays from the
     caller (NumPy allocations get huge pages; Numba's would fault in 4 KB pages every call):
-    ``partial (parts, M, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
-    the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``), and
-    ``lat``, ``tmp`` (blur) and ``msg_lat`` (blurred vertices times the compatibility) ``(M, Cp)``,
+    ``partial (parts, M + 1, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
+    the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``; copy 0 is
+    also the blur's first source, so no pass copies it out; row ``M`` stays zero), and ``lat``, ``tmp``
+    (the blur's other two buffers) and ``msg_lat`` (blurred vertices times the compatibility)
+    ``(M + 1, Cp)``,
     uninitialised.
     """
     n, cp = neg_unary.shape
@@ -1019,31 +1047,45 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     split = np.empty((parts, nt), dtype=np.int64)  # the owner rule of :func:`_owner_split`, per term
     for t in range(nt):
         split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
-    flat = partial.reshape((parts * mtot, cp))  # copy p's row v is row p * mtot + v
+    rows = mtot + 1  # every copy ends in a zero row: copy 0 is also the blur's first source
+    flat = partial.reshape((parts * rows, cp))  # copy p's row v is row p * rows + v
     keep = history.shape[0] > 0
     want_labels = labels.shape[0] > 0
+    splat = partial[0]  # copy 0: the shared lattice the points splat into
     lat[mtot] = 0  # the zero row read for missing blur neighbours
     tmp[mtot] = 0
     for it in range(n_iter + 1):
         if it > 0:
-            # sum the private copies (and clear them for this iteration's splat), then blur each term
-            for t in range(nt):
-                for v in prange(vstart[t], vstart[t] + vcount[t]):
-                    _sum_copies(partial, lo[:, t], hi[:, t], v, lat[v], True)
+            # add the private copies into copy 0 (clearing them for this iteration's splat), then blur
+            # each term: copy 0 -> tmp, then between tmp and lat; copy 0 is cleared while the second
+            # direction runs, and a diagonal compatibility is applied as the last direction writes
+            if parts > 1:
+                for t in range(nt):
+                    for v in prange(vstart[t], vstart[t] + vcount[t]):
+                        _add_copies(partial, lo[:, t], hi[:, t], v)
             for t in range(nt):
                 d1 = td1[t]
                 mt = vcount[t]
                 v0 = vstart[t]
                 for j in range(d1):
-                    src_a = lat if j % 2 == 0 else tmp
+                    src_a = splat if j == 0 else (tmp if j % 2 == 1 else lat)
                     dst_a = tmp if j % 2 == 0 else lat
                     pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
-                    for v in prange(mt):
-                        _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
-                # the compatibility applied to the blurred vertices, not to every point (the slice
-                # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
-                fin = lat if d1 % 2 == 0 else tmp
+                    if j == d1 - 1 and not ismat[t]:
+                        wd = wdiag[t]
+                        for v in prange(mt):
+                            _blur_vertex_weighted(src_a, msg_lat[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5), wd)
+                            if j == 1:
+                                splat[v0 + v, :] = 0
+                    else:
+                        for v in prange(mt):
+                            _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
+                            if j == 1:
+                                splat[v0 + v, :] = 0
                 if ismat[t]:
+                    # the compatibility applied to the blurred vertices, not to every point (the slice
+                    # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
+                    fin = tmp if (d1 - 1) % 2 == 0 else lat
                     wm = wmat[t]
                     for v in prange(mt):
                         s = fin[v0 + v]
@@ -1055,17 +1097,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             dst[ch] = -a
                         for ch in range(c, cp):
                             dst[ch] = _F32(0.0)
-                else:
-                    wd = wdiag[t]
-                    for v in prange(mt):
-                        s = fin[v0 + v]
-                        dst = msg_lat[v0 + v]
-                        for ch in range(cp):
-                            dst[ch] = wd[ch] * s[ch]
         last = it == n_iter
         keep_it = keep and 0 < it < n_iter
         for p in prange(parts):
-            shift = p * mtot
+            shift = p * rows
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
             hbuf = np.empty((_BLOCK if keep_it else 0, cp), dtype=np.float32)
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):

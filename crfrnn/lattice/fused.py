@@ -95,7 +95,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
-    work = (np.zeros((parts, m, un.shape[1]), np.float32),
+    work = (np.zeros((parts, m + 1, un.shape[1]), np.float32),  # each copy ends in a zero row
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(3)))  # + the zero row
     if history is None:
         history = np.empty((0, L, n), np.float32)

@@ -71,19 +71,36 @@ class FusedMeanField(torch.autograd.Function):
             zs = [k.lattice.filter_scaled(g.reshape((B, L) + spatial), reverse=True, pre=k.inv_norm).reshape(B, L, n)
                   for k in ctx.kernels]
             dq = torch.empty_like(q)
-            for i in range(B):  # 2-D GEMMs (a batch of one is a view)
+            for i in range(B):  # 2-D products (a batch of one is a view)
+                if a.dim() == 2 and b.dim() == 2:  # CrfRnn: compiled, one pass over the points each
+                    _matrix_weights_backward(a, b, zs[0][i], zs[1][i], q[i], dws, dq[i])
+                    continue
                 for w, dw, z in zip(weights, dws, zs):
                     if w.dim() == 2:
                         dw.addmm_(z[i], q[i].t())
                     else:
                         dw += (z[i] * q[i]).sum(1) if w.dim() == 1 else (z[i] * q[i]).sum()
-                if a.dim() == 2 and b.dim() == 2:
-                    torch.addmm(torch.mm(a.t(), zs[0][i]), b.t(), zs[1][i], out=dq[i])
-                else:
-                    dq[i] = sum(torch.mm(w.t(), z[i]) if w.dim() == 2 else z[i] * (w[:, None] if w.dim() == 1 else w)
-                                for w, z in zip(weights, zs))
+                dq[i] = sum(torch.mm(w.t(), z[i]) if w.dim() == 2 else z[i] * (w[:, None] if w.dim() == 1 else w)
+                            for w, z in zip(weights, zs))
             del zs
             g = dq.sub_((q * dq).sum(1, keepdim=True)).mul_(q)  # through the softmax: dL/d(logits_t)
             d_unary += g
         da, db = dws
         return d_unary.reshape(unary.shape), da, db, None, None
+
+
+def _matrix_weights_backward(a, b, za, zb, q, dws, dq) -> None:
+    """For (L, L) weights ``a``, ``b``: ``dws[0] += za q^T``, ``dws[1] += zb q^T`` and ``dq = a^T za + b^T zb``
+    (``za``, ``zb``, ``q``, ``dq (L, N)`` float32), by compiled passes over the points in blocks (a GEMM
+    library is slow at this shape: a long reduction into an (L, L) result)."""
+    from .lattice import _numba_kernels as _nb
+
+    za, zb, q = (x.contiguous().numpy() for x in (za, zb, q))
+    nblk = -(-q.shape[1] // _nb._LABEL_BLOCK)
+    parts = np.empty((2, nblk) + a.shape, np.float32)
+    _nb.outer_products(za, zb, q, parts[0], parts[1])
+    for dw, p in zip(dws, parts):
+        dw += torch.from_numpy(p.sum(0))  # the blocks in order: the same bits for any thread count
+    out = dq.numpy()
+    _nb.transposed_pair_product(np.ascontiguousarray(a.detach().t().numpy()),
+                                np.ascontiguousarray(b.detach().t().numpy()), za, zb, out)

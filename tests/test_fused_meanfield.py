@@ -206,3 +206,32 @@ def test_mean_field_gradients_with_masks_equal_the_twin(weights):
         _close(fast[1][i], slow[1][i], exact[1][i].float(), i)
     pad = ~mask[:, 0]
     assert torch.equal(fast[0].permute(1, 0, 2, 3)[:, pad], unary.permute(1, 0, 2, 3)[:, pad])
+
+
+@pytest.mark.parametrize("L, N", [(21, 3000), (5, 1025), (2, 7)])
+def test_label_products_of_the_backward_equal_float64_matmul(L, N):
+    """The compiled (L, L) x (L, N) products of the fused backward against float64 GEMMs, with N not a
+    multiple of the block and L not a multiple of anything; and the same bits for 1 and 2 threads."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    rng = np.random.default_rng(L + N)
+    za, zb, q = (rng.standard_normal((L, N)).astype(np.float32) for _ in range(3))
+    at, bt = (rng.standard_normal((L, L)).astype(np.float32) for _ in range(2))
+    nblk = -(-N // nb._LABEL_BLOCK)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            out = np.empty((L, N), np.float32)
+            pa, pb = np.empty((nblk, L, L), np.float32), np.empty((nblk, L, L), np.float32)
+            nb.transposed_pair_product(at, bt, za, zb, out)
+            nb.outer_products(za, zb, q, pa, pb)
+            results.append((out, pa.sum(0), pb.sum(0)))
+    finally:
+        numba.set_num_threads(before)
+    f64 = [x.astype(np.float64) for x in (at, bt, za, zb, q)]
+    refs = (f64[0] @ f64[2] + f64[1] @ f64[3], f64[2] @ f64[4].T, f64[3] @ f64[4].T)
+    for got, ref in zip(results[0], refs):
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert all(np.array_equal(x, y) for x, y in zip(*results))

@@ -1149,3 +1149,57 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
 dense_meanfield = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(_dense_meanfield)
 filter_one_channel = njit(parallel=True, cache=True)(_filter_one_channel)
 filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Label-space products of the fused mean field's backward pass (crfrnn/_fused_meanfield.py): per
+# iteration ``dq = A^T z_a + B^T z_b`` and the weight gradients ``z q^T``. Shapes (L, L) x (L, N) with
+# L ~ 21 and N ~ 1e5 are a poor fit for a GEMM library (a long reduction into a tiny result); here one
+# pass over the points in cache-sized blocks, in a fixed order: the bits do not depend on the thread count.
+
+_LABEL_BLOCK = 1024  # points per block: a block of the three (L, N) operands stays in L2
+
+
+@njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
+def transposed_pair_product(at, bt, za, zb, out):  # pragma: no cover - compiled
+    """``out = at @ za + bt @ zb`` for ``at``, ``bt (L, L)`` and ``za``, ``zb``, ``out (L, N)`` float32
+    (the caller passes the transposed weights)."""
+    c, n = za.shape
+    nblk = (n + _LABEL_BLOCK - 1) // _LABEL_BLOCK
+    for blk in prange(nblk):
+        n0 = blk * _LABEL_BLOCK
+        n1 = min(n, n0 + _LABEL_BLOCK)
+        for row in range(c):
+            o = out[row, n0:n1]
+            o[:] = 0
+            for k in range(c):
+                wa = at[row, k]
+                wb = bt[row, k]
+                a = za[k, n0:n1]
+                b = zb[k, n0:n1]
+                for i in range(n1 - n0):
+                    o[i] += wa * a[i] + wb * b[i]
+
+
+@njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
+def outer_products(za, zb, q, part_a, part_b):  # pragma: no cover - compiled
+    """Per block ``p`` of points: ``part_a[p] = za[:, block] @ q[:, block]^T`` and the same for ``zb``
+    (``za``, ``zb``, ``q (L, N)``; ``part_a``, ``part_b (nblk, L, L)``, ``nblk = ceil(N / _LABEL_BLOCK)``);
+    the caller sums the blocks in order."""
+    c, n = za.shape
+    nblk = part_a.shape[0]
+    for blk in prange(nblk):
+        n0 = blk * _LABEL_BLOCK
+        n1 = min(n, n0 + _LABEL_BLOCK)
+        for row in range(c):
+            a = za[row, n0:n1]
+            b = zb[row, n0:n1]
+            for m in range(c):
+                qm = q[m, n0:n1]
+                sa = _F32(0.0)
+                sb = _F32(0.0)
+                for i in range(n1 - n0):
+                    sa += a[i] * qm[i]
+                    sb += b[i] * qm[i]
+                part_a[blk, row, m] = sa
+                part_b[blk, row, m] = sb

@@ -611,21 +611,6 @@ def _add_copies(partial, lo, hi, v):  # pragma: no cover - compiled
             src[:] = 0
 
 
-@njit(inline="always")
-def _blur_vertex_weighted(src, dst, row, pairs, k, zero, half, w):  # pragma: no cover - compiled
-    """:func:`_blur_vertex` with the result multiplied by ``w`` (a diagonal compatibility) on the way out."""
-    ka = 2 * (k + _AHEAD)
-    if ka < pairs.shape[0]:
-        _prefetch(src, _or_zero(pairs[ka], zero))
-        _prefetch(src, _or_zero(pairs[ka + 1], zero))
-    s = src[row]
-    sa = src[_or_zero(pairs[2 * k], zero)]
-    sb = src[_or_zero(pairs[2 * k + 1], zero)]
-    for ch in range(dst.shape[0]):
-        b = s[ch] + half * (sa[ch] + sb[ch])
-        dst[ch] = w[ch] * b
-
-
 _AHEAD = 16  # the blur prefetches the neighbours of the vertex this many rows ahead
 _AHEAD_POINTS = 2  # the splat and slice prefetch the vertex rows of the point this many points ahead
 
@@ -675,19 +660,32 @@ def _owner_split(lo, hi, v0, v1):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _blur_vertex(src, dst, row, pairs, k, zero, half):  # pragma: no cover - compiled
-    """``dst = src[row] + half * (src[a] + src[b])`` with ``(a, b) = pairs[2k], pairs[2k + 1]``, a missing
+def _blur_inputs(src, row, pairs, k, zero):  # pragma: no cover - compiled
+    """The rows ``src[row]``, ``src[a]``, ``src[b]`` with ``(a, b) = pairs[2k], pairs[2k + 1]``, a missing
     neighbour (-1) read as row ``zero`` of ``src`` (all zeros: adding it changes no value); prefetches
     the neighbours of ``k + _AHEAD``."""
     ka = 2 * (k + _AHEAD)
     if ka < pairs.shape[0]:
         _prefetch(src, _or_zero(pairs[ka], zero))
         _prefetch(src, _or_zero(pairs[ka + 1], zero))
-    s = src[row]
-    sa = src[_or_zero(pairs[2 * k], zero)]
-    sb = src[_or_zero(pairs[2 * k + 1], zero)]
+    return src[row], src[_or_zero(pairs[2 * k], zero)], src[_or_zero(pairs[2 * k + 1], zero)]
+
+
+@njit(inline="always")
+def _blur_vertex(src, dst, row, pairs, k, zero, half):  # pragma: no cover - compiled
+    """``dst = src[row] + half * (src[a] + src[b])``, the rows as :func:`_blur_inputs` reads them."""
+    s, sa, sb = _blur_inputs(src, row, pairs, k, zero)
     for ch in range(dst.shape[0]):
         dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
+
+
+@njit(inline="always")
+def _blur_vertex_weighted(src, dst, row, pairs, k, zero, half, w):  # pragma: no cover - compiled
+    """:func:`_blur_vertex` with the result multiplied by ``w`` (a diagonal compatibility) on the way out."""
+    s, sa, sb = _blur_inputs(src, row, pairs, k, zero)
+    for ch in range(dst.shape[0]):
+        b = s[ch] + half * (sa[ch] + sb[ch])
+        dst[ch] = w[ch] * b
 
 
 @njit(inline="always")
@@ -1071,17 +1069,15 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     src_a = splat if j == 0 else (tmp if j % 2 == 1 else lat)
                     dst_a = tmp if j % 2 == 0 else lat
                     pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
-                    if j == d1 - 1 and not ismat[t]:
-                        wd = wdiag[t]
-                        for v in prange(mt):
+                    weighted = j == d1 - 1 and not ismat[t]  # the last direction writes the messages
+                    wd = wdiag[t]
+                    for v in prange(mt):
+                        if weighted:
                             _blur_vertex_weighted(src_a, msg_lat[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5), wd)
-                            if j == 1:
-                                splat[v0 + v, :] = 0
-                    else:
-                        for v in prange(mt):
+                        else:
                             _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
-                            if j == 1:
-                                splat[v0 + v, :] = 0
+                        if j == 1:  # copy 0 was read by the first direction only
+                            splat[v0 + v, :] = 0
                 if ismat[t]:
                     # the compatibility applied to the blurred vertices, not to every point (the slice
                     # is linear): ``msg`` then enters the logits by a plain weighted sum of rows

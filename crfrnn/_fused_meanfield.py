@@ -67,14 +67,14 @@ class FusedMeanField(torch.autograd.Function):
         dws = [torch.zeros_like(a), torch.zeros_like(b)]
         for t in reversed(range(history.shape[0] + 1)):
             logits = unary.reshape(B, L, n) if t == 0 else history[t - 1].reshape(L, B, n).transpose(0, 1)
-            q = torch.softmax(logits, dim=1)  # (B, L, n)
             zs = [k.lattice.filter_scaled(g.reshape((B, L) + spatial), reverse=True, pre=k.inv_norm).reshape(B, L, n)
                   for k in ctx.kernels]
+            if a.dim() == 2 and b.dim() == 2:  # CrfRnn: one compiled pass over the points per image
+                g = _matrix_step_backward(logits, a, b, zs, dws, d_unary)
+                continue
+            q = torch.softmax(logits, dim=1)  # (B, L, n)
             dq = torch.empty_like(q)
             for i in range(B):  # 2-D products (a batch of one is a view)
-                if a.dim() == 2 and b.dim() == 2:  # CrfRnn: compiled, one pass over the points each
-                    _matrix_weights_backward(a, b, zs[0][i], zs[1][i], q[i], dws, dq[i])
-                    continue
                 for w, dw, z in zip(weights, dws, zs):
                     if w.dim() == 2:
                         dw.addmm_(z[i], q[i].t())
@@ -89,18 +89,21 @@ class FusedMeanField(torch.autograd.Function):
         return d_unary.reshape(unary.shape), da, db, None, None
 
 
-def _matrix_weights_backward(a, b, za, zb, q, dws, dq) -> None:
-    """For (L, L) weights ``a``, ``b``: ``dws[0] += za q^T``, ``dws[1] += zb q^T`` and ``dq = a^T za + b^T zb``
-    (``za``, ``zb``, ``q``, ``dq (L, N)`` float32), by compiled passes over the points in blocks (a GEMM
-    library is slow at this shape: a long reduction into an (L, L) result)."""
+def _matrix_step_backward(logits, a, b, zs, dws, d_unary) -> torch.Tensor:
+    """One iteration of the backward pass for (L, L) weights ``a``, ``b`` (:func:`crfrnn.lattice._numba_kernels.
+    matrix_step_backward`, per image): ``logits (B, L, N)`` before the iteration's softmax, ``zs`` the two
+    transposed filters ``(B, L, N)`` of the gradient of its output. Adds the weight gradients to ``dws`` and the
+    gradient of ``logits`` to ``d_unary (B, L, N)``, and returns that gradient."""
     from .lattice import _numba_kernels as _nb
 
-    za, zb, q = (x.contiguous().numpy() for x in (za, zb, q))
-    nblk = -(-q.shape[1] // _nb._LABEL_BLOCK)
-    parts = np.empty((2, nblk) + a.shape, np.float32)
-    _nb.outer_products(za, zb, q, parts[0], parts[1])
-    for dw, p in zip(dws, parts):
-        dw += torch.from_numpy(p.sum(0))  # the blocks in order: the same bits for any thread count
-    out = dq.numpy()
-    _nb.transposed_pair_product(np.ascontiguousarray(a.detach().t().numpy()),
-                                np.ascontiguousarray(b.detach().t().numpy()), za, zb, out)
+    B, L, n = d_unary.shape
+    at, bt = (np.ascontiguousarray(w.detach().t().numpy()) for w in (a, b))
+    nblk = -(-n // _nb._LABEL_BLOCK)
+    g = np.empty((B, L, n), np.float32)
+    for i in range(B):
+        parts = np.empty((2, nblk, L, L), np.float32)
+        za, zb, x = (t[i].detach().contiguous().numpy() for t in (zs[0], zs[1], logits))
+        _nb.matrix_step_backward(x, za, zb, at, bt, parts[0], parts[1], g[i], d_unary[i].numpy())
+        for dw, p in zip(dws, parts):
+            dw += torch.from_numpy(p.sum(0))  # the blocks in order: the same bits for any thread count
+    return torch.from_numpy(g)

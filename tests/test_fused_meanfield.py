@@ -110,18 +110,25 @@ def test_fused_matches_the_float64_reference(image_source):
 
 
 def test_fused_is_bit_identical_for_any_thread_count():
+    """The forward, and the training forward's gradients (the hand-written backward)."""
     unary, image, _ = _case("scene")
     layer = _random_layer(21, seed=4).eval()
     before = numba.get_num_threads()
     try:
-        outs = []
+        outs, grads = [], []
         for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
             numba.set_num_threads(n)
             with torch.no_grad():
                 outs.append(layer(unary, image))
+            layer.train().zero_grad()
+            u = unary.clone().requires_grad_()
+            layer(u, image).square().mean().backward()
+            grads.append([u.grad] + [p.grad.clone() for p in layer.parameters()])
+            layer.eval()
     finally:
         numba.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(x, y) for x, y in zip(*grads))
 
 
 def test_which_calls_take_the_fused_path(monkeypatch):
@@ -209,29 +216,35 @@ def test_mean_field_gradients_with_masks_equal_the_twin(weights):
 
 
 @pytest.mark.parametrize("L, N", [(21, 3000), (5, 1025), (2, 7)])
-def test_label_products_of_the_backward_equal_float64_matmul(L, N):
-    """The compiled (L, L) x (L, N) products of the fused backward against float64 GEMMs, with N not a
-    multiple of the block and L not a multiple of anything; and the same bits for 1 and 2 threads."""
+def test_label_space_step_of_the_backward_equals_float64(L, N):
+    """The compiled label-space step of the fused backward (softmax, weight gradients, ``A^T z_a + B^T z_b``,
+    the softmax's backward) against float64, with N not a multiple of the block, L not a multiple of 3 or of
+    the SIMD width; the same bits for 1 and 2 threads."""
     from crfrnn.lattice import _numba_kernels as nb
 
     rng = np.random.default_rng(L + N)
-    za, zb, q = (rng.standard_normal((L, N)).astype(np.float32) for _ in range(3))
+    logits = (3 * rng.standard_normal((L, N))).astype(np.float32)
+    za, zb = (rng.standard_normal((L, N)).astype(np.float32) for _ in range(2))
     at, bt = (rng.standard_normal((L, L)).astype(np.float32) for _ in range(2))
+    d_before = rng.standard_normal((L, N)).astype(np.float32)
     nblk = -(-N // nb._LABEL_BLOCK)
     results = []
     before = numba.get_num_threads()
     try:
         for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
             numba.set_num_threads(threads)
-            out = np.empty((L, N), np.float32)
+            g, d = np.empty((L, N), np.float32), d_before.copy()
             pa, pb = np.empty((nblk, L, L), np.float32), np.empty((nblk, L, L), np.float32)
-            nb.transposed_pair_product(at, bt, za, zb, out)
-            nb.outer_products(za, zb, q, pa, pb)
-            results.append((out, pa.sum(0), pb.sum(0)))
+            nb.matrix_step_backward(logits, za, zb, at, bt, pa, pb, g, d)
+            results.append((g, d, pa.sum(0), pb.sum(0)))
     finally:
         numba.set_num_threads(before)
-    f64 = [x.astype(np.float64) for x in (at, bt, za, zb, q)]
-    refs = (f64[0] @ f64[2] + f64[1] @ f64[3], f64[2] @ f64[4].T, f64[3] @ f64[4].T)
+    x, za64, zb64 = (torch.from_numpy(np.ascontiguousarray(v)).double() for v in (logits, za, zb))
+    q = torch.softmax(x, 0)
+    dq = torch.from_numpy(at).double() @ za64 + torch.from_numpy(bt).double() @ zb64
+    g64 = q * (dq - (q * dq).sum(0, keepdim=True))
+    refs = (g64, torch.from_numpy(d_before).double() + g64, za64 @ q.T, zb64 @ q.T)
     for got, ref in zip(results[0], refs):
-        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
-    assert all(np.array_equal(x, y) for x, y in zip(*results))
+        err = (torch.from_numpy(got).double() - ref).abs().max()
+        assert err <= 1e-5 * ref.abs().max(), (err, ref.abs().max())
+    assert all(np.array_equal(u, v) for u, v in zip(*results))

@@ -1148,54 +1148,127 @@ filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel
 
 
 # ---------------------------------------------------------------------------------------------------
-# Label-space products of the fused mean field's backward pass (crfrnn/_fused_meanfield.py): per
-# iteration ``dq = A^T z_a + B^T z_b`` and the weight gradients ``z q^T``. Shapes (L, L) x (L, N) with
-# L ~ 21 and N ~ 1e5 are a poor fit for a GEMM library (a long reduction into a tiny result); here one
-# pass over the points in cache-sized blocks, in a fixed order: the bits do not depend on the thread count.
+# The label-space part of one iteration of the fused mean field's backward pass (crfrnn/_fused_meanfield.py)
+# for (L, L) weights: the softmax recomputed, the weight gradients ``z q^T``, ``dq = A^T z_a + B^T z_b`` and
+# the softmax's backward, in one pass over the points in cache-sized blocks and in a fixed order (the bits
+# do not depend on the thread count). Shapes (L, L) x (L, N) with L ~ 21 and N ~ 1e5 are a poor fit for a
+# GEMM library (a long reduction into a tiny result), and fused, the (L, N) intermediates stay in cache.
 
-_LABEL_BLOCK = 1024  # points per block: a block of the three (L, N) operands stays in L2
+_LABEL_BLOCK = 1024  # points per block: a block of the (L, N) operands and intermediates stays in L2
+
+
+@njit(inline="always")
+def _block_softmax(logits, n0, n1, q):  # pragma: no cover - compiled
+    """``q[:, :n1 - n0]`` = the softmax over labels of ``logits[:, n0:n1]`` (``(L, N)``), label by label along
+    the points (loops the compiler vectorises): ``exp`` as :func:`_softmax_row` computes it (range reduction,
+    the same polynomial and floor), its ``2^k`` built in the exponent bits of an int32 view."""
+    c = q.shape[0]
+    w = n1 - n0
+    top = np.full(_LABEL_BLOCK, -np.inf, dtype=np.float32)
+    for ch in range(c):
+        x = logits[ch, n0:n1]
+        for i in range(w):
+            top[i] = max(top[i], x[i])
+    bits = np.empty(_LABEL_BLOCK, dtype=np.int32)
+    scale = bits.view(np.float32)
+    total = np.zeros(_LABEL_BLOCK, dtype=np.float32)
+    for ch in range(c):
+        x = logits[ch, n0:n1]
+        e = q[ch]
+        for i in range(w):
+            y = max(x[i] - top[i], _EXP_FLOOR)
+            k = np.int32(y * _LOG2E - _F32(0.5))  # toward zero: y <= 0
+            kf = _F32(k)
+            f = y - kf * _LN2_HI
+            f = f - kf * _LN2_LO
+            poly = _E6
+            poly = poly * f + _E5
+            poly = poly * f + _E4
+            poly = poly * f + _E3
+            poly = poly * f + _E2
+            poly = poly * f + _E1
+            poly = poly * f + _E1
+            e[i] = poly
+            bits[i] = (k + np.int32(127)) << np.int32(23)
+        for i in range(w):
+            e[i] *= scale[i]
+            total[i] += e[i]
+    for i in range(w):
+        total[i] = _F32(1.0) / total[i]
+    for ch in range(c):
+        e = q[ch]
+        for i in range(w):
+            e[i] *= total[i]
+
+
+@njit(inline="always")
+def _block_outer_products(za, zb, q, n0, n1, part_a, part_b):  # pragma: no cover - compiled
+    """``part_a = za[:, n0:n1] @ q[:, :n1 - n0]^T``, the same for ``zb``: three labels of ``q`` at a time, so
+    that each point's ``za``, ``zb`` values are loaded once per six products."""
+    c = q.shape[0]
+    w = n1 - n0
+    for r in range(c):
+        a = za[r, n0:n1]
+        b = zb[r, n0:n1]
+        m = 0
+        while m + 3 <= c:
+            q0, q1, q2 = q[m, :w], q[m + 1, :w], q[m + 2, :w]
+            sa0 = sa1 = sa2 = sb0 = sb1 = sb2 = _F32(0.0)
+            for i in range(w):
+                sa0 += a[i] * q0[i]
+                sa1 += a[i] * q1[i]
+                sa2 += a[i] * q2[i]
+                sb0 += b[i] * q0[i]
+                sb1 += b[i] * q1[i]
+                sb2 += b[i] * q2[i]
+            part_a[r, m], part_a[r, m + 1], part_a[r, m + 2] = sa0, sa1, sa2
+            part_b[r, m], part_b[r, m + 1], part_b[r, m + 2] = sb0, sb1, sb2
+            m += 3
+        for k in range(m, c):  # the last one or two labels
+            qk = q[k, :w]
+            sa = sb = _F32(0.0)
+            for i in range(w):
+                sa += a[i] * qk[i]
+                sb += b[i] * qk[i]
+            part_a[r, k], part_b[r, k] = sa, sb
 
 
 @njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
-def transposed_pair_product(at, bt, za, zb, out):  # pragma: no cover - compiled
-    """``out = at @ za + bt @ zb`` for ``at``, ``bt (L, L)`` and ``za``, ``zb``, ``out (L, N)`` float32
-    (the caller passes the transposed weights)."""
+def matrix_step_backward(logits, za, zb, at, bt, part_a, part_b, g, d_unary):  # pragma: no cover - compiled
+    """One iteration of the backward pass for (L, L) weights ``A``, ``B`` (``at``, ``bt``: their transposes),
+    given the iteration's logits ``(L, N)`` (before its softmax) and ``z_a``, ``z_b (L, N)`` (the transposed
+    filters of the gradient of its output logits): with ``q = softmax(logits)`` and ``dq = at @ z_a + bt @ z_b``,
+    writes ``g = q * (dq - sum_labels(q * dq))`` (``(L, N)``, the gradient of ``logits``), adds it to
+    ``d_unary (L, N)``, and per block ``p`` of :data:`_LABEL_BLOCK` points writes ``part_a[p] = z_a q^T`` and
+    ``part_b[p] = z_b q^T`` over the block (``(nblk, L, L)``; the caller sums the blocks in order)."""
     c, n = za.shape
-    nblk = (n + _LABEL_BLOCK - 1) // _LABEL_BLOCK
-    for blk in prange(nblk):
+    for blk in prange(part_a.shape[0]):
         n0 = blk * _LABEL_BLOCK
         n1 = min(n, n0 + _LABEL_BLOCK)
-        for row in range(c):
-            o = out[row, n0:n1]
-            o[:] = 0
+        w = n1 - n0
+        q = np.empty((c, _LABEL_BLOCK), dtype=np.float32)
+        _block_softmax(logits, n0, n1, q)
+        _block_outer_products(za, zb, q, n0, n1, part_a[blk], part_b[blk])
+        dq = np.zeros((c, _LABEL_BLOCK), dtype=np.float32)
+        dot = np.zeros(_LABEL_BLOCK, dtype=np.float32)  # sum over labels of q * dq, per point
+        for r in range(c):
+            o = dq[r, :w]
             for k in range(c):
-                wa = at[row, k]
-                wb = bt[row, k]
+                wa = at[r, k]
+                wb = bt[r, k]
                 a = za[k, n0:n1]
                 b = zb[k, n0:n1]
-                for i in range(n1 - n0):
+                for i in range(w):
                     o[i] += wa * a[i] + wb * b[i]
-
-
-@njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
-def outer_products(za, zb, q, part_a, part_b):  # pragma: no cover - compiled
-    """Per block ``p`` of points: ``part_a[p] = za[:, block] @ q[:, block]^T`` and the same for ``zb``
-    (``za``, ``zb``, ``q (L, N)``; ``part_a``, ``part_b (nblk, L, L)``, ``nblk = ceil(N / _LABEL_BLOCK)``);
-    the caller sums the blocks in order."""
-    c, n = za.shape
-    nblk = part_a.shape[0]
-    for blk in prange(nblk):
-        n0 = blk * _LABEL_BLOCK
-        n1 = min(n, n0 + _LABEL_BLOCK)
-        for row in range(c):
-            a = za[row, n0:n1]
-            b = zb[row, n0:n1]
-            for m in range(c):
-                qm = q[m, n0:n1]
-                sa = _F32(0.0)
-                sb = _F32(0.0)
-                for i in range(n1 - n0):
-                    sa += a[i] * qm[i]
-                    sb += b[i] * qm[i]
-                part_a[blk, row, m] = sa
-                part_b[blk, row, m] = sb
+            qr = q[r, :w]
+            for i in range(w):
+                dot[i] += qr[i] * o[i]
+        for r in range(c):
+            o = dq[r, :w]
+            qr = q[r, :w]
+            gr = g[r, n0:n1]
+            ur = d_unary[r, n0:n1]
+            for i in range(w):
+                v = qr[i] * (o[i] - dot[i])
+                gr[i] = v
+                ur[i] += v

@@ -286,8 +286,11 @@ def _last_step(run: Path) -> int:
 
 def test_sigint_exits_130_and_leaves_a_resumable_run(tmp_path, data):
     run = tmp_path / "run"
+    # Ctrl-C's default disposition for the child, even when the suite itself runs as a background job (which
+    # starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "crfrnn", *map(str, train_args(data, run, 10_000))],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait(proc, lambda: _last_step(run) >= 2, "a checkpoint at step 2")
         proc.send_signal(signal.SIGINT)

@@ -65,12 +65,15 @@ class FusedMeanField(torch.autograd.Function):
         d_unary = g.clone()
         weights = (a, b)
         dws = [torch.zeros_like(a), torch.zeros_like(b)]
+        matrices = a.dim() == 2 and b.dim() == 2  # CrfRnn: the label-space work compiled, per image
+        if matrices:
+            at, bt = (np.ascontiguousarray(w.detach().t().numpy()) for w in (a, b))
         for t in reversed(range(history.shape[0] + 1)):
             logits = unary.reshape(B, L, n) if t == 0 else history[t - 1].reshape(L, B, n).transpose(0, 1)
             zs = [k.lattice.filter_scaled(g.reshape((B, L) + spatial), reverse=True, pre=k.inv_norm).reshape(B, L, n)
                   for k in ctx.kernels]
-            if a.dim() == 2 and b.dim() == 2:  # CrfRnn: one compiled pass over the points per image
-                g = _matrix_step_backward(logits, a, b, zs, dws, d_unary)
+            if matrices:
+                g = _matrix_step_backward(logits, at, bt, zs, dws, d_unary)
                 continue
             q = torch.softmax(logits, dim=1)  # (B, L, n)
             dq = torch.empty_like(q)
@@ -89,15 +92,14 @@ class FusedMeanField(torch.autograd.Function):
         return d_unary.reshape(unary.shape), da, db, None, None
 
 
-def _matrix_step_backward(logits, a, b, zs, dws, d_unary) -> torch.Tensor:
-    """One iteration of the backward pass for (L, L) weights ``a``, ``b`` (:func:`crfrnn.lattice._numba_kernels.
-    matrix_step_backward`, per image): ``logits (B, L, N)`` before the iteration's softmax, ``zs`` the two
-    transposed filters ``(B, L, N)`` of the gradient of its output. Adds the weight gradients to ``dws`` and the
-    gradient of ``logits`` to ``d_unary (B, L, N)``, and returns that gradient."""
+def _matrix_step_backward(logits, at, bt, zs, dws, d_unary) -> torch.Tensor:
+    """One iteration of the backward pass for (L, L) weights, given as their transposes ``at``, ``bt`` (C-ordered
+    float32; :func:`crfrnn.lattice._numba_kernels.matrix_step_backward`, per image): ``logits (B, L, N)`` before
+    the iteration's softmax, ``zs`` the two transposed filters ``(B, L, N)`` of the gradient of its output. Adds
+    the weight gradients to ``dws`` and the gradient of ``logits`` to ``d_unary (B, L, N)``; returns that gradient."""
     from .lattice import _numba_kernels as _nb
 
     B, L, n = d_unary.shape
-    at, bt = (np.ascontiguousarray(w.detach().t().numpy()) for w in (a, b))
     nblk = -(-n // _nb._LABEL_BLOCK)
     g = np.empty((B, L, n), np.float32)
     for i in range(B):

@@ -122,10 +122,9 @@ def keep_freed_memory() -> None:
     """Let this process's allocator keep the memory it frees, for the next item (glibc; elsewhere nothing).
 
     By default glibc hands large freed blocks straight back to the kernel (``mmap`` above a threshold, and it
-    trims the top of the heap), so every image of a folder faults its ~100 MB of working memory in again; in a
-    VM a fault costs microseconds. Measured on 12 VOC images (T=10, 1 thread): ~5000 faults and ~15 % of each
-    image's time, against ~100 faults with this setting. Only folder jobs call it, in processes of their own
-    or in the ``crfrnn`` command's process."""
+    trims the top of the heap), so every image of a folder faults its working memory in again: ~5000 faults per
+    VOC image (T=10), ~100 with this setting. At ~3.4 µs a fault on our VMs that is ~17 ms, ~3 % of an image.
+    Only folder jobs call it, in processes of their own or in the ``crfrnn`` command's process."""
     with contextlib.suppress(Exception):  # no glibc (macOS, Windows): keep the platform's allocator as it is
         import ctypes
 

@@ -559,10 +559,19 @@ def test_fused_simd_softmax_any_label_count(n_labels):
     np.testing.assert_allclose(q.sum(0), 1.0, atol=2e-6)
 
 
-def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count():
-    """CRF-RNN's VOC kernels (θβ = 3: vertices shared by the splat's parts all over the lattice, so the
-    owner rule of the private copies is exercised) on a real image: the fused pass equals the per-term
-    twin, and 1 and 2 threads give the same bits."""
+@pytest.mark.parametrize("splat", ["default", "scatter", "gather"])
+def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, monkeypatch):
+    """CRF-RNN's VOC kernels (θβ = 3) on a real image, with each term splatted as the fused pass chooses
+    (``default``: the bilateral term by gather, the spatial one by scatter), or every term by scatter into
+    private copies (vertices shared by the copies all over the lattice, so their owner rule is exercised) or
+    by gather: the fused pass equals the per-term twin, and 1 and 2 threads give the same bits."""
+    import crfrnn.lattice.fused as fused
+
+    if splat != "default":
+        monkeypatch.setattr(fused, "_GATHER_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
+    chosen = []
+    real = fused.splat_by_gather
+    monkeypatch.setattr(fused, "splat_by_gather", lambda *a: chosen.append(real(*a)) or chosen[-1])
     _, img, mask, probs = _problem((120, 160), start=6, source="voc")
     h, w = mask.shape
     d = cd.DenseCRF2D(w, h, 21)
@@ -571,7 +580,44 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count():
     d.addPairwiseGaussian(3, 3)
     d.addPairwiseBilateral(160, 3, img, 5)
     one, two = _inference_on_one_and_two_threads(d, 5)
+    expect = {"default": [False, True], "scatter": [False, False], "gather": [True, True]}[splat]
+    assert [c.tolist() for c in chosen] == [expect, expect]  # (spatial, bilateral), once per call
     np.testing.assert_array_equal(one, two)
     twin = d._infer_by_terms(-torch.from_numpy(U), 5).numpy()
     np.testing.assert_allclose(one, twin, atol=3e-6, rtol=0)
     assert np.abs(twin - d._infer_by_terms(-torch.from_numpy(U), 0).numpy()).max() > 0.05  # the terms act
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3])
+def test_vertex_index_is_a_stable_sort_of_the_splat(chunks):
+    """The gathering splat's index: each vertex's (point, weight) entries in point order, as a stable sort
+    of the scatter's (point, simplex vertex) entries by vertex, for any number of runs; terms not gathered
+    have no entries."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    rng = np.random.default_rng(chunks)
+    n, d1s, counts_m = 500, (3, 6, 4), (40, 300, 7)
+    vstart = np.cumsum((0,) + counts_m[:-1])
+    offsets = np.concatenate([rng.integers(0, m, n * d1) + v0 for d1, m, v0 in zip(d1s, counts_m, vstart)])
+    offsets = offsets.astype(np.int32)
+    bary = rng.random(offsets.shape[0], dtype=np.float32)
+    pre = rng.random((3, n), dtype=np.float32)
+    tstart = np.cumsum((0,) + tuple(n * d1 for d1 in d1s[:-1])).astype(np.int64)
+    td1 = np.array(d1s, np.int64)
+    gathered = np.array([True, False, True])
+    m = sum(counts_m)
+    entries = n * (3 + 4)
+    counts, ptr = np.zeros((chunks, m), np.int32), np.empty(m + 1, np.int64)
+    pts, wts = np.empty(entries, np.int32), np.empty(entries, np.float32)
+    nb.vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts, wts)
+    keys, points, weights = [], [], []
+    for t in np.flatnonzero(gathered):
+        sl = slice(tstart[t], tstart[t] + n * d1s[t])
+        keys.append(offsets[sl])
+        points.append(np.repeat(np.arange(n), d1s[t]))
+        weights.append(bary[sl] * np.repeat(pre[t], d1s[t]))
+    keys, points, weights = map(np.concatenate, (keys, points, weights))
+    order = np.argsort(keys, kind="stable")
+    np.testing.assert_array_equal(ptr, np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=m))]))
+    np.testing.assert_array_equal(pts, points[order])
+    np.testing.assert_array_equal(wts, weights[order])

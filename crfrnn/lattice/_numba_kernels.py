@@ -996,9 +996,58 @@ def _argmax_row(row, c):  # pragma: no cover - compiled
     return best
 
 
+@njit(parallel=True, cache=True)
+def vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts, wts):  # pragma: no cover - compiled
+    """The splat as a gather: for each vertex of the terms ``gathered`` (laid out as for
+    :func:`dense_meanfield`), the points that splat into it and their weights, in point order.
+
+    Vertex ``v``'s entries are ``pts[ptr[v] : ptr[v + 1]]`` (point indices, ascending) and ``wts[...]``
+    (``bary * pre`` of that point's simplex vertex, rounded as :func:`_splat_rows` rounds it), so
+    ``lat[v] = sum_e wts[e] * q[pts[e]]`` in entry order is the scatter's sum in point order, bit for bit.
+    A counting sort over ``counts.shape[0]`` consecutive runs of points (``counts (chunks, M)`` int32
+    zeros; ``ptr (M + 1,)`` int64; ``pts``/``wts`` one entry per (point, simplex vertex) of the gathered
+    terms): each run counts, then fills, its own entries, and the runs' entries of a vertex follow in run
+    order, so the index does not depend on the number of runs or threads.
+    """
+    nt = td1.shape[0]
+    chunks, m = counts.shape
+    for ck in prange(chunks):
+        i0 = n * ck // chunks
+        i1 = n * (ck + 1) // chunks
+        cc = counts[ck]
+        for t in range(nt):
+            if gathered[t]:
+                for k in range(tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t]):
+                    cc[offsets[k]] += 1
+    total = 0
+    for v in range(m):  # counts become each run's first entry of the vertex
+        ptr[v] = total
+        for ck in range(chunks):
+            x = counts[ck, v]
+            counts[ck, v] = total
+            total += x
+    ptr[m] = total
+    for ck in prange(chunks):
+        i0 = n * ck // chunks
+        i1 = n * (ck + 1) // chunks
+        fill = counts[ck]
+        for t in range(nt):
+            if not gathered[t]:
+                continue
+            d1 = td1[t]
+            for i in range(i0, i1):
+                p = pre[t, i]
+                for r in range(d1):
+                    k = tstart[t] + i * d1 + r
+                    e = fill[offsets[k]]
+                    pts[e] = i
+                    wts[e] = bary[k] * p
+                    fill[offsets[k]] = e + 1
+
+
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                      pre, post, wdiag, wmat, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
-                     msg_lat):  # pragma: no cover - compiled
+                     msg_lat, gathered, ptr, pts, wts, qrows):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
@@ -1023,6 +1072,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     (the blur's other two buffers) and ``msg_lat`` (blurred vertices times the compatibility)
     ``(M + 1, Cp)``,
     uninitialised.
+
+    ``gathered (T,)`` bool: the terms splatted by gather rather than by scatter. For those, the pass over the
+    points writes each point's marginals to ``qrows (N, Cp)`` (else ``(0, Cp)``) and each vertex then sums
+    its points' rows, ``ptr``/``pts``/``wts`` being :func:`vertex_index`'s: no private copies, and the same
+    sums, bit for bit, as a scatter into one copy in point order.
     """
     n, cp = neg_unary.shape
     c = q.shape[0]
@@ -1047,6 +1101,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
     rows = mtot + 1  # every copy ends in a zero row: copy 0 is also the blur's first source
     flat = partial.reshape((parts * rows, cp))  # copy p's row v is row p * rows + v
+    use_q = qrows.shape[0] > 0  # the points' rows go through memory, for the gathering splat
     keep = history.shape[0] > 0
     want_labels = labels.shape[0] > 0
     splat = partial[0]  # copy 0: the shared lattice the points splat into
@@ -1057,8 +1112,13 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
             # add the private copies into copy 0 (clearing them for this iteration's splat), then blur
             # each term: copy 0 -> tmp, then between tmp and lat; copy 0 is cleared while the second
             # direction runs, and a diagonal compatibility is applied as the last direction writes
-            if parts > 1:
-                for t in range(nt):
+            # the splat of a gathered term (each vertex sums its points' rows, in point order, into copy
+            # 0); for the others, add the private copies into copy 0, clearing them for this iteration
+            for t in range(nt):
+                if gathered[t]:
+                    for v in prange(vstart[t], vstart[t] + vcount[t]):
+                        _slice_rows(splat[v], qrows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+                elif parts > 1:
                     for v in prange(vstart[t], vstart[t] + vcount[t]):
                         _add_copies(partial, lo[:, t], hi[:, t], v)
             for t in range(nt):
@@ -1106,7 +1166,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 # has them in flight, and the prefetches' address arithmetic cost more than they saved
                 # (whole inference 0.86-0.95x without them, 1 thread; 2 and 8 points ahead measured)
                 for i in range(i0, i1):
-                    row = buf[i - i0]
+                    row = qrows[i] if use_q else buf[i - i0]
                     un = neg_unary[i]
                     for ch in range(cp):
                         row[ch] = un[ch]
@@ -1122,15 +1182,18 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         _softmax_row(row, c)
                     if not last:
                         for t in range(nt):
+                            if gathered[t]:
+                                continue
                             d1 = td1[t]
                             _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row, split[p, t], shift)
+                rows_out = qrows[i0:i1] if use_q else buf
                 if last and want_labels:
                     for i in range(i0, i1):
-                        labels[i] = _argmax_row(buf[i - i0], c)
+                        labels[i] = _argmax_row(rows_out[i - i0], c)
                 elif last:
                     for ch in range(c):
                         for i in range(i0, i1):
-                            q[ch, i] = buf[i - i0, ch]
+                            q[ch, i] = rows_out[i - i0, ch]
                 if keep_it:  # channel by channel: sequential writes
                     hrow = history[it - 1]
                     for ch in range(c):

@@ -1,8 +1,9 @@
 """Folder throughput: ``crfrnn refine DIR --workers N`` against pydensecrf2 run in N processes (a spawn pool,
 one thread each) on the same images, probabilities, kernels and iterations. Both sides run as fresh
 subprocesses and are timed end to end (start-up, reading the image and the .npy, the CRF, writing the PNG),
-alternating, on the VOC sample (``../shared/data/voc2012-sample``: images/ + masks/). Probabilities are made
-once from the masks (one-hot, box-smoothed, noise, softmax; float32 .npy) in a work folder.
+after one untimed crfrnn run that fills Numba's cache, alternating, on the VOC sample
+(``../shared/data/voc2012-sample``: images/ + masks/). Probabilities are made once from the masks (one-hot,
+box-smoothed, noise, softmax; float32 .npy) in a work folder.
 
     python benchmarks/bench_folders.py                      # 200 images, 2 processes, T=10, VOC + README kernels
     python benchmarks/bench_folders.py --limit 20 --rounds 1 # a quick look
@@ -134,6 +135,20 @@ def agreement(a: Path, b: Path) -> float:
     return same / total
 
 
+def warm_up(images: Path, probs: Path, work: Path) -> None:
+    """One untimed crfrnn run on one image, so that the compiled kernels are in Numba's cache before the timed
+    runs (a cold cache costs each worker about a minute of compiling; pydensecrf2 has nothing to compile)."""
+    first = sorted(images.iterdir())[0]
+    one = work / "warm_up"
+    shutil.rmtree(one, ignore_errors=True)
+    (one / "images").mkdir(parents=True)
+    (one / "probs").mkdir()
+    os.symlink(first.resolve(), one / "images" / first.name)
+    os.symlink((probs / f"{first.stem}.npy").resolve(), one / "probs" / f"{first.stem}.npy")
+    timed(crfrnn_cmd(one / "images", one / "probs", one / "out", 1, KERNELS["voc"], 1))
+    shutil.rmtree(one)
+
+
 def crfrnn_cmd(images, probs, out, workers, kernels, iterations) -> list[str]:
     sg, cg, sb, srgb, cb = kernels
     return [sys.executable, "-m", "crfrnn", "refine", str(images), "--probs", str(probs), "-o", str(out),
@@ -165,6 +180,7 @@ def main(argv=None) -> int:
         return 0
     images, probs = make_inputs(a.work, a.limit)
     n = len(list(images.iterdir()))
+    warm_up(images, probs, a.work)
     rows = []
     print(f"{n} VOC images, {a.workers} processes x 1 thread, T={a.iterations}, L={L}; wall time of the whole "
           f"command (start-up included)")

@@ -569,6 +569,76 @@ def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row, split, shif
     return sig, codegen
 
 
+@intrinsic
+def _matvec_row(typingctx, dst, src, cols, c):  # pragma: no cover - compiled
+    """``dst[:] = sum_{k < c} src[k] * cols[k, :]`` (``dst``, ``src`` distinct rows of a multiple of the
+    vector width, ``cols (>= c, len(dst))``: a matrix's columns, padded), k in order, one FMA per vector and
+    term: a label matrix applied to a lattice vertex with each row of ``cols`` a whole number of vectors
+    (a scalar dot product per output label, as written in Python, is ~3x slower)."""
+    if not (_same_float_arrays(dst, src, cols) and dst.ndim == src.ndim == 1 and cols.ndim == 2
+            and isinstance(c, types.Integer)):
+        return None
+    kind = _float_kind(dst)
+    sig = types.void(dst, src, cols, c)
+
+    def codegen(context, builder, signature, args):
+        dsta, srca, cola = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(3))
+        elem, lanes, name = kind
+        b = builder
+        vec = ir.VectorType(elem, lanes)
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vec, [vec] * 3), name)
+        intp = b.extract_value(dsta.shape, 0).type
+        n_cols = context.cast(b, args[3], signature.args[3], types.intp)
+        width = b.extract_value(cola.shape, 1)
+        nchunk = b.lshr(b.extract_value(dsta.shape, 0), ir.Constant(intp, lanes.bit_length() - 1))
+
+        def vptr(data, index):
+            return b.bitcast(b.gep(data, [index]), vec.as_pointer())
+
+        def broadcast(k):
+            x = b.load(b.gep(srca.data, [k]))
+            w = cgutils.get_null_value(vec)
+            for j in range(lanes):
+                w = b.insert_element(w, x, ir.Constant(ir.IntType(32), j))
+            return w
+
+        def unrolled(K):
+            accs = [cgutils.alloca_once_value(b, cgutils.get_null_value(vec)) for _ in range(K)]
+            with cgutils.for_range(b, n_cols) as lk:
+                s = broadcast(lk.index)
+                row0 = b.mul(lk.index, width)
+                for c_ in range(K):
+                    col = b.load(vptr(cola.data, b.add(row0, ir.Constant(intp, c_ * lanes))), align=4)
+                    b.store(b.call(fma, [col, s, b.load(accs[c_])]), accs[c_])
+            for c_ in range(K):
+                b.store(b.load(accs[c_]), vptr(dsta.data, ir.Constant(intp, c_ * lanes)), align=4)
+
+        def generic():
+            with cgutils.for_range(b, nchunk) as lc:
+                c0 = b.shl(lc.index, ir.Constant(intp, lanes.bit_length() - 1))
+                acc = cgutils.alloca_once_value(b, cgutils.get_null_value(vec))
+                with cgutils.for_range(b, n_cols) as lk:
+                    col = b.load(vptr(cola.data, b.add(b.mul(lk.index, width), c0)), align=4)
+                    b.store(b.call(fma, [col, broadcast(lk.index), b.load(acc)]), acc)
+                b.store(b.load(acc), vptr(dsta.data, c0), align=4)
+
+        def emit(K):
+            if K > _UNROLL:
+                generic()
+                return
+            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
+                with then:
+                    unrolled(K)
+                with other:
+                    emit(K + 1)
+
+        emit(1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_VERTEX_CHUNK = 1024  # vertices per work item where a pass needs a scratch row
 _BLOCK = 64  # points per work item: values are moved through a (_BLOCK, C) buffer
 _LANES = 8  # lattice rows are padded to a multiple of this many values (whole SIMD registers)
 
@@ -1046,7 +1116,7 @@ def vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts,
 
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                     pre, post, wdiag, wmat, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
+                     pre, post, wdiag, wcols, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
                      msg_lat, gathered, ptr, pts, wts, qrows):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
@@ -1062,9 +1132,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     rows), vertex rows ``vstart[t] ... vstart[t] + vcount[t]`` and blur neighbours ``nbr[nstart[t] :
     ...]`` laid out ``(td1, vcount, 2)`` (global rows, -1 = missing). ``pre (T, N)``/``post (T, N)``:
     per-point scales (``post`` includes the lattice's output factor). The messages ``m = post *
-    F(pre * Q)`` enter the logits as ``+ wdiag[t] * m`` (``wdiag (T, Cp)``), or as ``- wmat[t] @ m``
-    where ``ismat[t]`` (``wmat (T, L, L)``); being linear, the compatibility is applied to the
-    blurred vertices (``M`` rows) rather than to the sliced points (``N`` rows). Work arrays from the
+    F(pre * Q)`` enter the logits as ``+ wdiag[t] * m`` (``wdiag (T, Cp)``), or as ``+ W_t @ m`` where
+    ``ismat[t]`` (``wcols (T, L, Cp)``: ``wcols[t, k, :L]`` is column ``k`` of ``W_t``, padded with zeros);
+    being linear, the compatibility is applied to the blurred vertices (``M`` rows, as the last blur
+    direction writes them) rather than to the sliced points (``N`` rows). Work arrays from the
     caller (NumPy allocations get huge pages; Numba's would fault in 4 KB pages every call):
     ``partial (parts, M + 1, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
     the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``; copy 0 is
@@ -1129,7 +1200,20 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     src_a = splat if j == 0 else (tmp if j % 2 == 1 else lat)
                     dst_a = tmp if j % 2 == 0 else lat
                     pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
-                    weighted = j == d1 - 1 and not ismat[t]  # the last direction writes the messages
+                    if j == d1 - 1 and ismat[t]:
+                        # the last direction writes the messages: the compatibility applied to each blurred
+                        # vertex (``M`` rows) rather than to every sliced point (the slice is linear), the
+                        # vertex held in a scratch row that stays in L1
+                        cols = wcols[t]
+                        for ck in prange((mt + _VERTEX_CHUNK - 1) // _VERTEX_CHUNK):
+                            s = np.empty(cp, dtype=np.float32)
+                            for v in range(ck * _VERTEX_CHUNK, min(mt, (ck + 1) * _VERTEX_CHUNK)):
+                                _blur_vertex(src_a, s, v0 + v, pairs, v, mtot, _F32(0.5))
+                                _matvec_row(msg_lat[v0 + v], s, cols, c)
+                                if j == 1:  # copy 0 was read by the first direction only
+                                    splat[v0 + v, :] = 0
+                        continue
+                    weighted = j == d1 - 1  # the last direction writes the messages
                     wd = wdiag[t]
                     for v in prange(mt):
                         if weighted:
@@ -1138,21 +1222,6 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
                         if j == 1:  # copy 0 was read by the first direction only
                             splat[v0 + v, :] = 0
-                if ismat[t]:
-                    # the compatibility applied to the blurred vertices, not to every point (the slice
-                    # is linear): ``msg`` then enters the logits by a plain weighted sum of rows
-                    fin = tmp if (d1 - 1) % 2 == 0 else lat
-                    wm = wmat[t]
-                    for v in prange(mt):
-                        s = fin[v0 + v]
-                        dst = msg_lat[v0 + v]
-                        for ch in range(c):
-                            a = _F32(0.0)
-                            for k in range(c):
-                                a += wm[ch, k] * s[k]
-                            dst[ch] = -a
-                        for ch in range(c, cp):
-                            dst[ch] = _F32(0.0)
         last = it == n_iter
         keep_it = keep and 0 < it < n_iter
         for p in prange(parts):

@@ -40,9 +40,8 @@ def stack_lattices(
     ``(L, L)``. Every lattice must be a numba one over the same points.
     """
     bary, offsets, nbr, tstart, td1, nstart, vstart, vcount = [], [], [], [], [], [], [], []
-    pre, post, wdiag, wmat, ismat = [], [], [], [], []
+    pre, post, wdiag, wcols, ismat = [], [], [], [], []
     pos = npos = vpos = 0
-    zeros_mat = np.zeros((n_labels, n_labels), np.float32)
     for lat, p_pre, p_post, w in zip(lattices, pres, posts, weights, strict=True):
         arrays = lat.compiled_arrays()
         bary.append(arrays.barycentric)
@@ -66,12 +65,15 @@ def stack_lattices(
         if w.ndim == 1:
             wd[:n_labels] = w
         wdiag.append(wd)
-        wmat.append(-w if w.ndim == 2 else zeros_mat)  # the kernel subtracts wmat @ m
+        cols = np.zeros((n_labels, _padded(n_labels)), np.float32)  # the matrix's columns as padded rows
+        if w.ndim == 2:
+            cols[:, :n_labels] = w.T
+        wcols.append(cols)
         ismat.append(w.ndim == 2)
     i64 = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
     return (np.concatenate(bary), np.concatenate(offsets), i64(tstart), i64(td1), np.concatenate(nbr),
             i64(nstart), i64(vstart), i64(vcount), np.stack(pre), np.stack(post), np.stack(wdiag),
-            np.ascontiguousarray(np.stack(wmat)), np.array(ismat, dtype=np.bool_))
+            np.stack(wcols), np.array(ismat, dtype=np.bool_))
 
 
 # A term whose lattice has at least this many vertices per point is splatted by gather (each vertex sums its

@@ -10,6 +10,7 @@ from test_meanfield import noisy_unary, reference_mean_field
 
 import crfrnn.meanfield as mf
 from crfrnn import CrfRnn, mean_field
+from crfrnn.lattice._numba_kernels import _SOFTMAX_ROWS, _matvec_row, _softmax_row, _softmax_rows
 
 from conftest import crop, image_pairs
 
@@ -248,3 +249,55 @@ def test_label_space_step_of_the_backward_equals_float64(L, N):
         err = (torch.from_numpy(got).double() - ref).abs().max()
         assert err <= 1e-5 * ref.abs().max(), (err, ref.abs().max())
     assert all(np.array_equal(u, v) for u, v in zip(*results))
+
+
+@numba.njit
+def _softmax_block(rows, c, interleaved):
+    """Each row's softmax over its first ``c`` values, four rows at a time where ``interleaved``."""
+    r = 0
+    while interleaved and r + _SOFTMAX_ROWS <= rows.shape[0]:
+        _softmax_rows(rows, r, c)
+        r += _SOFTMAX_ROWS
+    for rr in range(r, rows.shape[0]):
+        _softmax_row(rows[rr], c)
+
+
+@pytest.mark.parametrize("c, width", [(21, 24), (2, 8), (32, 32), (59, 64)])
+def test_interleaved_softmax_rows_equal_one_row_at_a_time_and_float64(c, width):
+    """The fused pass's softmax of four rows at once (registers interleaved; rows of more than 32 values go
+    one by one) gives the bits of the one-row kernel, sets the padding to 0 and is float64's softmax within
+    float32 rounding, including logits whose exponent falls below the kernel's 2^-60 floor."""
+    rng = np.random.default_rng(c)
+    x = (8 * rng.standard_normal((4 * 5 + 3, width))).astype(np.float32)
+    x[0, :c] = 0.0
+    x[1, 0] = 200.0  # every other label far below the floor
+    one, four = x.copy(), x.copy()
+    _softmax_block(one, c, False)
+    _softmax_block(four, c, True)
+    assert np.array_equal(one, four)
+    assert not four[:, c:].any()
+    ref = torch.softmax(torch.from_numpy(x[:, :c]).double(), 1)
+    floor = 2.0 ** -60 * ref.max(1, keepdim=True).values  # the kernel's floor on exp(x - max)
+    assert torch.allclose(torch.from_numpy(four[:, :c]).double(), ref, rtol=4e-6, atol=float(floor.max()) * 2)
+
+
+@pytest.mark.parametrize("c, width", [(21, 24), (3, 8), (40, 40)])
+def test_label_matrix_on_a_vertex_equals_float64(c, width):
+    """``_matvec_row`` (a label matrix applied to a blurred vertex, the columns as padded rows) against
+    float64, for rows of 1-4 vectors and wider; the padding comes out 0."""
+    @numba.njit
+    def apply(dst, src, cols, c):
+        for i in range(src.shape[0]):
+            _matvec_row(dst[i], src[i], cols, c)
+
+    rng = np.random.default_rng(c)
+    w = rng.standard_normal((c, c))
+    cols = np.zeros((c, width), np.float32)
+    cols[:, :c] = w.T
+    src = np.zeros((7, width), np.float32)
+    src[:, :c] = rng.standard_normal((7, c))
+    dst = np.full((7, width), np.nan, np.float32)
+    apply(dst, src, cols, c)
+    ref = src[:, :c].astype(np.float64) @ w.astype(np.float32).astype(np.float64).T
+    assert np.allclose(dst[:, :c], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert not dst[:, c:].any()

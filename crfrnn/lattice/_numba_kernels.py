@@ -638,6 +638,77 @@ def _matvec_row(typingctx, dst, src, cols, c):  # pragma: no cover - compiled
     return sig, codegen
 
 
+def _blur_codegen(weighted):
+    """Code of :func:`_blur_rows` (``weighted``: of :func:`_blur_rows_weighted`)."""
+
+    def codegen(context, builder, signature, args):
+        dsta, srca = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(2))
+        b = builder
+        elem, lanes, name = _float_kind(signature.args[0])
+        vec = ir.VectorType(elem, lanes)
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vec, [vec] * 3), name)
+        intp = b.extract_value(dsta.shape, 0).type
+        width = b.extract_value(srca.shape, 1)
+        shift = ir.Constant(intp, lanes.bit_length() - 1)
+        nchunk = b.lshr(b.extract_value(dsta.shape, 0), shift)
+        starts = [b.mul(context.cast(b, args[k], signature.args[k], types.intp), width) for k in (2, 3, 4)]
+        half = cgutils.get_null_value(vec)
+        for j in range(lanes):
+            half = b.insert_element(half, args[5], ir.Constant(ir.IntType(32), j))
+        wa = context.make_array(signature.args[6])(context, b, args[6]) if weighted else None
+
+        def vptr(data, start, c0):
+            return b.bitcast(b.gep(data, [b.add(start, c0)]), vec.as_pointer())
+
+        def one(c0):  # the vector at element c0 of the row
+            s, sa, sb = (b.load(vptr(srca.data, st, c0), align=4) for st in starts)
+            out = b.call(fma, [half, b.fadd(sa, sb), s])
+            if weighted:
+                out = b.fmul(b.load(vptr(wa.data, ir.Constant(intp, 0), c0), align=4), out)
+            b.store(out, vptr(dsta.data, ir.Constant(intp, 0), c0), align=4)
+
+        def emit(K):
+            if K > _UNROLL:
+                with cgutils.for_range(b, nchunk) as lc:
+                    one(b.shl(lc.index, shift))
+                return
+            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
+                with then:
+                    for c in range(K):
+                        one(ir.Constant(intp, c * lanes))
+                with other:
+                    emit(K + 1)
+
+        emit(1)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _blur_args_ok(dst, src, idx, half):
+    return (_same_float_arrays(dst, src) and dst.ndim == 1 and src.ndim == 2 and all(isinstance(i, types.Integer)
+                                                                                     for i in idx)
+            and half == dst.dtype)
+
+
+@intrinsic
+def _blur_rows(typingctx, dst, src, row, a, b, half):  # pragma: no cover - compiled
+    """``dst[:] = src[row] + half * (src[a] + src[b])`` (one FMA per vector; rows a multiple of the vector
+    width). Written as vectors: LLVM's vectorisation of the loop over a row re-checked aliasing and peeled
+    a remainder for every vertex."""
+    if not _blur_args_ok(dst, src, (row, a, b), half):
+        return None
+    return types.void(dst, src, row, a, b, half), _blur_codegen(False)
+
+
+@intrinsic
+def _blur_rows_weighted(typingctx, dst, src, row, a, b, half, w):  # pragma: no cover - compiled
+    """:func:`_blur_rows` times ``w`` (a row: a diagonal compatibility), lane by lane, on the way out."""
+    if not (_blur_args_ok(dst, src, (row, a, b), half) and _same_float_arrays(dst, w) and w.ndim == 1):
+        return None
+    return types.void(dst, src, row, a, b, half, w), _blur_codegen(True)
+
+
 _VERTEX_CHUNK = 1024  # vertices per work item where a pass needs a scratch row
 _BLOCK = 64  # points per work item: values are moved through a (_BLOCK, C) buffer
 _LANES = 8  # lattice rows are padded to a multiple of this many values (whole SIMD registers)
@@ -730,32 +801,28 @@ def _owner_split(lo, hi, v0, v1):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
-def _blur_inputs(src, row, pairs, k, zero):  # pragma: no cover - compiled
-    """The rows ``src[row]``, ``src[a]``, ``src[b]`` with ``(a, b) = pairs[2k], pairs[2k + 1]``, a missing
-    neighbour (-1) read as row ``zero`` of ``src`` (all zeros: adding it changes no value); prefetches
-    the neighbours of ``k + _AHEAD``."""
+def _blur_neighbours(src, pairs, k, zero):  # pragma: no cover - compiled
+    """The rows ``(a, b) = pairs[2k], pairs[2k + 1]`` of ``src``, a missing neighbour (-1) read as row ``zero``
+    (all zeros: adding it changes no value); prefetches the neighbours of ``k + _AHEAD``."""
     ka = 2 * (k + _AHEAD)
     if ka < pairs.shape[0]:
         _prefetch(src, _or_zero(pairs[ka], zero))
         _prefetch(src, _or_zero(pairs[ka + 1], zero))
-    return src[row], src[_or_zero(pairs[2 * k], zero)], src[_or_zero(pairs[2 * k + 1], zero)]
+    return _or_zero(pairs[2 * k], zero), _or_zero(pairs[2 * k + 1], zero)
 
 
 @njit(inline="always")
 def _blur_vertex(src, dst, row, pairs, k, zero, half):  # pragma: no cover - compiled
-    """``dst = src[row] + half * (src[a] + src[b])``, the rows as :func:`_blur_inputs` reads them."""
-    s, sa, sb = _blur_inputs(src, row, pairs, k, zero)
-    for ch in range(dst.shape[0]):
-        dst[ch] = s[ch] + half * (sa[ch] + sb[ch])
+    """``dst = src[row] + half * (src[a] + src[b])``, the neighbours as :func:`_blur_neighbours` reads them."""
+    a, b = _blur_neighbours(src, pairs, k, zero)
+    _blur_rows(dst, src, row, a, b, half)
 
 
 @njit(inline="always")
 def _blur_vertex_weighted(src, dst, row, pairs, k, zero, half, w):  # pragma: no cover - compiled
     """:func:`_blur_vertex` with the result multiplied by ``w`` (a diagonal compatibility) on the way out."""
-    s, sa, sb = _blur_inputs(src, row, pairs, k, zero)
-    for ch in range(dst.shape[0]):
-        b = s[ch] + half * (sa[ch] + sb[ch])
-        dst[ch] = w[ch] * b
+    a, b = _blur_neighbours(src, pairs, k, zero)
+    _blur_rows_weighted(dst, src, row, a, b, half, w)
 
 
 @njit(inline="always")

@@ -468,17 +468,17 @@ def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
 _UNROLL = 4  # rows of up to this many vectors (32 float32 labels) keep every vector of the row in a register
 
 
-def _by_width(k_, unrolled, generic):
-    """Emit ``unrolled(K)`` for rows of ``K = 1 ... _UNROLL`` vectors (a branch on the row's width, the same for
-    every call of a kernel: predicted), else ``generic()``. Unrolled, each simplex vertex's row and weight are
-    computed once per point instead of once per vector of the row, and the row's vectors stay in registers."""
-    b = k_.builder
+def _by_width(b, nchunk, unrolled, generic):
+    """Emit ``unrolled(K)`` for rows of ``K = nchunk = 1 ... _UNROLL`` vectors (a branch on the row's width, the
+    same for every call of a kernel: predicted), else ``generic()``. Unrolled, per-row work (a simplex vertex's
+    row and weight, a label's broadcast) is done once per row instead of once per vector, and the row's vectors
+    stay in registers."""
 
     def emit(K):
         if K > _UNROLL:
             generic()
             return
-        with b.if_else(b.icmp_unsigned("==", k_.nchunk, ir.Constant(k_.intp, K))) as (then, other):
+        with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(nchunk.type, K))) as (then, other):
             with then:
                 unrolled(K)
             with other:
@@ -524,7 +524,7 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
                     b.store(b.call(k_.fma, [w, sv, b.load(accp)]), accp)
                 b.store(b.load(accp), rp, align=4)
 
-        _by_width(k_, unrolled, generic)
+        _by_width(builder, k_.nchunk, unrolled, generic)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -563,7 +563,7 @@ def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row, split, shif
                     dp = k_.vec_ptr(lata.data, b.add(row0, c0))
                     b.store(b.call(k_.fma, [w, rv, b.load(dp, align=4)]), dp, align=4)
 
-        _by_width(k_, unrolled, generic)
+        _by_width(builder, k_.nchunk, unrolled, generic)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -622,17 +622,7 @@ def _matvec_row(typingctx, dst, src, cols, c):  # pragma: no cover - compiled
                     b.store(b.call(fma, [col, broadcast(lk.index), b.load(acc)]), acc)
                 b.store(b.load(acc), vptr(dsta.data, c0), align=4)
 
-        def emit(K):
-            if K > _UNROLL:
-                generic()
-                return
-            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
-                with then:
-                    unrolled(K)
-                with other:
-                    emit(K + 1)
-
-        emit(1)
+        _by_width(b, nchunk, unrolled, generic)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -667,19 +657,15 @@ def _blur_codegen(weighted):
                 out = b.fmul(b.load(vptr(wa.data, ir.Constant(intp, 0), c0), align=4), out)
             b.store(out, vptr(dsta.data, ir.Constant(intp, 0), c0), align=4)
 
-        def emit(K):
-            if K > _UNROLL:
-                with cgutils.for_range(b, nchunk) as lc:
-                    one(b.shl(lc.index, shift))
-                return
-            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
-                with then:
-                    for c in range(K):
-                        one(ir.Constant(intp, c * lanes))
-                with other:
-                    emit(K + 1)
+        def unrolled(K):
+            for c in range(K):
+                one(ir.Constant(intp, c * lanes))
 
-        emit(1)
+        def generic():
+            with cgutils.for_range(b, nchunk) as lc:
+                one(b.shl(lc.index, shift))
+
+        _by_width(b, nchunk, unrolled, generic)
         return context.get_dummy_value()
 
     return codegen
@@ -1191,17 +1177,7 @@ def _softmax_rows(typingctx, block, r0, c):  # pragma: no cover - compiled
                 start = b.mul(b.add(first, ir.Constant(intp, r)), width)
                 _emit_row_softmax(b, b.gep(blka.data, [start]), nchunk, n_lab)
 
-        def emit(K):
-            if K > _UNROLL:
-                one_by_one()
-                return
-            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
-                with then:
-                    unrolled(K)
-                with other:
-                    emit(K + 1)
-
-        emit(1)
+        _by_width(b, nchunk, unrolled, one_by_one)
         return context.get_dummy_value()
 
     return types.void(block, r0, c), codegen

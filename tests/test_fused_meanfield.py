@@ -10,7 +10,7 @@ from test_meanfield import noisy_unary, reference_mean_field
 
 import crfrnn.meanfield as mf
 from crfrnn import CrfRnn, mean_field
-from crfrnn.lattice._numba_kernels import _SOFTMAX_ROWS, _matvec_row, _softmax_row, _softmax_rows
+from crfrnn.lattice._numba_kernels import _SOFTMAX_ROWS, _matvec_row, _matvec_rows_add, _softmax_row, _softmax_rows
 
 from conftest import crop, image_pairs
 
@@ -216,39 +216,24 @@ def test_mean_field_gradients_with_masks_equal_the_twin(weights):
     assert torch.equal(fast[0].permute(1, 0, 2, 3)[:, pad], unary.permute(1, 0, 2, 3)[:, pad])
 
 
-@pytest.mark.parametrize("L, N", [(21, 3000), (5, 1025), (2, 7)])
-def test_label_space_step_of_the_backward_equals_float64(L, N):
-    """The compiled label-space step of the fused backward (softmax, weight gradients, ``A^T z_a + B^T z_b``,
-    the softmax's backward) against float64, with N not a multiple of the block, L not a multiple of 3 or of
-    the SIMD width; the same bits for 1 and 2 threads."""
-    from crfrnn.lattice import _numba_kernels as nb
+@pytest.mark.parametrize("c, width", [(21, 24), (64, 8), (7, 16), (30, 40)])
+def test_four_rows_of_label_products_equal_float64(c, width):
+    """``_matvec_rows_add`` (the backward's ``W^T z`` and ``z^T q`` products, four rows at once) against float64,
+    for rows of 1-3 vectors and wider (the generic path); it adds to ``dst`` and touches no other row."""
+    @numba.njit
+    def apply(dst, src, cols, c):
+        for r in range(0, src.shape[0], 4):
+            _matvec_rows_add(dst, src, r, cols, c)
 
-    rng = np.random.default_rng(L + N)
-    logits = (3 * rng.standard_normal((L, N))).astype(np.float32)
-    za, zb = (rng.standard_normal((L, N)).astype(np.float32) for _ in range(2))
-    at, bt = (rng.standard_normal((L, L)).astype(np.float32) for _ in range(2))
-    d_before = rng.standard_normal((L, N)).astype(np.float32)
-    nblk = -(-N // nb._LABEL_BLOCK)
-    results = []
-    before = numba.get_num_threads()
-    try:
-        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
-            numba.set_num_threads(threads)
-            g, d = np.empty((L, N), np.float32), d_before.copy()
-            pa, pb = np.empty((nblk, L, L), np.float32), np.empty((nblk, L, L), np.float32)
-            nb.matrix_step_backward(logits, za, zb, at, bt, pa, pb, g, d)
-            results.append((g, d, pa.sum(0), pb.sum(0)))
-    finally:
-        numba.set_num_threads(before)
-    x, za64, zb64 = (torch.from_numpy(np.ascontiguousarray(v)).double() for v in (logits, za, zb))
-    q = torch.softmax(x, 0)
-    dq = torch.from_numpy(at).double() @ za64 + torch.from_numpy(bt).double() @ zb64
-    g64 = q * (dq - (q * dq).sum(0, keepdim=True))
-    refs = (g64, torch.from_numpy(d_before).double() + g64, za64 @ q.T, zb64 @ q.T)
-    for got, ref in zip(results[0], refs):
-        err = (torch.from_numpy(got).double() - ref).abs().max()
-        assert err <= 1e-5 * ref.abs().max(), (err, ref.abs().max())
-    assert all(np.array_equal(u, v) for u, v in zip(*results))
+    rng = np.random.default_rng(c + width)
+    cols = rng.standard_normal((c + 2, width)).astype(np.float32)  # rows past c are not read
+    src = rng.standard_normal((8, c + 3)).astype(np.float32)
+    before = rng.standard_normal((9, width)).astype(np.float32)  # row 8 is not one of the products
+    dst = before.copy()
+    apply(dst, src, cols, c)
+    ref = before[:8].astype(np.float64) + src[:, :c].astype(np.float64) @ cols[:c].astype(np.float64)
+    assert np.allclose(dst[:8], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert np.array_equal(dst[8], before[8])
 
 
 @numba.njit

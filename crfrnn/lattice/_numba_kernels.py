@@ -628,6 +628,91 @@ def _matvec_row(typingctx, dst, src, cols, c):  # pragma: no cover - compiled
     return sig, codegen
 
 
+_MATVEC_ROWS = 4  # rows whose products :func:`_matvec_rows_add` interleaves
+
+
+@intrinsic
+def _matvec_rows_add(typingctx, dst, src, r0, cols, c):  # pragma: no cover - compiled
+    """``dst[r0 + j, :] += sum_{k < c} src[r0 + j, k] * cols[k, :]`` for ``j < 4`` (``dst (rows, W)``, ``src
+    (rows, >= c)``, ``cols (>= c, W)``, ``W`` a multiple of the vector width), k in order: :func:`_matvec_row`
+    for four rows at once. For rows of up to 3 vectors the four rows' sums are twelve independent
+    accumulators, so the FMAs' latency is hidden (one row's sum is a chain of ``c`` dependent FMAs per
+    vector: the weight gradients of the backward pass, ``z^T q`` over a block, spent 5x their throughput
+    bound in it)."""
+    if not (_same_float_arrays(dst, src, cols) and dst.ndim == src.ndim == cols.ndim == 2
+            and isinstance(r0, types.Integer) and isinstance(c, types.Integer)):
+        return None
+    kind = _float_kind(dst)
+    rows = _MATVEC_ROWS
+
+    def codegen(context, builder, signature, args):
+        dsta, srca, cola = (context.make_array(signature.args[k])(context, builder, args[k]) for k in (0, 1, 3))
+        elem, lanes, name = kind
+        b = builder
+        vec = ir.VectorType(elem, lanes)
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vec, [vec] * 3), name)
+        intp = b.extract_value(dsta.shape, 0).type
+        first = context.cast(b, args[2], signature.args[2], types.intp)
+        n_cols = context.cast(b, args[4], signature.args[4], types.intp)
+        width = b.extract_value(cola.shape, 1)
+        dwidth = b.extract_value(dsta.shape, 1)
+        swidth = b.extract_value(srca.shape, 1)
+        nchunk = b.lshr(dwidth, ir.Constant(intp, lanes.bit_length() - 1))
+
+        def vptr(data, index):
+            return b.bitcast(b.gep(data, [index]), vec.as_pointer())
+
+        def dst_ptr(j, c0):
+            return vptr(dsta.data, b.add(b.mul(b.add(first, ir.Constant(intp, j)), dwidth), c0))
+
+        def broadcast(j, k):
+            x = b.load(b.gep(srca.data, [b.add(b.mul(b.add(first, ir.Constant(intp, j)), swidth), k)]))
+            w = cgutils.get_null_value(vec)
+            for lane in range(lanes):
+                w = b.insert_element(w, x, ir.Constant(ir.IntType(32), lane))
+            return w
+
+        def unrolled(K):
+            offs = [ir.Constant(intp, c_ * lanes) for c_ in range(K)]
+            accs = [[cgutils.alloca_once_value(b, b.load(dst_ptr(j, offs[c_]), align=4)) for c_ in range(K)]
+                    for j in range(rows)]
+            with cgutils.for_range(b, n_cols) as lk:
+                row0 = b.mul(lk.index, width)
+                cs = [b.load(vptr(cola.data, b.add(row0, offs[c_])), align=4) for c_ in range(K)]
+                for j in range(rows):
+                    s = broadcast(j, lk.index)
+                    for c_ in range(K):
+                        b.store(b.call(fma, [cs[c_], s, b.load(accs[j][c_])]), accs[j][c_])
+            for j in range(rows):
+                for c_ in range(K):
+                    b.store(b.load(accs[j][c_]), dst_ptr(j, offs[c_]), align=4)
+
+        def generic():
+            for j in range(rows):
+                with cgutils.for_range(b, nchunk) as lc:
+                    c0 = b.shl(lc.index, ir.Constant(intp, lanes.bit_length() - 1))
+                    acc = cgutils.alloca_once_value(b, b.load(dst_ptr(j, c0), align=4))
+                    with cgutils.for_range(b, n_cols) as lk:
+                        col = b.load(vptr(cola.data, b.add(b.mul(lk.index, width), c0)), align=4)
+                        b.store(b.call(fma, [col, broadcast(j, lk.index), b.load(acc)]), acc)
+                    b.store(b.load(acc), dst_ptr(j, c0), align=4)
+
+        def by_width(K):  # twelve accumulators at most: 4 rows of up to 3 vectors
+            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
+                with then:
+                    unrolled(K)
+                with other:
+                    if K < 3:
+                        by_width(K + 1)
+                    else:
+                        generic()
+
+        by_width(1)
+        return context.get_dummy_value()
+
+    return types.void(dst, src, r0, cols, c), codegen
+
+
 def _blur_codegen(weighted):
     """Code of :func:`_blur_rows` (``weighted``: of :func:`_blur_rows_weighted`)."""
 
@@ -1250,8 +1335,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
     multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
     ``softmax(-U)``), or with ``marginals`` False the last iteration's logits (before its softmax:
-    CRF-RNN's output). ``history (T - 1, L, N)`` (or empty, ``(0, L, N)``) receives the logits of
-    iterations ``1 ... T - 1`` before their softmax, for a backward pass. ``labels (N,)`` int64 (or empty):
+    CRF-RNN's output). ``history (T - 1, N, Cp)`` (or empty, ``(0, N, Cp)``) receives the logits of
+    iterations ``1 ... T - 1`` before their softmax, as rows (:func:`dense_meanfield_backward` reads them). ``labels (N,)`` int64 (or empty):
     receives each point's arg max of the output (the first label at a tie, as ``np.argmax``) instead of ``q``
     (then ``(L, 0)``), so that a caller who wants labels skips writing and re-reading ``(L, N)`` values.
     Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
@@ -1354,7 +1439,6 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         for p in prange(parts):
             shift = p * rows
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
-            hbuf = np.empty((_BLOCK if keep_it else 0, cp), dtype=np.float32)
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
                 i1 = min(i0 + _BLOCK, n)
@@ -1371,9 +1455,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             d1 = td1[t]
                             _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
                     if keep_it:
-                        hb = hbuf[i - i0]
-                        for ch in range(c):
-                            hb[ch] = row[ch]
+                        history[it - 1, i, :] = row
                 rows_out = qrows[i0:i1] if use_q else buf
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0
@@ -1397,11 +1479,6 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     for ch in range(c):
                         for i in range(i0, i1):
                             q[ch, i] = rows_out[i - i0, ch]
-                if keep_it:  # channel by channel: sequential writes
-                    hrow = history[it - 1]
-                    for ch in range(c):
-                        for i in range(i0, i1):
-                            hrow[ch, i] = hbuf[i - i0, ch]
 
 
 dense_meanfield = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(_dense_meanfield)
@@ -1410,127 +1487,111 @@ filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel
 
 
 # ---------------------------------------------------------------------------------------------------
-# The label-space part of one iteration of the fused mean field's backward pass (crfrnn/_fused_meanfield.py)
-# for (L, L) weights: the softmax recomputed, the weight gradients ``z q^T``, ``dq = A^T z_a + B^T z_b`` and
-# the softmax's backward, in one pass over the points in cache-sized blocks and in a fixed order (the bits
-# do not depend on the thread count). Shapes (L, L) x (L, N) with L ~ 21 and N ~ 1e5 are a poor fit for a
-# GEMM library (a long reduction into a tiny result), and fused, the (L, N) intermediates stay in cache.
-
-_LABEL_BLOCK = 1024  # points per block: a block of the (L, N) operands and intermediates stays in L2
-
-
-@njit(inline="always")
-def _block_softmax(logits, n0, n1, q):  # pragma: no cover - compiled
-    """``q[:, :n1 - n0]`` = the softmax over labels of ``logits[:, n0:n1]`` (``(L, N)``), label by label along
-    the points (loops the compiler vectorises): ``exp`` as :func:`_softmax_row` computes it (range reduction,
-    the same polynomial and floor), its ``2^k`` built in the exponent bits of an int32 view."""
-    c = q.shape[0]
-    w = n1 - n0
-    top = np.full(_LABEL_BLOCK, -np.inf, dtype=np.float32)
-    for ch in range(c):
-        x = logits[ch, n0:n1]
-        for i in range(w):
-            top[i] = max(top[i], x[i])
-    bits = np.empty(_LABEL_BLOCK, dtype=np.int32)
-    scale = bits.view(np.float32)
-    total = np.zeros(_LABEL_BLOCK, dtype=np.float32)
-    for ch in range(c):
-        x = logits[ch, n0:n1]
-        e = q[ch]
-        for i in range(w):
-            y = max(x[i] - top[i], _EXP_FLOOR)
-            k = np.int32(y * _LOG2E - _F32(0.5))  # toward zero: y <= 0
-            kf = _F32(k)
-            f = y - kf * _LN2_HI
-            f = f - kf * _LN2_LO
-            poly = _E6
-            poly = poly * f + _E5
-            poly = poly * f + _E4
-            poly = poly * f + _E3
-            poly = poly * f + _E2
-            poly = poly * f + _E1
-            poly = poly * f + _E1
-            e[i] = poly
-            bits[i] = (k + np.int32(127)) << np.int32(23)
-        for i in range(w):
-            e[i] *= scale[i]
-            total[i] += e[i]
-    for i in range(w):
-        total[i] = _F32(1.0) / total[i]
-    for ch in range(c):
-        e = q[ch]
-        for i in range(w):
-            e[i] *= total[i]
+# ---------------------------------------------------------------------------------------------------
+# The backward pass of the fused mean field (CRF-RNN's, crfrnn/_fused_meanfield.py), fused like the forward:
+# per iteration, last first, every term's transposed filter of the gradient (the splat by gather, the blur's
+# directions in reverse order) and one pass over the points that slices every term, recomputes the softmax,
+# and does the label-space work in registers: the weight gradients ``z q^T``, ``dq = sum_t W_t^T z_t``, the
+# softmax's backward, the sum into the unary's gradient, and the rows the next iteration's splat gathers.
 
 
-@njit(inline="always")
-def _block_outer_products(za, zb, q, n0, n1, part_a, part_b):  # pragma: no cover - compiled
-    """``part_a = za[:, n0:n1] @ q[:, :n1 - n0]^T``, the same for ``zb``: three labels of ``q`` at a time, so
-    that each point's ``za``, ``zb`` values are loaded once per six products."""
-    c = q.shape[0]
-    w = n1 - n0
-    for r in range(c):
-        a = za[r, n0:n1]
-        b = zb[r, n0:n1]
-        m = 0
-        while m + 3 <= c:
-            q0, q1, q2 = q[m, :w], q[m + 1, :w], q[m + 2, :w]
-            sa0 = sa1 = sa2 = sb0 = sb1 = sb2 = _F32(0.0)
-            for i in range(w):
-                sa0 += a[i] * q0[i]
-                sa1 += a[i] * q1[i]
-                sa2 += a[i] * q2[i]
-                sb0 += b[i] * q0[i]
-                sb1 += b[i] * q1[i]
-                sb2 += b[i] * q2[i]
-            part_a[r, m], part_a[r, m + 1], part_a[r, m + 2] = sa0, sa1, sa2
-            part_b[r, m], part_b[r, m + 1], part_b[r, m + 2] = sb0, sb1, sb2
-            m += 3
-        for k in range(m, c):  # the last one or two labels
-            qk = q[k, :w]
-            sa = sb = _F32(0.0)
-            for i in range(w):
-                sa += a[i] * qk[i]
-                sb += b[i] * qk[i]
-            part_a[r, k], part_b[r, k] = sa, sb
+def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets, tstart, td1, nbr, nstart,
+                              vstart, vcount, post, wtcols, c, ptr, pts, wts, splat, lat, tmp, blurred,
+                              accs):  # pragma: no cover - compiled
+    """The gradient of :func:`dense_meanfield`'s last logits (``marginals`` False) w.r.t. the unary logits and
+    the terms' label matrices ``W_t`` (logits ``+= W_t @ m_t``, ``m_t = post_t * F_t(pre_t * Q)``).
 
-
-@njit(parallel=True, cache=True, fastmath={"contract", "reassoc"})
-def matrix_step_backward(logits, za, zb, at, bt, part_a, part_b, g, d_unary):  # pragma: no cover - compiled
-    """One iteration of the backward pass for (L, L) weights ``A``, ``B`` (``at``, ``bt``: their transposes),
-    given the iteration's logits ``(L, N)`` (before its softmax) and ``z_a``, ``z_b (L, N)`` (the transposed
-    filters of the gradient of its output logits): with ``q = softmax(logits)`` and ``dq = at @ z_a + bt @ z_b``,
-    writes ``g = q * (dq - sum_labels(q * dq))`` (``(L, N)``, the gradient of ``logits``), adds it to
-    ``d_unary (L, N)``, and per block ``p`` of :data:`_LABEL_BLOCK` points writes ``part_a[p] = z_a q^T`` and
-    ``part_b[p] = z_b q^T`` over the block (``(nblk, L, L)``; the caller sums the blocks in order)."""
-    c, n = za.shape
-    for blk in prange(part_a.shape[0]):
-        n0 = blk * _LABEL_BLOCK
-        n1 = min(n, n0 + _LABEL_BLOCK)
-        w = n1 - n0
-        q = np.empty((c, _LABEL_BLOCK), dtype=np.float32)
-        _block_softmax(logits, n0, n1, q)
-        _block_outer_products(za, zb, q, n0, n1, part_a[blk], part_b[blk])
-        dq = np.zeros((c, _LABEL_BLOCK), dtype=np.float32)
-        dot = np.zeros(_LABEL_BLOCK, dtype=np.float32)  # sum over labels of q * dq, per point
-        for r in range(c):
-            o = dq[r, :w]
-            for k in range(c):
-                wa = at[r, k]
-                wb = bt[r, k]
-                a = za[k, n0:n1]
-                b = zb[k, n0:n1]
+    Rows are a point's labels side by side, padded with zeros to ``Cp`` (a multiple of ``_LANES``), points in
+    the lattices' order. ``grows (N, Cp)``: the gradient of the output logits on entry (overwritten: the
+    rows the splat gathers); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits (the
+    caller starts it at ``grows``: the output is the unary plus messages); ``unary_rows (N, Cp)`` and
+    ``history (T - 1, N, Cp)``: the logits before each iteration's softmax (:func:`dense_meanfield`'s
+    ``history``). Terms laid out as :func:`dense_meanfield` takes them; ``post (T, N)`` the slice's scale (the
+    lattice's output factor); ``ptr``, ``pts``, ``wts``: :func:`vertex_index` of every term with ``pre``
+    (``wts`` holds ``bary * pre``: the transposed filter splats ``pre * g``). ``wtcols (T, Cp, Cp)``: row
+    ``k`` of ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.
+    Work arrays ``splat``, ``lat``, ``tmp``, ``blurred`` ``(M + 1, Cp)``; ``accs (parts, T, Cp, Cp)`` zeros:
+    per run of points, ``accs[p, t, k, r]`` receives ``sum_i z_t[i, r] q[i, k]`` (``dW_t = sum_p
+    accs[p, t, :c, :c]^T``); the runs are fixed by the caller, so the bits do not depend on the
+    thread count.
+    """
+    n, cp = grows.shape
+    nt = td1.shape[0]
+    mtot = splat.shape[0] - 1
+    n_iter = history.shape[0] + 1
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    parts = accs.shape[0]
+    splat[mtot] = 0  # the zero row read for missing blur neighbours
+    lat[mtot] = 0
+    tmp[mtot] = 0
+    for step in range(n_iter):
+        it = n_iter - 1 - step  # the iteration whose output's gradient is in grows
+        for v in prange(mtot):  # every vertex sums pre * bary * g of its points, in point order
+            row = splat[v]
+            row[:] = 0
+            _slice_rows(row, grows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+        for t in range(nt):
+            d1 = td1[t]
+            mt = vcount[t]
+            v0 = vstart[t]
+            for jj in range(d1):
+                j = d1 - 1 - jj  # the transpose of the blur: its directions in reverse order
+                src_a = splat if jj == 0 else (tmp if jj % 2 == 1 else lat)
+                dst_a = blurred if jj == d1 - 1 else (tmp if jj % 2 == 0 else lat)
+                pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
+                for v in prange(mt):
+                    _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
+        logits = unary_rows if it == 0 else history[it - 1]
+        more = it > 0  # the next step splats this step's gradient
+        for p in prange(parts):
+            # zero-initialised: the products run over whole groups of four rows, a block's last rows included
+            qb = np.zeros((_BLOCK, cp), dtype=np.float32)  # the block's marginals
+            zb = np.zeros((nt, _BLOCK, cp), dtype=np.float32)  # the block's sliced terms
+            dqb = np.zeros((_BLOCK, cp), dtype=np.float32)  # sum_t W_t^T z_t
+            qt = np.zeros((cp, _BLOCK), dtype=np.float32)  # qb transposed: a label's values along the points
+            acc = accs[p]
+            for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
+                i0 = blk * _BLOCK
+                i1 = min(i0 + _BLOCK, n)
+                w = i1 - i0
+                for i in range(i0, i1):
+                    qb[i - i0, :] = logits[i]
+                r = 0
+                while r + _SOFTMAX_ROWS <= w:
+                    _softmax_rows(qb, r, c)
+                    r += _SOFTMAX_ROWS
+                for rr in range(r, w):
+                    _softmax_row(qb[rr], c)
+                for i in range(i0, i1):
+                    for t in range(nt):
+                        z = zb[t, i - i0]
+                        z[:] = 0
+                        d1 = td1[t]
+                        _slice_rows(z, blurred, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
+                dqb[:, :] = 0
+                for r in range(0, w, _MATVEC_ROWS):
+                    for t in range(nt):
+                        _matvec_rows_add(dqb, zb[t], r, wtcols[t], c)
+                for i in range(i0, i1):
+                    q = qb[i - i0]
+                    dq = dqb[i - i0]
+                    s = _F32(0.0)
+                    for ch in range(cp):
+                        s += q[ch] * dq[ch]
+                    gu = d_unary[i]
+                    gr = grows[i]
+                    for ch in range(cp):  # through the softmax (padding: q = 0)
+                        gv = q[ch] * (dq[ch] - s)
+                        gu[ch] += gv
+                        if more:
+                            gr[ch] = gv
                 for i in range(w):
-                    o[i] += wa * a[i] + wb * b[i]
-            qr = q[r, :w]
-            for i in range(w):
-                dot[i] += qr[i] * o[i]
-        for r in range(c):
-            o = dq[r, :w]
-            qr = q[r, :w]
-            gr = g[r, n0:n1]
-            ur = d_unary[r, n0:n1]
-            for i in range(w):
-                v = qr[i] * (o[i] - dot[i])
-                gr[i] = v
-                ur[i] += v
+                    for k in range(c):
+                        qt[k, i] = qb[i, k]
+                for t in range(nt):  # the weight gradients: z_t^T q over the block, four labels of q at a time
+                    for k in range(0, c, _MATVEC_ROWS):
+                        _matvec_rows_add(acc[t], qt, k, zb[t], w)
+
+
+dense_meanfield_backward = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(
+    _dense_meanfield_backward)

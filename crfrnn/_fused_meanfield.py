@@ -21,20 +21,30 @@ def fusable(unary, kernels, weights, thetas) -> bool:
     return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in thetas))
 
 
-def fused_forward(unary, kernels, a, b, num_iterations, history=None):
-    """The fused iterations; ``history`` (:func:`crfrnn.lattice.fused.history_shape`) receives the intermediate
-    logits."""
-    from .lattice.fused import fused_mean_field, stack_lattices  # numba is optional at import time
-
-    B, L = unary.shape[:2]
+def _stacked(kernels, a, b, L):
+    """The two kernels as :func:`crfrnn.lattice.fused.stack_lattices` lays them out for the forward."""
+    from .lattice.fused import stack_lattices  # numba is optional at import time
 
     def entering(w):  # logits = unary + a @ m_s + b @ m_b: a vector (L,) or a matrix (L, L)
         w = w.detach().to(torch.float32)
         return (w.expand(L) if w.dim() == 0 else w).contiguous().numpy()
 
-    stacked = stack_lattices([k.lattice for k in kernels], [None, None],
-                             [k.inv_norm.detach().reshape(-1).contiguous().numpy() for k in kernels],
-                             [entering(a), entering(b)], L)
+    return stack_lattices([k.lattice for k in kernels], [None, None], [_inv_norm(k) for k in kernels],
+                          [entering(a), entering(b)], L)
+
+
+def _inv_norm(kernel):
+    return kernel.inv_norm.detach().reshape(-1).contiguous().numpy()
+
+
+def fused_forward(unary, kernels, a, b, num_iterations, history=None, stacked=None):
+    """The fused iterations; ``history`` (:func:`crfrnn.lattice.fused.history_shape`) receives the marginals
+    each iteration filters; ``stacked``: :func:`_stacked`'s, if the caller has it."""
+    from .lattice.fused import fused_mean_field
+
+    B, L = unary.shape[:2]
+    if stacked is None:
+        stacked = _stacked(kernels, a, b, L)
     logits = unary.detach().reshape(B, L, -1).transpose(0, 1).reshape(L, -1)  # (L, B * N), the lattices' order
     out = fused_mean_field(logits, stacked, num_iterations, marginals=False, history=history)
     return out.reshape(L, B, -1).transpose(0, 1).reshape(unary.shape)
@@ -53,15 +63,16 @@ class FusedMeanField(torch.autograd.Function):
 
         B, L = unary.shape[:2]
         history = np.empty(history_shape(num_iterations, L, unary[0, 0].numel() * B), np.float32)
-        out = fused_forward(unary, kernels, a, b, num_iterations, history)
-        ctx.kernels = kernels
+        stacked = _stacked(kernels, a, b, L)
+        out = fused_forward(unary, kernels, a, b, num_iterations, history, stacked)
+        ctx.kernels, ctx.stacked = kernels, stacked
         ctx.save_for_backward(unary, a, b, torch.from_numpy(history))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        from .lattice.fused import fused_mean_field_backward, stack_lattices
+        from .lattice.fused import fused_mean_field_backward, transposed_terms
 
         unary, a, b, history = ctx.saved_tensors
         B, L = unary.shape[:2]
@@ -73,10 +84,8 @@ class FusedMeanField(torch.autograd.Function):
             w = w.detach().to(torch.float32)
             return (torch.diag(w) if w.dim() == 1 else w if w.dim() == 2 else w * torch.eye(L)).numpy()
 
-        scales = [k.inv_norm.detach().reshape(-1).contiguous().numpy() for k in ctx.kernels]
-        stacked = stack_lattices([k.lattice for k in ctx.kernels], scales, [None, None],
-                                 [np.zeros(L, np.float32)] * 2, L)
-        d_unary, (da, db) = fused_mean_field_backward(lattice_order(grad), lattice_order(unary), history.numpy(), stacked,
+        stacked = transposed_terms(ctx.stacked, [k.lattice for k in ctx.kernels], [_inv_norm(k) for k in ctx.kernels])
+        d_unary, (da, db) = fused_mean_field_backward(lattice_order(grad), history.numpy(), stacked,
                                                       [matrix(a), matrix(b)])
 
         def reduce(d, w):  # the gradient of a scalar or (L,) weight from that of its matrix

@@ -1335,8 +1335,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
     multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
     ``softmax(-U)``), or with ``marginals`` False the last iteration's logits (before its softmax:
-    CRF-RNN's output). ``history (T - 1, N, Cp)`` (or empty, ``(0, N, Cp)``) receives the logits of
-    iterations ``1 ... T - 1`` before their softmax, as rows (:func:`dense_meanfield_backward` reads them). ``labels (N,)`` int64 (or empty):
+    CRF-RNN's output). ``history (T, N, Cp)`` (or empty, ``(0, N, Cp)``) receives, as rows, the marginals
+    each iteration filters (:func:`dense_meanfield_backward` reads them). ``labels (N,)`` int64 (or empty):
     receives each point's arg max of the output (the first label at a tie, as ``np.argmax``) instead of ``q``
     (then ``(L, 0)``), so that a caller who wants labels skips writing and re-reading ``(L, N)`` values.
     Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
@@ -1435,7 +1435,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         if j == 1:  # copy 0 was read by the first direction only
                             splat[v0 + v, :] = 0
         last = it == n_iter
-        keep_it = keep and 0 < it < n_iter
+        keep_it = keep and it < n_iter
         for p in prange(parts):
             shift = p * rows
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
@@ -1454,8 +1454,6 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for t in range(nt):
                             d1 = td1[t]
                             _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
-                    if keep_it:
-                        history[it - 1, i, :] = row
                 rows_out = qrows[i0:i1] if use_q else buf
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0
@@ -1464,6 +1462,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         r += _SOFTMAX_ROWS
                     for rr in range(r, i1 - i0):
                         _softmax_row(rows_out[rr], c)
+                if keep_it:
+                    for i in range(i0, i1):
+                        history[it, i, :] = rows_out[i - i0]
                 if not last:
                     for i in range(i0, i1):
                         row = rows_out[i - i0]
@@ -1495,7 +1496,7 @@ filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel
 # softmax's backward, the sum into the unary's gradient, and the rows the next iteration's splat gathers.
 
 
-def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets, tstart, td1, nbr, nstart,
+def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart,
                               vstart, vcount, post, wtcols, c, ptr, pts, wts, splat, lat, tmp, blurred,
                               accs):  # pragma: no cover - compiled
     """The gradient of :func:`dense_meanfield`'s last logits (``marginals`` False) w.r.t. the unary logits and
@@ -1504,9 +1505,8 @@ def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets
     Rows are a point's labels side by side, padded with zeros to ``Cp`` (a multiple of ``_LANES``), points in
     the lattices' order. ``grows (N, Cp)``: the gradient of the output logits on entry (overwritten: the
     rows the splat gathers); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits (the
-    caller starts it at ``grows``: the output is the unary plus messages); ``unary_rows (N, Cp)`` and
-    ``history (T - 1, N, Cp)``: the logits before each iteration's softmax (:func:`dense_meanfield`'s
-    ``history``). Terms laid out as :func:`dense_meanfield` takes them; ``post (T, N)`` the slice's scale (the
+    caller starts it at ``grows``: the output is the unary plus messages); ``history (T, N, Cp)``: the
+    marginals each iteration filtered (:func:`dense_meanfield`'s ``history``). Terms laid out as :func:`dense_meanfield` takes them; ``post (T, N)`` the slice's scale (the
     lattice's output factor); ``ptr``, ``pts``, ``wts``: :func:`vertex_index` of every term with ``pre``
     (``wts`` holds ``bary * pre``: the transposed filter splats ``pre * g``). ``wtcols (T, Cp, Cp)``: row
     ``k`` of ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.
@@ -1518,7 +1518,7 @@ def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets
     n, cp = grows.shape
     nt = td1.shape[0]
     mtot = splat.shape[0] - 1
-    n_iter = history.shape[0] + 1
+    n_iter = history.shape[0]
     nblk = (n + _BLOCK - 1) // _BLOCK
     parts = accs.shape[0]
     splat[mtot] = 0  # the zero row read for missing blur neighbours
@@ -1541,27 +1541,18 @@ def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets
                 pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
                 for v in prange(mt):
                     _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
-        logits = unary_rows if it == 0 else history[it - 1]
+        marg = history[it]
         more = it > 0  # the next step splats this step's gradient
         for p in prange(parts):
             # zero-initialised: the products run over whole groups of four rows, a block's last rows included
-            qb = np.zeros((_BLOCK, cp), dtype=np.float32)  # the block's marginals
             zb = np.zeros((nt, _BLOCK, cp), dtype=np.float32)  # the block's sliced terms
             dqb = np.zeros((_BLOCK, cp), dtype=np.float32)  # sum_t W_t^T z_t
-            qt = np.zeros((cp, _BLOCK), dtype=np.float32)  # qb transposed: a label's values along the points
+            qt = np.zeros((cp, _BLOCK), dtype=np.float32)  # the block's marginals, a label's along the points
             acc = accs[p]
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
                 i1 = min(i0 + _BLOCK, n)
                 w = i1 - i0
-                for i in range(i0, i1):
-                    qb[i - i0, :] = logits[i]
-                r = 0
-                while r + _SOFTMAX_ROWS <= w:
-                    _softmax_rows(qb, r, c)
-                    r += _SOFTMAX_ROWS
-                for rr in range(r, w):
-                    _softmax_row(qb[rr], c)
                 for i in range(i0, i1):
                     for t in range(nt):
                         z = zb[t, i - i0]
@@ -1573,7 +1564,7 @@ def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets
                     for t in range(nt):
                         _matvec_rows_add(dqb, zb[t], r, wtcols[t], c)
                 for i in range(i0, i1):
-                    q = qb[i - i0]
+                    q = marg[i]
                     dq = dqb[i - i0]
                     s = _F32(0.0)
                     for ch in range(cp):
@@ -1586,11 +1577,25 @@ def _dense_meanfield_backward(grows, d_unary, unary_rows, history, bary, offsets
                         if more:
                             gr[ch] = gv
                 for i in range(w):
+                    q = marg[i0 + i]
                     for k in range(c):
-                        qt[k, i] = qb[i, k]
+                        qt[k, i] = q[k]
                 for t in range(nt):  # the weight gradients: z_t^T q over the block, four labels of q at a time
                     for k in range(0, c, _MATVEC_ROWS):
                         _matvec_rows_add(acc[t], qt, k, zb[t], w)
+
+
+@njit(parallel=True, cache=True)
+def rows_to_channels(rows, out):  # pragma: no cover - compiled
+    """``out (C, N) = rows[:, :C]^T`` for ``rows (N, >= C)``, a block of points at a time (NumPy's strided copy
+    of the transposed view misses the cache: ~6x slower)."""
+    c, n = out.shape
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):
+        i0 = blk * _BLOCK
+        i1 = min(i0 + _BLOCK, n)
+        for ch in range(c):
+            for i in range(i0, i1):
+                out[ch, i] = rows[i, ch]
 
 
 dense_meanfield_backward = njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "arcp"})(

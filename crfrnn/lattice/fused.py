@@ -17,7 +17,7 @@ import torch
 from . import _numba_kernels as _nb
 from .permutohedral import _SPLAT_COPIES, PermutohedralLattice
 
-__all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_backward", "history_shape"]
+__all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_backward", "history_shape", "transposed_terms"]
 
 
 def _padded(n_labels: int) -> int:
@@ -26,8 +26,8 @@ def _padded(n_labels: int) -> int:
 
 
 def history_shape(n_iterations: int, n_labels: int, n_points: int) -> tuple:
-    """The shape of :func:`fused_mean_field`'s ``history``: the logits of iterations ``1 ... T - 1`` as rows."""
-    return (max(n_iterations - 1, 0), n_points, _padded(n_labels))
+    """The shape of :func:`fused_mean_field`'s ``history``: the marginals each iteration filters, as rows."""
+    return (n_iterations, n_points, _padded(n_labels))
 
 
 def stack_lattices(
@@ -102,8 +102,8 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     :func:`stack_lattices`: ``Q = softmax(logits)``, then per iteration ``softmax(logits + sum_t
     message_t(Q))``. Returns ``Q (L, P)``, or with ``marginals=False`` the last iteration's logits
     (before its softmax; ``logits`` itself for 0 iterations). ``history``: an optional float32 array
-    ``(n_iterations - 1, P, Cp)`` (:func:`history_shape`) that receives the logits of iterations
-    ``1 ... n_iterations - 1`` as rows, for :func:`fused_mean_field_backward`.
+    ``(n_iterations, P, Cp)`` (:func:`history_shape`) that receives the marginals each iteration filters, as
+    rows, for :func:`fused_mean_field_backward`.
     ``energies``: ``logits`` holds unary energies ``-logits`` (pydensecrf's convention), negated on the way
     in (in the copy the kernel's layout needs anyway). ``labels``: return each point's arg max of the output,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
@@ -121,8 +121,8 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(3)))  # + the zero row
     if history is None:
         history = np.empty((0, n, un.shape[1]), np.float32)
-    elif history.shape != (max(n_iterations - 1, 0), n, un.shape[1]) or history.dtype != np.float32:
-        raise ValueError(f"history must be float32 of shape {(max(n_iterations - 1, 0), n, un.shape[1])}, got "
+    elif history.shape != history_shape(n_iterations, L, n) or history.dtype != np.float32:
+        raise ValueError(f"history must be float32 of shape {history_shape(n_iterations, L, n)}, got "
                          f"{history.dtype} {history.shape}")
     (bary, offsets, tstart, td1, _, _, _, vcount, pre) = stacked[:9]
     gathered = splat_by_gather(vcount, n)
@@ -137,33 +137,39 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     return torch.from_numpy(lab if labels else out)
 
 
+def transposed_terms(stacked: tuple, lattices: Sequence[PermutohedralLattice],
+                     scales: Sequence[np.ndarray]) -> tuple:
+    """:func:`stack_lattices`' terms (``stacked``, of ``lattices``) for their transposed filters
+    (:func:`fused_mean_field_backward`): ``scales`` (the forward's ``posts``) as ``pres``, and ``posts`` None.
+    The lattice arrays are shared, not copied."""
+    pre = np.stack([np.asarray(s, np.float32) for s in scales])
+    post = np.stack([np.full(pre.shape[1], np.float32(lat.compiled_arrays().alpha), np.float32) for lat in lattices])
+    return stacked[:8] + (pre, post) + stacked[10:]
+
+
 # Runs of points whose weight gradients the backward pass sums separately, then in order: fixed, so that the
 # bits do not depend on the thread count, and enough for 16 threads.
 _BACKWARD_RUNS = 16
 
 
-def fused_mean_field_backward(grad: torch.Tensor, logits: torch.Tensor, history: np.ndarray, stacked: tuple,
+def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: tuple,
                               matrices: Sequence[np.ndarray]) -> tuple:
     """The backward pass of :func:`fused_mean_field` with ``marginals=False`` (float32, CPU): per iteration, last
     first, one compiled splat-blur pass per term and one pass over the points
     (:func:`crfrnn.lattice._numba_kernels.dense_meanfield_backward`).
 
-    ``grad (L, P)``: the gradient of the output logits; ``logits (L, P)``: the unary logits the forward started
-    from; ``history``: the forward's (:func:`history_shape`); ``stacked``: :func:`stack_lattices` of the forward's
-    lattices with the transposed filters' scales, i.e. the forward's ``posts`` (without the lattice's factor)
-    as ``pres`` and ``posts`` None (the transpose of ``post * F(Q)`` is ``F^T(post * g)``, ``F`` symmetric up to
-    the blur's order); ``matrices``: the terms' label matrices ``W_t (L, L)`` (logits ``+= W_t @ m_t``; a scalar
+    ``grad (L, P)``: the gradient of the output logits; ``history``: the forward's (:func:`history_shape`); ``stacked``: the forward's terms for their transposed filters
+    (:func:`transposed_terms`: the transpose of ``post * F(Q)`` is ``F^T(post * g)``, and ``F^T`` is ``F`` with
+    the blur's directions in reverse order); ``matrices``: the terms' label matrices ``W_t (L, L)`` (logits ``+= W_t @ m_t``; a scalar
     or diagonal weight as its matrix). Returns the gradient of the unary logits ``(L, P)`` and the list of the
     ``W_t``'s gradients ``(L, L)``."""
-    L, n = logits.shape
+    L, n = grad.shape
     cp = _padded(L)
     (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post) = stacked[:10]
     nt = td1.shape[0]
     rows = np.zeros((n, cp), dtype=np.float32)
     rows[:, :L] = grad.detach().numpy().T
     d_unary = rows.copy()
-    un = np.zeros((n, cp), dtype=np.float32)
-    un[:, :L] = logits.detach().numpy().T
     wtcols = np.zeros((nt, cp, cp), dtype=np.float32)
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w
@@ -174,10 +180,12 @@ def fused_mean_field_backward(grad: torch.Tensor, logits: torch.Tensor, history:
     _nb.vertex_index(offsets, bary, pre, tstart, td1, np.ones(nt, np.bool_), n, *index)
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
     accs = np.zeros((max(1, min(_BACKWARD_RUNS, -(-n // _nb._BLOCK))), nt, cp, cp), np.float32)
-    _nb.dense_meanfield_backward(rows, d_unary, un, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
+    _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                                  post, wtcols, L, *index[1:], *work, accs)
     total = accs[0].copy()
     for p in range(1, accs.shape[0]):  # in order: the same bits for any thread count
         total += accs[p]
     grads = [torch.from_numpy(np.ascontiguousarray(total[t, :L, :L].T)) for t in range(nt)]
-    return torch.from_numpy(np.ascontiguousarray(d_unary[:, :L].T)), grads
+    out = np.empty((L, n), np.float32)
+    _nb.rows_to_channels(d_unary, out)
+    return torch.from_numpy(out), grads

@@ -1506,9 +1506,10 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
     the lattices' order. ``grows (N, Cp)``: the gradient of the output logits on entry (overwritten: the
     rows the splat gathers); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits (the
     caller starts it at ``grows``: the output is the unary plus messages); ``history (T, N, Cp)``: the
-    marginals each iteration filtered (:func:`dense_meanfield`'s ``history``). Terms laid out as :func:`dense_meanfield` takes them; ``post (T, N)`` the slice's scale (the
-    lattice's output factor); ``ptr``, ``pts``, ``wts``: :func:`vertex_index` of every term with ``pre``
-    (``wts`` holds ``bary * pre``: the transposed filter splats ``pre * g``). ``wtcols (T, Cp, Cp)``: row
+    marginals each iteration filtered (:func:`dense_meanfield`'s ``history``). Terms laid out as
+    :func:`dense_meanfield` takes them; ``post (T, N)`` the slice's scale (the lattice's output factor);
+    ``ptr``, ``pts``, ``wts``: :func:`vertex_index` of every term with ``pre`` (``wts`` holds ``bary * pre``:
+    the transposed filter splats ``pre * g``). ``wtcols (T, Cp, Cp)``: row
     ``k`` of ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.
     Work arrays ``splat``, ``lat``, ``tmp``, ``blurred`` ``(M + 1, Cp)``; ``accs (parts, T, Cp, Cp)`` zeros:
     per run of points, ``accs[p, t, k, r]`` receives ``sum_i z_t[i, r] q[i, k]`` (``dW_t = sum_p

@@ -158,10 +158,11 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     first, one compiled splat-blur pass per term and one pass over the points
     (:func:`crfrnn.lattice._numba_kernels.dense_meanfield_backward`).
 
-    ``grad (L, P)``: the gradient of the output logits; ``history``: the forward's (:func:`history_shape`); ``stacked``: the forward's terms for their transposed filters
-    (:func:`transposed_terms`: the transpose of ``post * F(Q)`` is ``F^T(post * g)``, and ``F^T`` is ``F`` with
-    the blur's directions in reverse order); ``matrices``: the terms' label matrices ``W_t (L, L)`` (logits ``+= W_t @ m_t``; a scalar
-    or diagonal weight as its matrix). Returns the gradient of the unary logits ``(L, P)`` and the list of the
+    ``grad (L, P)``: the gradient of the output logits; ``history``: the forward's (:func:`history_shape`);
+    ``stacked``: the forward's terms for their transposed filters (:func:`transposed_terms`: the transpose of
+    ``post * F(Q)`` is ``F^T(post * g)``, and ``F^T`` is ``F`` with the blur's directions in reverse order);
+    ``matrices``: the terms' label matrices ``W_t (L, L)`` (logits ``+= W_t @ m_t``; a scalar or diagonal weight
+    as its matrix). Returns the gradient of the unary logits ``(L, P)`` and the list of the
     ``W_t``'s gradients ``(L, L)``."""
     L, n = grad.shape
     cp = _padded(L)

@@ -637,8 +637,8 @@ def _matvec_rows_add(typingctx, dst, src, r0, cols, c):  # pragma: no cover - co
     (rows, >= c)``, ``cols (>= c, W)``, ``W`` a multiple of the vector width), k in order: :func:`_matvec_row`
     for four rows at once. For rows of up to 3 vectors the four rows' sums are twelve independent
     accumulators, so the FMAs' latency is hidden (one row's sum is a chain of ``c`` dependent FMAs per
-    vector: the weight gradients of the backward pass, ``z^T q`` over a block, spent 5x their throughput
-    bound in it)."""
+    vector: the backward pass's weight gradients, ``z^T q`` over a block, took ~4x as long one row at a
+    time)."""
     if not (_same_float_arrays(dst, src, cols) and dst.ndim == src.ndim == cols.ndim == 2
             and isinstance(r0, types.Integer) and isinstance(c, types.Integer)):
         return None

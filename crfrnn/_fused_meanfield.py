@@ -73,6 +73,7 @@ class FusedMeanField(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         from .lattice.fused import fused_mean_field_backward, transposed_terms
+        from .meanfield import _label_matrix
 
         unary, a, b, history = ctx.saved_tensors
         B, L = unary.shape[:2]
@@ -81,8 +82,7 @@ class FusedMeanField(torch.autograd.Function):
             return x.detach().to(torch.float32).reshape(B, L, -1).transpose(0, 1).reshape(L, -1).contiguous()
 
         def matrix(w):
-            w = w.detach().to(torch.float32)
-            return (torch.diag(w) if w.dim() == 1 else w if w.dim() == 2 else w * torch.eye(L)).numpy()
+            return _label_matrix(w.detach().to(torch.float32), L).contiguous().numpy()
 
         stacked = transposed_terms(ctx.stacked, [k.lattice for k in ctx.kernels], [_inv_norm(k) for k in ctx.kernels])
         d_unary, (da, db) = fused_mean_field_backward(lattice_order(grad), history.numpy(), stacked,

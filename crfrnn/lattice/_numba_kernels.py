@@ -435,10 +435,15 @@ class _RowKernel:
         if split is not None:
             off = b.add(off, b.select(b.icmp_signed("<", off, split), shift, ir.Constant(self.intp, 0)))
         x = b.fmul(b.load(b.gep(self.bara.data, [k])), self.scale)
-        w = cgutils.get_null_value(self.vec)
-        for j in range(self.lanes):
-            w = b.insert_element(w, x, ir.Constant(ir.IntType(32), j))
-        return b.mul(off, self.width), w
+        return b.mul(off, self.width), _broadcast(b, self.vec, x)
+
+
+def _broadcast(b, vec, x):
+    """The scalar ``x`` in every lane of the vector type ``vec``."""
+    w = cgutils.get_null_value(vec)
+    for lane in range(vec.count):
+        w = b.insert_element(w, x, ir.Constant(ir.IntType(32), lane))
+    return w
 
 
 def _same_float_arrays(*ts):
@@ -468,14 +473,14 @@ def _fma(typingctx, a, b, c):  # pragma: no cover - compiled
 _UNROLL = 4  # rows of up to this many vectors (32 float32 labels) keep every vector of the row in a register
 
 
-def _by_width(b, nchunk, unrolled, generic):
-    """Emit ``unrolled(K)`` for rows of ``K = nchunk = 1 ... _UNROLL`` vectors (a branch on the row's width, the
+def _by_width(b, nchunk, unrolled, generic, most=_UNROLL):
+    """Emit ``unrolled(K)`` for rows of ``K = nchunk = 1 ... most`` vectors (a branch on the row's width, the
     same for every call of a kernel: predicted), else ``generic()``. Unrolled, per-row work (a simplex vertex's
     row and weight, a label's broadcast) is done once per row instead of once per vector, and the row's vectors
     stay in registers."""
 
     def emit(K):
-        if K > _UNROLL:
+        if K > most:
             generic()
             return
         with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(nchunk.type, K))) as (then, other):
@@ -596,11 +601,7 @@ def _matvec_row(typingctx, dst, src, cols, c):  # pragma: no cover - compiled
             return b.bitcast(b.gep(data, [index]), vec.as_pointer())
 
         def broadcast(k):
-            x = b.load(b.gep(srca.data, [k]))
-            w = cgutils.get_null_value(vec)
-            for j in range(lanes):
-                w = b.insert_element(w, x, ir.Constant(ir.IntType(32), j))
-            return w
+            return _broadcast(b, vec, b.load(b.gep(srca.data, [k])))
 
         def unrolled(K):
             accs = [cgutils.alloca_once_value(b, cgutils.get_null_value(vec)) for _ in range(K)]
@@ -665,12 +666,9 @@ def _matvec_rows_add(typingctx, dst, src, r0, cols, c):  # pragma: no cover - co
         def dst_ptr(j, c0):
             return vptr(dsta.data, b.add(b.mul(b.add(first, ir.Constant(intp, j)), dwidth), c0))
 
-        def broadcast(j, k):
-            x = b.load(b.gep(srca.data, [b.add(b.mul(b.add(first, ir.Constant(intp, j)), swidth), k)]))
-            w = cgutils.get_null_value(vec)
-            for lane in range(lanes):
-                w = b.insert_element(w, x, ir.Constant(ir.IntType(32), lane))
-            return w
+        def broadcast(j, k):  # src[r0 + j, k] in every lane
+            row = b.add(first, ir.Constant(intp, j))
+            return _broadcast(b, vec, b.load(b.gep(srca.data, [b.add(b.mul(row, swidth), k)])))
 
         def unrolled(K):
             offs = [ir.Constant(intp, c_ * lanes) for c_ in range(K)]
@@ -697,17 +695,7 @@ def _matvec_rows_add(typingctx, dst, src, r0, cols, c):  # pragma: no cover - co
                         b.store(b.call(fma, [col, broadcast(j, lk.index), b.load(acc)]), acc)
                     b.store(b.load(acc), dst_ptr(j, c0), align=4)
 
-        def by_width(K):  # twelve accumulators at most: 4 rows of up to 3 vectors
-            with b.if_else(b.icmp_unsigned("==", nchunk, ir.Constant(intp, K))) as (then, other):
-                with then:
-                    unrolled(K)
-                with other:
-                    if K < 3:
-                        by_width(K + 1)
-                    else:
-                        generic()
-
-        by_width(1)
+        _by_width(b, nchunk, unrolled, generic, most=3)  # twelve accumulators at most: 4 rows of 3 vectors
         return context.get_dummy_value()
 
     return types.void(dst, src, r0, cols, c), codegen

@@ -90,6 +90,26 @@ def stack_lattices(
 _GATHER_VERTICES_PER_POINT = 0.25
 
 
+def _rows(x: np.ndarray) -> np.ndarray:
+    """``x (L, P)`` as the kernels' rows ``(P, Cp)``: a point's labels side by side, padded with zeros."""
+    L, n = x.shape
+    rows = np.zeros((n, _padded(L)), dtype=np.float32)
+    rows[:, :L] = x.T
+    return rows
+
+
+def _gather_index(stacked: tuple, gathered: np.ndarray, n: int) -> tuple:
+    """:func:`_nb.vertex_index` of the terms ``gathered`` (with the terms' ``pres``): ``(ptr, pts, wts)``."""
+    (bary, offsets, tstart, td1, _, _, _, vcount, pre) = stacked[:9]
+    m = int(vcount.sum())
+    entries = int((td1 * gathered).sum()) * n
+    counts = np.zeros((max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK))), m), np.int32)
+    index = (np.empty(m + 1, np.int64), np.empty(entries, np.int32), np.empty(entries, np.float32))
+    if gathered.any():
+        _nb.vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, *index)
+    return index
+
+
 def splat_by_gather(num_vertices: np.ndarray, num_points: int) -> np.ndarray:
     """Which terms of :func:`stack_lattices` (``num_vertices (T,)``) the fused pass splats by gather."""
     return np.asarray(num_vertices) >= _GATHER_VERTICES_PER_POINT * num_points
@@ -108,11 +128,9 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     in (in the copy the kernel's layout needs anyway). ``labels``: return each point's arg max of the output,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
     L, n = logits.shape
-    un = np.zeros((n, _padded(L)), dtype=np.float32)  # (P, Cp): a point's labels side by side
+    un = _rows(logits.detach().numpy())  # (P, Cp)
     if energies:
-        np.negative(logits.detach().numpy().T, out=un[:, :L])
-    else:
-        un[:, :L] = logits.detach().numpy().T
+        np.negative(un[:, :L], out=un[:, :L])
     out = np.empty((L, 0 if labels else n), dtype=np.float32)
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
@@ -124,15 +142,10 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     elif history.shape != history_shape(n_iterations, L, n) or history.dtype != np.float32:
         raise ValueError(f"history must be float32 of shape {history_shape(n_iterations, L, n)}, got "
                          f"{history.dtype} {history.shape}")
-    (bary, offsets, tstart, td1, _, _, _, vcount, pre) = stacked[:9]
-    gathered = splat_by_gather(vcount, n)
-    entries = int((td1 * gathered).sum()) * n
-    index = (np.zeros((parts, m), np.int32), np.empty(m + 1, np.int64), np.empty(entries, np.int32),
-             np.empty(entries, np.float32))
-    if gathered.any():
-        _nb.vertex_index(offsets, bary, pre, tstart, td1, gathered, n, *index)
+    gathered = splat_by_gather(stacked[7], n)
+    index = _gather_index(stacked, gathered, n)
     qrows = np.empty((n if gathered.any() else 0, un.shape[1]), np.float32)  # the gather's input
-    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, gathered, *index[1:],
+    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, gathered, *index,
                         qrows)
     return torch.from_numpy(lab if labels else out)
 
@@ -166,23 +179,19 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     ``W_t``'s gradients ``(L, L)``."""
     L, n = grad.shape
     cp = _padded(L)
-    (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post) = stacked[:10]
+    (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, _, post) = stacked[:10]
     nt = td1.shape[0]
-    rows = np.zeros((n, cp), dtype=np.float32)
-    rows[:, :L] = grad.detach().numpy().T
+    rows = _rows(grad.detach().numpy())
     d_unary = rows.copy()
     wtcols = np.zeros((nt, cp, cp), dtype=np.float32)
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w
     m = int(vcount.sum())
-    entries = int(td1.sum()) * n
-    index = (np.zeros((max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK))), m), np.int32), np.empty(m + 1, np.int64),
-             np.empty(entries, np.int32), np.empty(entries, np.float32))
-    _nb.vertex_index(offsets, bary, pre, tstart, td1, np.ones(nt, np.bool_), n, *index)
+    index = _gather_index(stacked, np.ones(nt, np.bool_), n)  # every term splats by gather
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
     accs = np.zeros((max(1, min(_BACKWARD_RUNS, -(-n // _nb._BLOCK))), nt, cp, cp), np.float32)
     _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                                 post, wtcols, L, *index[1:], *work, accs)
+                                 post, wtcols, L, *index, *work, accs)
     total = accs[0].copy()
     for p in range(1, accs.shape[0]):  # in order: the same bits for any thread count
         total += accs[p]

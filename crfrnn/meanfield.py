@@ -32,7 +32,8 @@ Conventions (the paper's and the official Caffe/Keras code's):
 * Colour scale: ``image`` is used as given; for RGB pass 0..255 values, the scale θβ = 3 (VOC) and
   pydensecrf's ``srgb`` assume.
 
-Both kernels' lattices are built once per call and reused by every iteration and the backward pass. On CPU
+Both kernels' lattices are built once per call and reused by every iteration and the backward pass; a
+:class:`CrfRnn` layer also keeps its spatial kernel (positions only) for the last two input sizes. On CPU
 in float32 with tied weights and fixed bandwidths the iterations run as one fused compiled pass each
 (:func:`_fused_loop`, with its own backward); everything else takes the autograd loop, its tested twin.
 """
@@ -47,7 +48,7 @@ import torch.nn as nn
 
 from ._fused_meanfield import FusedMeanField, fused_forward
 from ._fused_meanfield import fusable as _fusable
-from .lattice import PermutohedralLattice, dense_gaussian_kernel
+from .lattice import LatticeCache, PermutohedralLattice, dense_gaussian_kernel
 from .lattice._checks import _all_finite, _check_mask
 
 __all__ = ["mean_field", "CrfRnn", "crf_features"]
@@ -313,10 +314,23 @@ def _mean_field_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterati
     return logits
 
 
-def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, method, backend):
+def _spatial_kernel(features, stds, method, backend, valid_mask, dtype, spacing, cache):
+    """The spatial kernel, from ``cache`` (a :class:`~crfrnn.lattice.LatticeCache`) when it can be reused: its
+    features are the positions alone, so without a mask or a θγ that needs a gradient it depends only on the
+    shape, θγ, the spacing, dtype, device and backend."""
+    learned = isinstance(stds, torch.Tensor) and stds.requires_grad
+    if cache is None or valid_mask is not None or learned or method != "permutohedral":
+        return _Kernel(features, stds, method, backend, valid_mask, dtype)
+    key = (tuple(features.shape), tuple(float(s) for s in stds), None if spacing is None else tuple(spacing),
+           str(dtype), str(features.device), backend)
+    return cache.get(key, lambda: _Kernel(features, stds, method, backend, valid_mask, dtype))
+
+
+def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, method, backend, spatial_cache=None):
     """The one path of :func:`mean_field` and :meth:`CrfRnn.forward`: checks the inputs, θ and ``method``
     once, builds both kernels once and iterates. ``weights(unary)`` returns the per-iteration lists of
-    spatial weights, bilateral weights and compatibilities (validated by the caller's rules)."""
+    spatial weights, bilateral weights and compatibilities (validated by the caller's rules).
+    ``spatial_cache``: a :class:`~crfrnn.lattice.LatticeCache` for the spatial kernel (:class:`CrfRnn`'s)."""
     _check_inputs(unary, image, valid_mask)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -328,7 +342,7 @@ def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, met
     img = image.detach()  # the reference image is a constant
     (bil, bw_bil), (spa, bw_spa) = _kernel_geometry(img, ta, tb, tg, spacing, valid_mask=valid_mask)
     kernels = (
-        _Kernel(spa, bw_spa, method, backend, valid_mask, unary.dtype),
+        _spatial_kernel(spa, bw_spa, method, backend, valid_mask, unary.dtype, spacing, spatial_cache),
         _Kernel(bil, bw_bil, method, backend, valid_mask, unary.dtype),
     )
     if _fusable(unary, kernels, (ws, wb, c), (ta, tb, tg)):
@@ -475,6 +489,8 @@ class CrfRnn(nn.Module):
             self._thetas = (float(theta_alpha), beta, float(theta_gamma))
         self.num_iterations, self.num_test_iterations = int(num_iterations), int(num_test_iterations)
         self.kernel_weights, self.untied, self.spacing, self.backend = kernel_weights, untied, spacing, backend
+        # the spatial kernel of the last input sizes: its lattice depends only on the size and θγ (not saved)
+        self._spatial_lattices = LatticeCache(2)
         lead = (self.num_iterations,) if untied else ()
 
         def init(w):
@@ -556,4 +572,5 @@ class CrfRnn(nn.Module):
             return tuple(self._per_iteration(p.to(u.dtype), T)
                          for p in (self.spatial_ker_weights, self.bilateral_ker_weights, self.compatibility_matrix))
 
-        return _run(unary, image, valid_mask, self.bandwidths(), weights, T, self.spacing, method, self.backend)
+        return _run(unary, image, valid_mask, self.bandwidths(), weights, T, self.spacing, method, self.backend,
+                    self._spatial_lattices)

@@ -621,3 +621,49 @@ def test_vertex_index_is_a_stable_sort_of_the_splat(chunks):
     np.testing.assert_array_equal(ptr, np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=m))]))
     np.testing.assert_array_equal(pts, points[order])
     np.testing.assert_array_equal(wts, weights[order])
+
+
+# ------------------------------------------------------------------------------------------- lattice cache
+def test_lattice_cache_keeps_the_most_recent_builds():
+    from crfrnn.lattice import LatticeCache
+
+    cache, built = LatticeCache(2), []
+
+    def build(k):
+        return lambda: built.append(k) or f"lattice {k}"
+
+    assert cache.get("a", build("a")) == "lattice a" and cache.get("a", build("a")) == "lattice a"
+    cache.get("b", build("b"))
+    cache.get("a", build("a"))  # a is now the most recent: c drops b
+    cache.get("c", build("c"))
+    assert built == ["a", "b", "c"] and "a" in cache and "b" not in cache and len(cache) == 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="size"):
+            LatticeCache(bad)
+
+
+def test_gaussian_term_from_a_lattice_cache_gives_the_same_result():
+    """CRFs of same-size images sharing a cache share the Gaussian term's lattice (built once) and infer exactly
+    as CRFs that build their own; another size or sxy is another entry; refine() takes the cache too."""
+    from crfrnn.lattice import LatticeCache
+
+    cache = LatticeCache(2)
+    for start in (3, 4):
+        _, img, mask, probs = _problem((60, 80), start=start)
+        h, w = mask.shape
+        crfs = []
+        for c in (None, cache):
+            d = cd.DenseCRF2D(w, h, 21, lattice_cache=c)
+            d.setUnaryEnergy(cu.unary_from_softmax(probs))
+            d.addPairwiseGaussian(sxy=3, compat=3)
+            d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+            crfs.append(d)
+        np.testing.assert_array_equal(np.array(crfs[0].inference(5)), np.array(crfs[1].inference(5)))
+        np.testing.assert_array_equal(cd.refine(img, probs), cd.refine(img, probs, lattice_cache=cache))
+    assert len(cache) == 1  # two images, two CRFs and two refines each: one lattice
+    d = cd.DenseCRF2D(40, 30, 21, lattice_cache=cache)
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseGaussian(sxy=5, compat=3)
+    assert len(cache) == 2 and d._pairwise[0].lattice is not d._pairwise[1].lattice
+    with pytest.raises(TypeError, match="lattice_cache"):
+        cd.DenseCRF2D(40, 30, 21, lattice_cache={})

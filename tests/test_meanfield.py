@@ -244,6 +244,35 @@ def test_lattices_built_once_per_forward(lattice_builds):
     assert len(builds) == 2  # one spatial + one bilateral lattice for 5 iterations, forward and backward
 
 
+def test_layer_reuses_its_spatial_kernel_for_a_size(lattice_builds):
+    """A CrfRnn keeps the spatial kernel of the sizes it last saw (positions only: no image in it), so a second
+    input of that size builds only its bilateral lattice, and its output equals a fresh layer's. Not reused:
+    masked inputs, other sizes, another θγ, and a θγ being learned."""
+    torch.manual_seed(0)
+    m = CrfRnn(4, learn_bandwidths=True)
+    fresh = CrfRnn(4, learn_bandwidths=True)
+    fresh.load_state_dict(m.state_dict())
+    img = [torch.rand(2, 3, 12, 14) * 255 for _ in range(2)]
+    u = [torch.randn(2, 4, 12, 14) for _ in range(2)]
+    with torch.no_grad():
+        m(u[0], img[0])
+        lattice_builds.clear()
+        out = m(u[1], img[1])
+        assert len(lattice_builds) == 1  # the bilateral one
+        torch.testing.assert_close(out, fresh(u[1], img[1]), rtol=0, atol=0)
+        m(u[1], img[1], torch.ones(2, 1, 12, 14))  # masked: built anew (the mask moves the positions' origin)
+        m(u[1][..., :10], img[1][..., :10])  # another size: a second entry
+        assert len(lattice_builds) == 1 + 2 + 2 + 2 and len(m._spatial_lattices) == 2  # fresh: 2, masked: 2
+        m.log_theta_gamma.add_(0.1)  # another θγ: another key
+        fresh.load_state_dict(m.state_dict())
+        lattice_builds.clear()
+        torch.testing.assert_close(m(u[0], img[0]), fresh(u[0], img[0]), rtol=0, atol=0)
+        assert len(lattice_builds) == 4
+    lattice_builds.clear()
+    m(u[0], img[0]).sum().backward()  # θγ learned (it needs the lattice's geometry): built every time
+    assert len(lattice_builds) == 2 and m.log_theta_gamma.grad is not None
+
+
 def test_dtype_device_follow_inputs_and_no_inplace():
     u = torch.randn(1, 3, 8, 9, dtype=torch.float64)
     im = (torch.rand(1, 3, 8, 9) * 255).to(torch.uint8)

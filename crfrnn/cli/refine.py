@@ -285,6 +285,18 @@ def _input_palette(path: Path):
     return out
 
 
+_SPATIAL_LATTICES = []  # this process's LatticeCache, made on first use (each worker process has its own)
+
+
+def _spatial_lattices():
+    """The Gaussian terms' lattices of this process, reused by the images of one size (a folder's usual case)."""
+    if not _SPATIAL_LATTICES:
+        from crfrnn.lattice import LatticeCache
+
+        _SPATIAL_LATTICES.append(LatticeCache(2))
+    return _SPATIAL_LATTICES[0]
+
+
 def _refine_one(args, params: dict, dev, stage: Path | None, job) -> dict:
     """Refine one pair and write its label PNG (into ``stage`` when given); returns its JSON record (with the
     ``message`` and ``warnings`` for the terminal)."""
@@ -310,7 +322,7 @@ def _refine_one(args, params: dict, dev, stage: Path | None, job) -> dict:
         if args.ignore_index is not None and args.ignore_index != args.unknown:
             void_pixels = int((labels == args.ignore_index).sum())
     t0 = time.perf_counter()
-    out_idx = densecrf.refine(rgb.to(dev), torch.from_numpy(probs).to(dev), **params)
+    out_idx = densecrf.refine(rgb.to(dev), torch.from_numpy(probs).to(dev), **params, lattice_cache=_spatial_lattices())
     seconds = time.perf_counter() - t0
     refined = values[out_idx.cpu().numpy()]
     pal = input_palette if (args.palette in ("auto", "input") and input_palette is not None) else \

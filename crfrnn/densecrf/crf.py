@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from crfrnn.lattice._checks import _all_finite
+from crfrnn.lattice.cache import LatticeCache
 from crfrnn.lattice.permutohedral import PermutohedralLattice
 
 from ._fused import fused_meanfield, stack_terms
@@ -243,18 +244,23 @@ class _Compatibility:
         return self.weight @ m
 
 
+def _lattice_and_row_sums(features: torch.Tensor) -> tuple:
+    """The lattice of ``features (D, N)`` and its kernel's row sums ``(N,)`` float64 (pixel itself included)."""
+    lattice = PermutohedralLattice(features[None])  # (1, D, N)
+    with torch.no_grad():
+        ones = torch.ones(1, 1, features.shape[1], dtype=torch.float32, device=features.device)
+        return lattice, lattice.filter(ones)[0, 0].double()
+
+
 class _Pairwise:
     """One pairwise term: its lattice (built once), kernel normaliser and compatibility."""
 
-    def __init__(self, features: torch.Tensor, compat: _Compatibility, kernel, normalization):
+    def __init__(self, features: torch.Tensor, compat: _Compatibility, kernel, normalization, built=None):
         self.kernel = kernel
         self.normalization = normalization
         self.compat = compat
         n = features.shape[1]
-        self.lattice = PermutohedralLattice(features[None])  # (1, D, N)
-        with torch.no_grad():
-            ones = torch.ones(1, 1, n, dtype=torch.float32, device=features.device)
-            k1 = self.lattice.filter(ones)[0, 0].double()  # (N,) the kernel's row sums, pixel itself included
+        self.lattice, k1 = built if built is not None else _lattice_and_row_sums(features)
         if normalization == NORMALIZE_SYMMETRIC:
             norm = (1.0 / torch.sqrt(k1 + 1e-20)).float()
         elif normalization in (NORMALIZE_BEFORE, NORMALIZE_AFTER):
@@ -330,12 +336,20 @@ class DenseCRF:
         n_labels: number of labels L.
         device: where the tensors and lattices live (default CPU; the lattice uses its numba kernels on
             CPU and its torch backend elsewhere). Results are returned as numpy arrays either way.
+        lattice_cache: a :class:`~crfrnn.lattice.LatticeCache` that :meth:`DenseCRF2D.addPairwiseGaussian`
+            takes its lattice and normaliser from (they depend only on ``w``, ``h`` and ``sxy``): pass the same
+            one to the CRFs of many same-size images to build them once. ``None`` (default): built every time.
     """
 
-    def __init__(self, n_pixels: int, n_labels: int, *, device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, n_pixels: int, n_labels: int, *, device: Optional[Union[str, torch.device]] = None,
+                 lattice_cache: Optional[LatticeCache] = None):
         self._nvar = _int_arg(n_pixels, "n_pixels", 1)
         self._nlabel = _int_arg(n_labels, "n_labels", 1)
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        if lattice_cache is not None and not isinstance(lattice_cache, LatticeCache):
+            raise TypeError(f"lattice_cache must be a crfrnn.lattice.LatticeCache or None, got "
+                            f"{type(lattice_cache).__name__}")
+        self._lattice_cache = lattice_cache
         self._unary: Optional[torch.Tensor] = None  # (L, N) float32
         self._pairwise: list = []
         self._stacked: Optional[tuple] = None  # the terms laid out for the fused CPU mean field
@@ -400,12 +414,16 @@ class DenseCRF:
             )
         self._add(t, compat, kernel, normalization)
 
-    def _add(self, features: torch.Tensor, compat, kernel, normalization) -> None:
+    def _add(self, features: torch.Tensor, compat, kernel, normalization, cache_key=None) -> None:
         kernel = _enum(kernel, KernelType, "kernel")
         normalization = _enum(normalization, NormalizationType, "normalization")
         comp = _Compatibility(compat, self._nlabel, self.device)
         _check_finite(features, "features")
-        self._pairwise.append(_Pairwise(features.to(self.device), comp, kernel, normalization))
+        features = features.to(self.device)
+        built = None
+        if cache_key is not None and self._lattice_cache is not None:
+            built = self._lattice_cache.get(cache_key + (str(self.device),), lambda: _lattice_and_row_sums(features))
+        self._pairwise.append(_Pairwise(features, comp, kernel, normalization, built))
         self._stacked = None
 
     # ---------------------------------------------------------------------------------- inference
@@ -532,13 +550,14 @@ class DenseCRF2D(DenseCRF):
     Args:
         w, h: image width and height (note the order, as pydensecrf).
         n_labels: number of labels L.
-        device: see :class:`DenseCRF`.
+        device, lattice_cache: see :class:`DenseCRF`.
     """
 
-    def __init__(self, w: int, h: int, n_labels: int, *, device: Optional[Union[str, torch.device]] = None):
+    def __init__(self, w: int, h: int, n_labels: int, *, device: Optional[Union[str, torch.device]] = None,
+                 lattice_cache: Optional[LatticeCache] = None):
         self._w = _int_arg(w, "w", 1)
         self._h = _int_arg(h, "h", 1)
-        super().__init__(self._w * self._h, n_labels, device=device)
+        super().__init__(self._w * self._h, n_labels, device=device, lattice_cache=lattice_cache)
 
     def __repr__(self) -> str:
         return (
@@ -555,7 +574,7 @@ class DenseCRF2D(DenseCRF):
     def addPairwiseGaussian(self, sxy, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
         """Smoothness term with features ``(x/sx, y/sy)``; ``sxy`` is a number or ``(sx, sy)``."""
         sx, sy = _positive_widths(sxy, "sxy", 2)
-        self._add(self._positions(sx, sy), compat, kernel, normalization)
+        self._add(self._positions(sx, sy), compat, kernel, normalization, ("positions", self._w, self._h, sx, sy))
 
     def addPairwiseBilateral(
         self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC

@@ -1,8 +1,12 @@
 """Dense-CRF post-processing of a segmentation in one call."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
+
+from crfrnn.lattice.cache import LatticeCache
 
 from .crf import ArrayLike, DenseCRF2D, _int_arg, _shape
 
@@ -42,6 +46,7 @@ def refine(
     sxy_bilateral=80,
     srgb=13,
     compat_bilateral=10,
+    lattice_cache: Optional[LatticeCache] = None,
 ) -> ArrayLike:
     """Dense-CRF post-processing of a segmentation in one call (pydensecrf's usual recipe).
 
@@ -52,6 +57,8 @@ def refine(
     Args:
         image: ``(H, W, 3)`` or ``(3, H, W)`` uint8 RGB image (numpy or torch).
         probabilities: ``(L, H, W)`` class probabilities (numpy or torch, floating, finite, >= 0).
+        lattice_cache: a :class:`~crfrnn.lattice.LatticeCache` to keep the Gaussian term's lattice in, for
+            many images of one size (the results are the same with or without it).
 
     Returns:
         ``(H, W)`` int64 labels: a numpy array if ``probabilities`` is numpy, otherwise a tensor on
@@ -83,7 +90,7 @@ def refine(
     img = _image_hwc(image, h, w, pshape)
     n = _int_arg(n_iterations, "n_iterations", 0)
 
-    crf = DenseCRF2D(w, h, n_labels, device=device)
+    crf = DenseCRF2D(w, h, n_labels, device=device, lattice_cache=lattice_cache)
     unary = -torch.log(torch.clamp(probs.to(torch.float32), 1e-5, 1.0)).reshape(n_labels, -1)
     crf._set_unary(unary, "unary (from probabilities)")
     crf.addPairwiseGaussian(sxy_gaussian, compat_gaussian)

@@ -6,8 +6,10 @@
 * :mod:`._geometry_grad` — the opt-in gradient w.r.t. the features / bandwidths (filters on the same lattice);
 * :mod:`.fused` — mean field over several lattices in one compiled pass per iteration (CPU);
 * :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle;
+* :mod:`.cache` — :class:`LatticeCache`, lattices of repeating features built once by their user;
 * :mod:`._checks` — the argument checks of the public entry points.
 """
+from .cache import LatticeCache
 from .exact import dense_gaussian_filter, dense_gaussian_kernel
 from .permutohedral import PermutohedralLattice, available_backends, permutohedral_filter
 
@@ -17,4 +19,5 @@ __all__ = [
     "dense_gaussian_filter",
     "dense_gaussian_kernel",
     "available_backends",
+    "LatticeCache",
 ]

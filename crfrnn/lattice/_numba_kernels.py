@@ -1317,7 +1317,7 @@ def vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts,
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                      pre, post, wdiag, wcols, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
-                     msg_lat, gathered, ptr, pts, wts, qrows):  # pragma: no cover - compiled
+                     gathered, ptr, pts, wts, qrows):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
@@ -1340,9 +1340,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     ``partial (parts, M + 1, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
     the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``; copy 0 is
     also the blur's first source, so no pass copies it out; row ``M`` stays zero), and ``lat``, ``tmp``
-    (the blur's other two buffers) and ``msg_lat`` (blurred vertices times the compatibility)
-    ``(M + 1, Cp)``,
-    uninitialised.
+    ``(M + 1, Cp)``, uninitialised: the blur's other two buffers. The last direction writes a term's
+    messages (blurred vertices times the compatibility) into whichever of them it does not read: ``tmp``
+    for an odd ``D + 1``, else ``lat`` (terms own disjoint rows, so no buffer of messages is needed, and
+    the pass over the points touches one lattice-sized array fewer).
 
     ``gathered (T,)`` bool: the terms splatted by gather rather than by scatter. For those, the pass over the
     points writes each point's marginals to ``qrows (N, Cp)`` (else ``(0, Cp)``) and each vertex then sums
@@ -1409,7 +1410,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             s = np.empty(cp, dtype=np.float32)
                             for v in range(ck * _VERTEX_CHUNK, min(mt, (ck + 1) * _VERTEX_CHUNK)):
                                 _blur_vertex(src_a, s, v0 + v, pairs, v, mtot, _F32(0.5))
-                                _matvec_row(msg_lat[v0 + v], s, cols, c)
+                                _matvec_row(dst_a[v0 + v], s, cols, c)
                                 if j == 1:  # copy 0 was read by the first direction only
                                     splat[v0 + v, :] = 0
                         continue
@@ -1417,7 +1418,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     wd = wdiag[t]
                     for v in prange(mt):
                         if weighted:
-                            _blur_vertex_weighted(src_a, msg_lat[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5), wd)
+                            _blur_vertex_weighted(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5), wd)
                         else:
                             _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
                         if j == 1:  # copy 0 was read by the first direction only
@@ -1441,7 +1442,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     if it > 0:
                         for t in range(nt):
                             d1 = td1[t]
-                            _slice_rows(row, msg_lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
+                            _slice_rows(row, tmp if d1 % 2 == 1 else lat, offsets, bary, tstart[t] + i * d1, d1,
+                                        post[t, i])
                 rows_out = qrows[i0:i1] if use_q else buf
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0

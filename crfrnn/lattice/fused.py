@@ -136,7 +136,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
     work = (np.zeros((parts, m + 1, un.shape[1]), np.float32),  # each copy ends in a zero row
-            *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(3)))  # + the zero row
+            *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(2)))  # + the zero row
     if history is None:
         history = np.empty((0, n, un.shape[1]), np.float32)
     elif history.shape != history_shape(n_iterations, L, n) or history.dtype != np.float32:

@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_lattice.py
 	$(PY) benchmarks/bench_meanfield.py
 	$(PY) benchmarks/bench_folders.py
+	$(PY) benchmarks/bench_growth.py
 
 # The full-resolution reproduction (CamVid + Weizmann horses, 3 seeds, every arm; about an hour on 2 cores):
 # writes runs/fullres/, experiments/fullres/results/, experiments/models/ and docs/experiments.md.

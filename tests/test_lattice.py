@@ -397,3 +397,19 @@ def _general(nb, lat, x, consts):
     nb.filter_values(x, lat._bary(torch.float32 if x.dtype == np.float32 else torch.float64), lat._offsets,
                      lat._nbr, False, consts, 4, out, empty, empty, False)
     return out
+
+
+def test_numba_build_points_are_the_divided_features_bit_for_bit():
+    """The numba build's float64 point rows equal torch's features / bandwidth exactly (masked points zero)."""
+    from crfrnn.lattice._geometry_grad import divided
+    from crfrnn.lattice.permutohedral import _point_rows
+
+    torch.manual_seed(0)
+    for B in (1, 3):
+        f = torch.rand(B, 5, 30, 20) * 100
+        for bw in (None, torch.tensor([[80.0, 80.0, 13.0, 13.0, 13.0]]), torch.rand(B, 5) + 0.5):
+            want = divided(f, bw).reshape(B, 5, -1).transpose(1, 2).clone()
+            np.testing.assert_array_equal(_point_rows(f, bw, None), want.numpy())
+            valid = torch.rand(B, 600) > 0.3
+            want[~valid] = 0
+            np.testing.assert_array_equal(_point_rows(f, bw, valid), want.numpy())

@@ -285,16 +285,13 @@ def _input_palette(path: Path):
     return out
 
 
-_SPATIAL_LATTICES = []  # this process's LatticeCache, made on first use (each worker process has its own)
-
-
+@functools.lru_cache(maxsize=None)
 def _spatial_lattices():
-    """The Gaussian terms' lattices of this process, reused by the images of one size (a folder's usual case)."""
-    if not _SPATIAL_LATTICES:
-        from crfrnn.lattice import LatticeCache
+    """This process's Gaussian-term lattices (each worker process has its own), reused by the images of one size,
+    a folder's usual case."""
+    from crfrnn.lattice import LatticeCache
 
-        _SPATIAL_LATTICES.append(LatticeCache(2))
-    return _SPATIAL_LATTICES[0]
+    return LatticeCache(2)
 
 
 def _refine_one(args, params: dict, dev, stage: Path | None, job) -> dict:

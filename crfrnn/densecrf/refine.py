@@ -8,7 +8,8 @@ import torch
 
 from crfrnn.lattice.cache import LatticeCache
 
-from .crf import ArrayLike, DenseCRF2D, _int_arg, _shape
+from ._checks import _int_arg, _shape
+from .crf import ArrayLike, DenseCRF2D
 
 __all__ = ["refine"]
 

@@ -212,3 +212,48 @@ def test_insert_with_a_table_past_the_prefetch_threshold():
                 step[j] = 5
             for side, sign in ((0, 1), (1, -1)):
                 assert nbr[j, v, side] == index.get(tuple((vkeys[v] + sign * step).tolist()), -1)
+
+
+def _fused_build_equals_twin(pts, threads):
+    from crfrnn.lattice import _numba_kernels as nb
+    from crfrnn.lattice.permutohedral import _scale_factors
+
+    n, d = pts.shape
+    sc = _scale_factors(d).numpy()
+    keys = np.empty((n, d + 1, d), dtype=np.int32)
+    bary = np.empty((n, d + 1))
+    nb.elevate(pts, sc, keys, bary)
+    off = np.empty(n * (d + 1), dtype=np.int32)
+    vkeys, table = nb.insert(keys.reshape(-1, d), off, 4, d + 1, threads)
+    b64, b32 = np.empty((n, d + 1)), np.empty((n, d + 1), dtype=np.float32)
+    off2 = np.empty_like(off)
+    vkeys2, table2 = nb.elevate_insert(pts, sc, b64, b32, off2, 4, threads)
+    np.testing.assert_array_equal(off2, off)
+    np.testing.assert_array_equal(vkeys2, vkeys)
+    np.testing.assert_array_equal(table2, table)
+    np.testing.assert_array_equal(b64, bary)
+    np.testing.assert_array_equal(b32, bary.astype(np.float32))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n_points", [1, 7, 300, 20000])
+def test_fused_build_equals_elevate_then_insert(d, n_points):
+    """The fused elevation + insert (keys made 256 points at a time, never stored) against its twin, the
+    elevation into an (N, d+1, d) array of keys and the insert of that array: the same offsets, vertex keys,
+    table and barycentric weights, bit for bit, for 1 and 3 chunks of points (block and chunk edges included)."""
+    pts = np.random.default_rng(d * 100 + n_points).normal(0, 2.0, (n_points, d))
+    for threads in (1, 3):
+        _fused_build_equals_twin(pts, threads)
+
+
+def test_fused_build_equals_twin_on_a_voc_bilateral_lattice():
+    """~1 vertex per pixel (the insert's table past ``_PREFETCH_TABLE``, its look-ahead running across the
+    fused build's blocks), 1 and 2 chunks."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    _, img, _ = voc_pairs(count=1, start=2)[0]
+    im = torch.from_numpy(crop(img, 300, 360).copy()).permute(2, 0, 1).double()
+    f = grid_features(im, 160.0, 3.0)[0].reshape(5, -1).T.contiguous().numpy()
+    assert f.shape[0] * 6 // 2 > nb._PREFETCH_TABLE
+    for threads in (1, 2):
+        _fused_build_equals_twin(f, threads)

@@ -107,6 +107,22 @@ def _point_rows(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor]
     return out
 
 
+def _build_points(pts, scale, bary64, bary32, offsets, base: int):
+    """One image's numba build: elevation and hash insert fused (:func:`_nb.elevate_insert`) where a kernel is
+    compiled for the dimension, else :func:`_nb.elevate` then :func:`_nb.insert` (the fused build's tested twin).
+    Returns the vertex keys and the hash table."""
+    import numba
+    import numpy as np
+
+    k, d = pts.shape
+    if d <= _nb._ELEVATE_FIXED:
+        return _nb.elevate_insert(pts, scale, bary64, bary32, offsets, base, numba.get_num_threads())
+    keys = np.empty((k, d + 1, d), dtype=np.int32)
+    _nb.elevate(pts, scale, keys, bary64)
+    bary32[...] = bary64
+    return _nb.insert(keys.reshape(-1, d), offsets, base, d + 1, numba.get_num_threads())
+
+
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend is None:
         return "numba" if (device.type == "cpu" and _HAVE_NUMBA) else "torch"
@@ -225,16 +241,17 @@ class PermutohedralLattice:
     # ------------------------------------------------------------------ builds
     def _build_numba(self, f, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
         """``f``: :func:`_point_rows`' ``(B, N, D)`` float64 array."""
-        import numba
         import numpy as np
 
         d, n, B = self.dim, self.num_points, self.batch_size
         sc = scale.numpy()
         # every large array is allocated here with NumPy (huge pages for big images)
         self._offsets = np.empty(B * n * (d + 1), dtype=np.int32)
-        self._bary64 = (np.zeros if valid is not None else np.empty)(B * n * (d + 1), dtype=np.float64)
+        alloc = np.zeros if valid is not None else np.empty
+        self._bary64 = alloc(B * n * (d + 1), dtype=np.float64)
+        bary32 = alloc(B * n * (d + 1), dtype=np.float32)  # the float32 filters' weights, made by the build
         offsets = self._offsets.reshape(B, n, d + 1)
-        bary_all = self._bary64.reshape(B, n, d + 1)
+        bary_all, bary32_all = self._bary64.reshape(B, n, d + 1), bary32.reshape(B, n, d + 1)
         nbrs = []
         base = 0
         for b in range(B):
@@ -243,18 +260,18 @@ class PermutohedralLattice:
             if keep is not None:
                 pts = pts[keep]
             k = pts.shape[0]
-            keys = np.empty((k, d + 1, d), dtype=np.int32)
             bary = bary_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float64)
-            _nb.elevate(pts, sc, keys, bary)
+            b32 = bary32_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float32)
             off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
-            vkeys, table = _nb.insert(keys.reshape(-1, d), off, base, d + 1, numba.get_num_threads())
-            del keys
+            vkeys, table = _build_points(pts, sc, bary, b32, off, base)
             nbrs.append(_nb.neighbours(vkeys, table, base))
             if keep is not None:  # left-out points: weight 0 on this image's first vertex
                 offsets[b] = base
                 offsets[b][keep] = off.reshape(-1, d + 1)
                 bary_all[b][keep] = bary
+                bary32_all[b][keep] = b32
             base += vkeys.shape[0]
+        self._bary_cache[torch.float32] = bary32
         self.num_vertices = base
         self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
 

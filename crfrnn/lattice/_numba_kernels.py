@@ -335,113 +335,137 @@ _build_fixed = {}
 
 
 def _build_for(d):
-    """:func:`elevate_insert` compiled for one dimension ``d`` (a constant of the closures, cached per ``d``)."""
-    stride = d + 1
+    """:func:`elevate_insert` compiled for one dimension ``d``, a constant of the closure (its loops unroll). The
+    closure captures nothing but ``d``: Numba's on-disk cache can then find it again in a new process."""
 
     @njit(cache=True)
-    def build_range(pts, scale, i0, i1, bary64, bary32, offsets, base):  # pragma: no cover - compiled
-        # points i0 <= i < i1 into a fresh table, as :func:`_insert_range` inserts their keys (sequential)
-        down = 1.0 / (d + 1)
-        elevated = np.empty(d + 1, dtype=np.float64)
-        rem0 = np.empty(d + 1, dtype=np.int64)
-        rank = np.empty(d + 1, dtype=np.int64)
-        b = np.empty(d + 2, dtype=np.float64)
-        keys = np.empty(((_BUILD_BLOCK + 1) * stride, d), dtype=np.int32)  # point slot 0: the previous point
-        keys3 = keys.reshape((_BUILD_BLOCK + 1, stride, d))
-        bsc = np.empty((_BUILD_BLOCK + 1, stride), dtype=np.float64)
-        cap = 1024
-        mask = np.uint64(cap - 1)
-        table = np.full(cap, _EMPTY, dtype=np.int32)
-        vkeys = np.empty((cap // 2, d), dtype=np.int32)
-        m = 0
-        ring = np.empty(_AHEAD_HASH, dtype=np.uint64)
-        ahead = np.full(_AHEAD_HASH, -1, dtype=np.int64)
-        first_row = i0 * stride
-        for s in range(i0, i1, _BUILD_BLOCK):
-            e = min(i1, s + _BUILD_BLOCK)
-            for k in range(e - s):
-                _elevate_point(pts, scale, keys3, bsc, s + k, k + 1, d, down, elevated, rem0, rank, b)
-                for r in range(stride):
-                    bary64[s + k, r] = bsc[k + 1, r]
-                    bary32[s + k, r] = np.float32(bsc[k + 1, r])
-            nrows = (e - s) * stride
-            for lq in range(nrows):
-                q = s * stride + lq
-                row = lq + stride
-                k = q % _AHEAD_HASH
-                hashed, h = ahead[k] == q, ring[k]
-                if cap >= _PREFETCH_TABLE and lq + _AHEAD_HASH < nrows:
-                    ring[k] = _hash(keys, row + _AHEAD_HASH, d)
-                    ahead[k] = q + _AHEAD_HASH
-                    _prefetch(table, ring[k] & mask)
-                if q - first_row >= stride:  # the previous point's same vertex: its offset, unhashed
-                    same = True
-                    for i in range(d):
-                        if keys[row, i] != keys[row - stride, i]:
-                            same = False
-                            break
-                    if same:
-                        offsets[q] = offsets[q - stride]
-                        continue
-                h = (h if hashed else _hash(keys, row, d)) & mask
-                while True:
-                    v = table[h]
-                    if v == _EMPTY:
-                        table[h] = m
-                        for i in range(d):
-                            vkeys[m, i] = keys[row, i]
-                        offsets[q] = m + base
-                        m += 1
-                        if 2 * m >= cap:
-                            cap *= 2
-                            mask = np.uint64(cap - 1)
-                            table = _rehash(vkeys, m, cap)
-                            grown = np.empty((cap // 2, d), dtype=np.int32)
-                            grown[:m] = vkeys[:m]
-                            vkeys = grown
-                        break
-                    same = True
-                    for i in range(d):
-                        if vkeys[v, i] != keys[row, i]:
-                            same = False
-                            break
-                    if same:
-                        offsets[q] = v + base
-                        break
-                    h = (h + np.uint64(1)) & mask
-            keys3[0, :, :] = keys3[e - s, :, :]
-        return vkeys[:m].copy(), table
+    def serial(pts, scale, bary64, bary32, offsets, base):  # pragma: no cover - compiled
+        return _build_range(pts, scale, 0, pts.shape[0], bary64, bary32, offsets, base, d)
 
     @njit(parallel=True, cache=True)
-    def build(pts, scale, bary64, bary32, offsets, base, threads):  # pragma: no cover - compiled
-        # chunks of points in parallel, then merged as :func:`insert` merges them
-        npts = pts.shape[0]
-        nch = min(threads, max(1, npts // 8192))
-        if nch <= 1:
-            return build_range(pts, scale, 0, npts, bary64, bary32, offsets, base)
-        bounds = np.empty(nch + 1, dtype=np.int64)
-        for c in range(nch + 1):
-            bounds[c] = npts * c // nch
-        found = np.empty((npts * stride, d), dtype=np.int32)  # chunk c's distinct keys from row bounds[c] * stride
-        counts = np.zeros(nch, dtype=np.int64)
-        for c in prange(nch):
-            vk, _ = build_range(pts, scale, bounds[c], bounds[c + 1], bary64, bary32, offsets, 0)
-            counts[c] = vk.shape[0]
-            found[bounds[c] * stride: bounds[c] * stride + vk.shape[0]] = vk
-        start = np.zeros(nch + 1, dtype=np.int64)
-        for c in range(nch):
-            start[c + 1] = start[c] + counts[c]
-        merged = np.empty((start[nch], d), dtype=np.int32)
-        for c in range(nch):
-            merged[start[c]: start[c + 1]] = found[bounds[c] * stride: bounds[c] * stride + counts[c]]
-        remap = np.empty(start[nch], dtype=np.int32)
-        vkeys, table = _insert_range(merged, 0, start[nch], remap, base, start[nch] + 1, np.empty(0, dtype=np.int64))
-        for c in prange(nch):
-            for q in range(bounds[c] * stride, bounds[c + 1] * stride):
-                offsets[q] = remap[start[c] + offsets[q]]
-        return vkeys, table
+    def chunked(pts, scale, bary64, bary32, offsets, base, threads):  # pragma: no cover - compiled
+        return _build_chunks(pts, scale, bary64, bary32, offsets, base, threads, d)
+
+    def build(pts, scale, bary64, bary32, offsets, base, threads):
+        # one chunk runs outside a parallel function: compiled on its own it is ~5 % faster
+        if _build_chunk_count(pts.shape[0], threads) <= 1:
+            return serial(pts, scale, bary64, bary32, offsets, base)
+        return chunked(pts, scale, bary64, bary32, offsets, base, threads)
 
     return build
+
+
+def _build_chunk_count(npts: int, threads: int) -> int:
+    """Chunks of points the parallel build inserts separately (at least 8192 points each)."""
+    return min(threads, max(1, npts // 8192))
+
+
+@njit(inline="always")
+def _build_range(pts, scale, i0, i1, bary64, bary32, offsets, base, d):  # pragma: no cover - compiled
+    """Points ``i0 <= i < i1`` of :func:`elevate_insert` into a fresh table, as :func:`_insert_range` inserts
+    their keys (sequential)."""
+    stride = d + 1
+    down = 1.0 / (d + 1)
+    elevated = np.empty(d + 1, dtype=np.float64)
+    rem0 = np.empty(d + 1, dtype=np.int64)
+    rank = np.empty(d + 1, dtype=np.int64)
+    b = np.empty(d + 2, dtype=np.float64)
+    keys = np.empty(((_BUILD_BLOCK + 1) * stride, d), dtype=np.int32)  # point slot 0: the previous point
+    keys3 = keys.reshape((_BUILD_BLOCK + 1, stride, d))
+    bsc = np.empty((_BUILD_BLOCK + 1, stride), dtype=np.float64)
+    cap = 1024
+    mask = np.uint64(cap - 1)
+    table = np.full(cap, _EMPTY, dtype=np.int32)
+    vkeys = np.empty((cap // 2, d), dtype=np.int32)
+    m = 0
+    ring = np.empty(_AHEAD_HASH, dtype=np.uint64)
+    ahead = np.full(_AHEAD_HASH, -1, dtype=np.int64)
+    first_row = i0 * stride
+    for s in range(i0, i1, _BUILD_BLOCK):
+        e = min(i1, s + _BUILD_BLOCK)
+        for k in range(e - s):
+            _elevate_point(pts, scale, keys3, bsc, s + k, k + 1, d, down, elevated, rem0, rank, b)
+            for r in range(stride):
+                bary64[s + k, r] = bsc[k + 1, r]
+                bary32[s + k, r] = np.float32(bsc[k + 1, r])
+        nrows = (e - s) * stride
+        for lq in range(nrows):
+            q = s * stride + lq
+            row = lq + stride
+            k = q % _AHEAD_HASH
+            hashed, h = ahead[k] == q, ring[k]
+            if cap >= _PREFETCH_TABLE and lq + _AHEAD_HASH < nrows:
+                ring[k] = _hash(keys, row + _AHEAD_HASH, d)
+                ahead[k] = q + _AHEAD_HASH
+                _prefetch(table, ring[k] & mask)
+            if q - first_row >= stride:  # the previous point's same vertex: its offset, unhashed
+                same = True
+                for i in range(d):
+                    if keys[row, i] != keys[row - stride, i]:
+                        same = False
+                        break
+                if same:
+                    offsets[q] = offsets[q - stride]
+                    continue
+            h = (h if hashed else _hash(keys, row, d)) & mask
+            while True:
+                v = table[h]
+                if v == _EMPTY:
+                    table[h] = m
+                    for i in range(d):
+                        vkeys[m, i] = keys[row, i]
+                    offsets[q] = m + base
+                    m += 1
+                    if 2 * m >= cap:
+                        cap *= 2
+                        mask = np.uint64(cap - 1)
+                        table = _rehash(vkeys, m, cap)
+                        grown = np.empty((cap // 2, d), dtype=np.int32)
+                        grown[:m] = vkeys[:m]
+                        vkeys = grown
+                    break
+                same = True
+                for i in range(d):
+                    if vkeys[v, i] != keys[row, i]:
+                        same = False
+                        break
+                if same:
+                    offsets[q] = v + base
+                    break
+                h = (h + np.uint64(1)) & mask
+        keys3[0, :, :] = keys3[e - s, :, :]
+    return vkeys[:m].copy(), table
+
+
+@njit(inline="always")
+def _build_chunks(pts, scale, bary64, bary32, offsets, base, threads, d):  # pragma: no cover - compiled
+    """:func:`elevate_insert`: chunks of points in parallel, then merged as :func:`insert` merges them."""
+    stride = d + 1
+    npts = pts.shape[0]
+    nch = min(threads, max(1, npts // 8192))  # as _build_chunk_count
+    if nch <= 1:
+        return _build_range(pts, scale, 0, npts, bary64, bary32, offsets, base, d)
+    bounds = np.empty(nch + 1, dtype=np.int64)
+    for c in range(nch + 1):
+        bounds[c] = npts * c // nch
+    found = np.empty((npts * stride, d), dtype=np.int32)  # chunk c's distinct keys from row bounds[c] * stride
+    counts = np.zeros(nch, dtype=np.int64)
+    for c in prange(nch):
+        vk, _ = _build_range(pts, scale, bounds[c], bounds[c + 1], bary64, bary32, offsets, 0, d)
+        counts[c] = vk.shape[0]
+        found[bounds[c] * stride: bounds[c] * stride + vk.shape[0]] = vk
+    start = np.zeros(nch + 1, dtype=np.int64)
+    for c in range(nch):
+        start[c + 1] = start[c] + counts[c]
+    merged = np.empty((start[nch], d), dtype=np.int32)
+    for c in range(nch):
+        merged[start[c]: start[c + 1]] = found[bounds[c] * stride: bounds[c] * stride + counts[c]]
+    remap = np.empty(start[nch], dtype=np.int32)
+    vkeys, table = _insert_range(merged, 0, start[nch], remap, base, start[nch] + 1, np.empty(0, dtype=np.int64))
+    for c in prange(nch):
+        for q in range(bounds[c] * stride, bounds[c + 1] * stride):
+            offsets[q] = remap[start[c] + offsets[q]]
+    return vkeys, table
 
 
 @njit(inline="always")

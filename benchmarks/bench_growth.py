@@ -3,10 +3,12 @@ iterations, 1 thread) at 1000x750 and at 500x375 on the same VOC images, alterna
 in fresh processes: with glibc's default allocator, which hands every freed block above 32 MB (and the heap's
 top) back to the kernel, so that each call on a big image faults its working memory in again, and with the
 freed memory kept (``crfrnn.cli._folder.keep_freed_memory``, what ``crfrnn refine DIR`` does in its workers).
-Minor page faults per call are counted (``getrusage``).
+Per call: minor page faults, user and system CPU time (``getrusage``) and transparent huge pages faulted in
+(``thp_fault_alloc`` of ``/proc/vmstat``: counted for the whole machine, so run it on a quiet one). The growth
+of the user CPU time alone is the computation's; the system time is the kernel's, faulting memory in.
 
     python benchmarks/bench_growth.py                 # README kernels, 3 images, 3 rounds
-    python benchmarks/bench_growth.py --kernels voc
+    python benchmarks/bench_growth.py --kernels voc --json benchmarks/results/growth-voc-1.json
 """
 from __future__ import annotations
 
@@ -20,8 +22,22 @@ import time
 SIZES = {"big": (750, 1000), "small": (375, 500)}
 
 
-def _faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _huge_page_faults() -> int:
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("thp_fault_alloc "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _counters() -> dict:
+    """Minor faults, user and system CPU ms, huge pages faulted in (machine-wide), wall ms: now."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"faults": ru.ru_minflt, "user_ms": 1000 * ru.ru_utime, "sys_ms": 1000 * ru.ru_stime,
+            "huge_pages": _huge_page_faults(), "ms": 1000 * time.perf_counter()}
 
 
 def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
@@ -44,23 +60,30 @@ def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
                    for lib, mod in (("crfrnn", ours), ("pydensecrf2", peer)) for k in SIZES}
             for f in fns.values():  # compile / load, first touches
                 f()
-            times = {key: [] for key in fns}
-            faults = {key: [] for key in fns}
+            calls = {key: [] for key in fns}  # per round: the counters' increase over the call
             for _ in range(rounds):
                 for key, f in fns.items():
-                    before, t0 = _faults(), time.perf_counter()
+                    before = _counters()
                     f()
-                    times[key].append(time.perf_counter() - t0)
-                    faults[key].append(_faults() - before)
+                    after = _counters()
+                    calls[key].append({k: after[k] - before[k] for k in after})
             row = {"image": path.stem, "kept_freed_memory": keep}
             for lib in ("crfrnn", "pydensecrf2"):
-                big, small = np.array(times[(lib, "big")]), np.array(times[(lib, "small")])
-                row[lib] = {"big_ms": 1000 * float(np.median(big)), "small_ms": 1000 * float(np.median(small)),
-                            "growth": float(np.median(big / small)),
-                            "faults_big": int(np.median(faults[(lib, "big")])),
-                            "faults_small": int(np.median(faults[(lib, "small")]))}
+                big = {k: np.array([c[k] for c in calls[(lib, "big")]]) for k in calls[(lib, "big")][0]}
+                small = {k: np.array([c[k] for c in calls[(lib, "small")]]) for k in calls[(lib, "small")][0]}
+                row[lib] = {"big_ms": float(np.median(big["ms"])), "small_ms": float(np.median(small["ms"])),
+                            "growth": float(np.median(big["ms"] / small["ms"])),
+                            "user_growth": float(np.median(big["user_ms"] / np.maximum(small["user_ms"], 1e-3))),
+                            **{f"{k}_{size}": float(np.median(v[k])) for size, v in (("big", big), ("small", small))
+                               for k in ("faults", "user_ms", "sys_ms", "huge_pages")}}
             rows.append(row)
     return rows
+
+
+def _describe(lib: str, c: dict) -> str:
+    return (f"{lib} {c['growth']:.2f}x, user {c['user_growth']:.2f}x ({c['big_ms']:.0f}/{c['small_ms']:.0f} ms; sys "
+            f"{c['sys_ms_big']:.0f}/{c['sys_ms_small']:.0f} ms, faults {c['faults_big']:.0f}/{c['faults_small']:.0f}, "
+            f"huge {c['huge_pages_big']:.0f}/{c['huge_pages_small']:.0f})")
 
 
 def main(argv=None) -> int:
@@ -68,21 +91,27 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", choices=("readme", "voc"), default="readme")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", help="also write every row (both modes) to this file")
     ap.add_argument("--_child", choices=("default", "keep"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
         print(json.dumps(child(a.kernels, a.images, a.rounds, a._child == "keep")))
         return 0
-    print(f"{a.kernels} kernels, L=21, T=10, 1 thread: cost of 1000x750 over 500x375 (median of per-round ratios); "
-          f"minor page faults per call at 1000x750 / 500x375")
+    print(f"{a.kernels} kernels, L=21, T=10, 1 thread: cost of 1000x750 over 500x375 (median of per-round ratios: "
+          f"wall time; user CPU time alone), and per call at 1000x750 / 500x375: system CPU ms, minor page faults, "
+          f"huge pages faulted in")
+    results = []
     for mode in ("default", "keep"):
         out = subprocess.run([sys.executable, __file__, "--kernels", a.kernels, "--images", str(a.images),
                               "--rounds", str(a.rounds), "--_child", mode], capture_output=True, text=True, check=True)
-        for r in json.loads(out.stdout.strip().splitlines()[-1]):
-            c, p = r["crfrnn"], r["pydensecrf2"]
-            print(f"{mode:8s} {r['image']}  crfrnn {c['growth']:.2f}x ({c['big_ms']:.0f}/{c['small_ms']:.0f} ms, faults "
-                  f"{c['faults_big']}/{c['faults_small']})   pydensecrf2 {p['growth']:.2f}x ({p['big_ms']:.0f}/"
-                  f"{p['small_ms']:.0f} ms, faults {p['faults_big']}/{p['faults_small']})", flush=True)
+        rows = json.loads(out.stdout.strip().splitlines()[-1])
+        results += rows
+        for r in rows:
+            print(f"{mode:8s} {r['image']}  " + "   ".join(_describe(lib, r[lib]) for lib in ("crfrnn", "pydensecrf2")),
+                  flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"kernels": a.kernels, "rows": results}, f, indent=1)
     return 0
 
 

@@ -257,3 +257,56 @@ def test_fused_build_equals_twin_on_a_voc_bilateral_lattice():
     assert f.shape[0] * 6 // 2 > nb._PREFETCH_TABLE
     for threads in (1, 2):
         _fused_build_equals_twin(f, threads)
+
+
+def test_stacked_terms_equal_numpy_concatenation():
+    """``stack_lattices`` (compiled copies with the vertex rows moved) against NumPy's concatenation of the
+    lattices' arrays: three terms of dimension 2, 5 and 3 over the same points, scales given and not, a vector
+    and a matrix weight."""
+    from crfrnn.lattice.fused import _padded, stack_lattices
+
+    h, w, L = 19, 27, 5
+    lats = [PermutohedralLattice(_features(d, 1, h, w, 40 + d), backend="numba") for d in (2, 5, 3)]
+    n = h * w
+    g = np.random.default_rng(3)
+    pres = [None, g.random(n, dtype=np.float32) + 0.5, None]
+    posts = [g.random(n, dtype=np.float32) + 0.5, None, None]
+    weights = [g.random(L, dtype=np.float32), g.random((L, L), dtype=np.float32), g.random(L, dtype=np.float32)]
+    (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post, wdiag, wcols,
+     ismat) = stack_lattices(lats, pres, posts, weights, L)
+    arrays = [lat.compiled_arrays() for lat in lats]
+    shift = np.cumsum([0] + [lat.num_vertices for lat in lats])[:-1]
+    np.testing.assert_array_equal(bary, np.concatenate([a.barycentric for a in arrays]))
+    want_offsets = np.concatenate([a.offsets.astype(np.int64) + s for a, s in zip(arrays, shift)])
+    np.testing.assert_array_equal(offsets, want_offsets)
+    want_nbr = np.concatenate([np.where(a.neighbours >= 0, a.neighbours.astype(np.int64) + s, -1)
+                               for a, s in zip(arrays, shift)])
+    np.testing.assert_array_equal(nbr, want_nbr)
+    assert (nbr[nbr < 0] == -1).all() and (nbr < 0).any()  # missing neighbours kept as -1
+    np.testing.assert_array_equal(tstart, np.cumsum([0] + [a.barycentric.size for a in arrays])[:-1])
+    np.testing.assert_array_equal(nstart, np.cumsum([0] + [a.neighbours.size for a in arrays])[:-1])
+    np.testing.assert_array_equal(vstart, shift)
+    np.testing.assert_array_equal(vcount, [lat.num_vertices for lat in lats])
+    np.testing.assert_array_equal(td1, [3, 6, 4])
+    alphas = [np.float32(a.alpha) for a in arrays]
+    np.testing.assert_array_equal(pre, np.stack([np.ones(n, np.float32), pres[1], np.ones(n, np.float32)]))
+    np.testing.assert_array_equal(post, np.stack([posts[0] * alphas[0], np.full(n, alphas[1], np.float32),
+                                                  np.full(n, alphas[2], np.float32)]))
+    cp = _padded(L)
+    assert wdiag.shape == (3, cp) and wcols.shape == (3, L, cp)
+    np.testing.assert_array_equal(wdiag[:, :L], np.stack([weights[0], np.zeros(L), weights[2]]))
+    np.testing.assert_array_equal(wcols[1, :, :L], weights[1].T)
+    assert not wdiag[:, L:].any() and not wcols[[0, 2]].any() and not wcols[:, :, L:].any()
+    np.testing.assert_array_equal(ismat, [False, True, False])
+
+
+@pytest.mark.parametrize("L", [1, 8, 21])
+@pytest.mark.parametrize("negate", [False, True])
+def test_rows_are_the_padded_transpose(L, negate):
+    from crfrnn.lattice.fused import _padded, _rows
+
+    x = np.random.default_rng(L).standard_normal((L, 1000)).astype(np.float32)
+    want = np.zeros((1000, _padded(L)), np.float32)
+    want[:, :L] = -x.T if negate else x.T
+    np.testing.assert_array_equal(_rows(x, negate), want)
+    np.testing.assert_array_equal(_rows(x[:, ::2], negate), want[::2])  # a strided view

@@ -1502,7 +1502,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     ``gathered (T,)`` bool: the terms splatted by gather rather than by scatter. For those, the pass over the
     points writes each point's marginals to ``qrows (N, Cp)`` (else ``(0, Cp)``) and each vertex then sums
     its points' rows, ``ptr``/``pts``/``wts`` being :func:`vertex_index`'s: no private copies, and the same
-    sums, bit for bit, as a scatter into one copy in point order.
+    sums, bit for bit, as a scatter into one copy in point order. The sums go to ``lat``, where the first blur
+    direction reads them, so these terms' blur runs between two buffers and copy 0 of ``partial`` is never
+    touched for them (for CRF-RNN's bilateral term, one lattice-sized array fewer in cache and to fault in).
     """
     n, cp = neg_unary.shape
     c = q.shape[0]
@@ -1541,9 +1543,12 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
             # the splat of a gathered term (each vertex sums its points' rows, in point order, into copy
             # 0); for the others, add the private copies into copy 0, clearing them for this iteration
             for t in range(nt):
-                if gathered[t]:
+                if gathered[t]:  # into ``lat``, which the blur's first direction then reads
                     for v in prange(vstart[t], vstart[t] + vcount[t]):
-                        _slice_rows(splat[v], qrows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+                        dst = lat[v]
+                        for ch in range(cp):
+                            dst[ch] = 0
+                        _slice_rows(dst, qrows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
                 elif parts > 1:
                     for v in prange(vstart[t], vstart[t] + vcount[t]):
                         _add_copies(partial, lo[:, t], hi[:, t], v)
@@ -1551,8 +1556,10 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 d1 = td1[t]
                 mt = vcount[t]
                 v0 = vstart[t]
+                first = lat if gathered[t] else splat  # where the term's splat is
+                clear = not gathered[t]  # copy 0, read by the first direction only, cleared by the second
                 for j in range(d1):
-                    src_a = splat if j == 0 else (tmp if j % 2 == 1 else lat)
+                    src_a = first if j == 0 else (tmp if j % 2 == 1 else lat)
                     dst_a = tmp if j % 2 == 0 else lat
                     pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
                     if j == d1 - 1 and ismat[t]:
@@ -1565,7 +1572,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             for v in range(ck * _VERTEX_CHUNK, min(mt, (ck + 1) * _VERTEX_CHUNK)):
                                 _blur_vertex(src_a, s, v0 + v, pairs, v, mtot, _F32(0.5))
                                 _matvec_row(dst_a[v0 + v], s, cols, c)
-                                if j == 1:  # copy 0 was read by the first direction only
+                                if j == 1 and clear:
                                     splat[v0 + v, :] = 0
                         continue
                     weighted = j == d1 - 1  # the last direction writes the messages
@@ -1575,7 +1582,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             _blur_vertex_weighted(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5), wd)
                         else:
                             _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
-                        if j == 1:  # copy 0 was read by the first direction only
+                        if j == 1 and clear:
                             splat[v0 + v, :] = 0
         last = it == n_iter
         keep_it = keep and it < n_iter
@@ -1728,6 +1735,36 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
                 for t in range(nt):  # the weight gradients: z_t^T q over the block, four labels of q at a time
                     for k in range(0, c, _MATVEC_ROWS):
                         _matvec_rows_add(acc[t], qt, k, zb[t], w)
+
+
+@njit(parallel=True, cache=True)
+def channels_to_rows(x, rows, negate):  # pragma: no cover - compiled
+    """``rows (N, Cp)``: ``x (C, N)`` transposed (negated if ``negate``), each row padded with zeros to ``Cp``, a
+    block of points at a time."""
+    c, n = x.shape
+    cp = rows.shape[1]
+    sign = np.float32(-1.0) if negate else np.float32(1.0)
+    for blk in prange((n + _BLOCK - 1) // _BLOCK):
+        i0 = blk * _BLOCK
+        i1 = min(i0 + _BLOCK, n)
+        for i in range(i0, i1):
+            for ch in range(c, cp):
+                rows[i, ch] = 0
+        for ch in range(c):
+            for i in range(i0, i1):
+                rows[i, ch] = sign * x[ch, i]
+
+
+@njit(parallel=True, cache=True)
+def copy_shifted(dst, src, shift):  # pragma: no cover - compiled
+    """``dst[i] = src[i] + shift`` where ``src[i] >= 0``, else ``src[i]`` (vertex rows moved by ``shift``; -1, a
+    missing blur neighbour, kept), in chunks."""
+    n = src.shape[0]
+    chunk = 1 << 16
+    for k in prange((n + chunk - 1) // chunk):
+        for i in range(k * chunk, min(n, (k + 1) * chunk)):
+            v = src[i]
+            dst[i] = v + shift if v >= 0 else v
 
 
 @njit(parallel=True, cache=True)

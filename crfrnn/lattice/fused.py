@@ -44,41 +44,42 @@ def stack_lattices(
     the logits as ``+ weights[t] * m`` for a vector ``(L,)`` or ``+ weights[t] @ m`` for a matrix
     ``(L, L)``. Every lattice must be a numba one over the same points.
     """
-    bary, offsets, nbr, tstart, td1, nstart, vstart, vcount = [], [], [], [], [], [], [], []
-    pre, post, wdiag, wcols, ismat = [], [], [], [], []
-    pos = npos = vpos = 0
-    for lat, p_pre, p_post, w in zip(lattices, pres, posts, weights, strict=True):
-        arrays = lat.compiled_arrays()
-        bary.append(arrays.barycentric)
-        offsets.append(arrays.offsets + np.int32(vpos) if vpos else arrays.offsets)
-        nb = arrays.neighbours
-        nbr.append(np.where(nb >= 0, nb + np.int32(vpos), nb) if vpos else nb)
-        tstart.append(pos)
-        td1.append(lat.dim + 1)
-        nstart.append(npos)
-        vstart.append(vpos)
-        vcount.append(lat.num_vertices)
-        pos += bary[-1].shape[0]
-        npos += nb.shape[0]
-        vpos += lat.num_vertices
-        n = lat.batch_size * lat.num_points
-        alpha = np.float32(arrays.alpha)  # the lattice's output factor, folded into post
-        pre.append(np.ones(n, np.float32) if p_pre is None else np.asarray(p_pre, np.float32))
-        post.append(np.full(n, alpha, np.float32) if p_post is None else np.asarray(p_post, np.float32) * alpha)
+    lattices = list(lattices)
+    arrays = [lat.compiled_arrays() for lat in lattices]
+    nt, n = len(lattices), (lattices[0].batch_size * lattices[0].num_points if lattices else 0)
+    sizes = lambda name: np.array([getattr(a, name).shape[0] for a in arrays], dtype=np.int64)  # noqa: E731
+    starts = lambda sz: np.cumsum(sz) - sz  # noqa: E731
+    tsize, nsize = sizes("barycentric"), sizes("neighbours")
+    vcount = np.array([lat.num_vertices for lat in lattices], dtype=np.int64)
+    tstart, nstart, vstart = starts(tsize), starts(nsize), starts(vcount)
+    td1 = np.array([lat.dim + 1 for lat in lattices], dtype=np.int64)
+    # one array per kind, each term's part copied in place with its vertex rows moved past the earlier terms'
+    # (a compiled pass: NumPy's concatenate of shifted copies made three temporaries per term)
+    bary = np.empty(int(tsize.sum()), np.float32)
+    offsets = np.empty(int(tsize.sum()), np.int32)
+    nbr = np.empty(int(nsize.sum()), np.int32)
+    pre, post = np.empty((nt, n), np.float32), np.empty((nt, n), np.float32)
+    wdiag = np.zeros((nt, _padded(n_labels)), np.float32)
+    wcols = np.zeros((nt, n_labels, _padded(n_labels)), np.float32)  # each matrix's columns as padded rows
+    ismat = np.zeros(nt, np.bool_)
+    for t, (a, p_pre, p_post, w) in enumerate(zip(arrays, pres, posts, weights, strict=True)):
+        part = slice(tstart[t], tstart[t] + tsize[t])
+        bary[part] = a.barycentric
+        _nb.copy_shifted(offsets[part], a.offsets, np.int32(vstart[t]))
+        _nb.copy_shifted(nbr[nstart[t]:nstart[t] + nsize[t]], a.neighbours, np.int32(vstart[t]))
+        pre[t] = 1.0 if p_pre is None else p_pre
+        alpha = np.float32(a.alpha)  # the lattice's output factor, folded into post
+        if p_post is None:
+            post[t] = alpha
+        else:
+            np.multiply(np.asarray(p_post, np.float32), alpha, out=post[t])
         w = np.asarray(w, np.float32)
-        wd = np.zeros(_padded(n_labels), np.float32)
         if w.ndim == 1:
-            wd[:n_labels] = w
-        wdiag.append(wd)
-        cols = np.zeros((n_labels, _padded(n_labels)), np.float32)  # the matrix's columns as padded rows
-        if w.ndim == 2:
-            cols[:, :n_labels] = w.T
-        wcols.append(cols)
-        ismat.append(w.ndim == 2)
-    i64 = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
-    return (np.concatenate(bary), np.concatenate(offsets), i64(tstart), i64(td1), np.concatenate(nbr),
-            i64(nstart), i64(vstart), i64(vcount), np.stack(pre), np.stack(post), np.stack(wdiag),
-            np.stack(wcols), np.array(ismat, dtype=np.bool_))
+            wdiag[t, :n_labels] = w
+        else:
+            wcols[t, :, :n_labels] = w.T
+        ismat[t] = w.ndim == 2
+    return (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post, wdiag, wcols, ismat)
 
 
 # A term whose lattice has at least this many vertices per point is splatted by gather (each vertex sums its
@@ -90,11 +91,12 @@ def stack_lattices(
 _GATHER_VERTICES_PER_POINT = 0.25
 
 
-def _rows(x: np.ndarray) -> np.ndarray:
-    """``x (L, P)`` as the kernels' rows ``(P, Cp)``: a point's labels side by side, padded with zeros."""
+def _rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
+    """``x (L, P)`` (or ``-x``) as the kernels' rows ``(P, Cp)``: a point's labels side by side, padded with
+    zeros."""
     L, n = x.shape
-    rows = np.zeros((n, _padded(L)), dtype=np.float32)
-    rows[:, :L] = x.T
+    rows = np.empty((n, _padded(L)), dtype=np.float32)
+    _nb.channels_to_rows(np.ascontiguousarray(x, dtype=np.float32), rows, negate)
     return rows
 
 
@@ -128,9 +130,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     in (in the copy the kernel's layout needs anyway). ``labels``: return each point's arg max of the output,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
     L, n = logits.shape
-    un = _rows(logits.detach().numpy())  # (P, Cp)
-    if energies:
-        np.negative(un[:, :L], out=un[:, :L])
+    un = _rows(logits.detach().numpy(), negate=energies)  # (P, Cp)
     out = np.empty((L, 0 if labels else n), dtype=np.float32)
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms

@@ -1537,13 +1537,13 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     tmp[mtot] = 0
     for it in range(n_iter + 1):
         if it > 0:
-            # add the private copies into copy 0 (clearing them for this iteration's splat), then blur
-            # each term: copy 0 -> tmp, then between tmp and lat; copy 0 is cleared while the second
-            # direction runs, and a diagonal compatibility is applied as the last direction writes
-            # the splat of a gathered term (each vertex sums its points' rows, in point order, into copy
-            # 0); for the others, add the private copies into copy 0, clearing them for this iteration
+            # finish the splat: a gathered term's vertices sum their points' rows, in point order, into
+            # lat; a scattered term's private copies are added into copy 0 (and cleared for the next
+            # splat). Then blur each term: its splat -> tmp, then between tmp and lat; copy 0 is cleared
+            # while the second direction runs, and a diagonal compatibility is applied as the last
+            # direction writes
             for t in range(nt):
-                if gathered[t]:  # into ``lat``, which the blur's first direction then reads
+                if gathered[t]:
                     for v in prange(vstart[t], vstart[t] + vcount[t]):
                         dst = lat[v]
                         for ch in range(cp):

@@ -415,17 +415,50 @@ def _general(nb, lat, x, consts):
     return out
 
 
-def test_numba_build_points_are_the_divided_features_bit_for_bit():
-    """The numba build's float64 point rows equal torch's features / bandwidth exactly (masked points zero)."""
+def test_numba_build_divides_as_torch_bit_for_bit():
+    """The numba build divides the features by the bandwidth point by point (float32 or float64 features, masks,
+    per-image bandwidths): the same lattice, bit for bit, as the build from torch's ``features / bandwidth``."""
     from crfrnn.lattice._geometry_grad import divided
-    from crfrnn.lattice.permutohedral import _point_rows
 
     torch.manual_seed(0)
     for B in (1, 3):
-        f = torch.rand(B, 5, 30, 20) * 100
-        for bw in (None, torch.tensor([[80.0, 80.0, 13.0, 13.0, 13.0]]), torch.rand(B, 5) + 0.5):
-            want = divided(f, bw).reshape(B, 5, -1).transpose(1, 2).clone()
-            np.testing.assert_array_equal(_point_rows(f, bw, None), want.numpy())
-            valid = torch.rand(B, 600) > 0.3
-            want[~valid] = 0
-            np.testing.assert_array_equal(_point_rows(f, bw, valid), want.numpy())
+        for dtype in (torch.float32, torch.float64):
+            f = (torch.rand(B, 5, 30, 20) * 100).to(dtype)
+            for bw in (torch.tensor([80.0, 80.0, 13.0, 13.0, 13.0]), torch.rand(B, 5) + 0.5):
+                for mask in (None, torch.rand(B, 1, 30, 20) > 0.3):
+                    lat = PermutohedralLattice(f, bandwidth=bw, mask=mask, backend="numba")
+                    ref = PermutohedralLattice(divided(f, bw), mask=mask, backend="numba")
+                    assert lat.num_vertices == ref.num_vertices
+                    np.testing.assert_array_equal(lat._offsets, ref._offsets)
+                    np.testing.assert_array_equal(lat._nbr, ref._nbr)
+                    for w in (torch.float32, torch.float64):
+                        np.testing.assert_array_equal(lat._bary(w), ref._bary(w))
+
+
+@pytest.mark.parametrize("d", [2, 9])
+def test_numba_float64_weights_on_request_match_the_torch_build(d):
+    """The float64 weights, made on request (fused build, d <= 8) or by the build itself (d = 9), equal the torch
+    backend's to rounding, round to the float32 weights the build wrote, and filter float64 values."""
+    torch.manual_seed(1)
+    f = torch.rand(2, d, 17, 13) * 4
+    mask = torch.rand(2, 1, 17, 13) > 0.2
+    lat = PermutohedralLattice(f, mask=mask, backend="numba")
+    ref = PermutohedralLattice(f, mask=mask, backend="torch")
+    w64 = lat._bary(torch.float64)
+    assert w64.dtype == np.float64
+    np.testing.assert_array_equal(w64.astype(np.float32), lat._bary(torch.float32))
+    np.testing.assert_allclose(np.sort(w64.reshape(-1, d + 1), axis=1),
+                               np.sort(ref._bary(torch.float64).numpy().reshape(-1, d + 1), axis=1), atol=1e-12)
+    v = torch.rand(2, 3, 17, 13, dtype=torch.float64)
+    torch.testing.assert_close(lat.filter(v), ref.filter(v), rtol=1e-10, atol=1e-12)
+
+
+def test_numba_float64_weights_refuse_features_modified_in_place():
+    """Filtering float64 values re-reads the features; if they changed in place since the build, a clear error
+    (never weights of other features)."""
+    f = torch.rand(1, 3, 10, 10)
+    lat = PermutohedralLattice(f, backend="numba")
+    lat.filter(torch.rand(1, 2, 10, 10))  # float32: the build's own weights
+    f.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        lat.filter(torch.rand(1, 2, 10, 10, dtype=torch.float64))

@@ -20,7 +20,7 @@ def _reference(lat, x, reverse=False, pre=None, post=None):
     B, C, n = x.shape
     d1 = lat.dim + 1
     off = lat._offsets.reshape(B * n, d1).astype(np.int64)
-    w = lat._bary64.reshape(B * n, d1)
+    w = lat._bary(torch.float64).reshape(B * n, d1)
     v = x.transpose(0, 2, 1).reshape(B * n, C).astype(np.float64)
     if pre is not None:
         v = v * pre.reshape(-1, 1)
@@ -96,7 +96,7 @@ def test_work_arrays_from_the_caller_change_nothing(dtype):
     x = np.random.default_rng(0).random((2, 13, 1200)).astype(dtype)
     consts = np.array([0.5, lat._alpha], dtype=dtype)
     empty = np.empty(0, dtype=dtype)
-    bary = lat._bary64.astype(dtype)
+    bary = lat._bary(torch.float64).astype(dtype)
     for parts in (1, 4):
         for reverse in (False, True):
             ref, got = np.empty_like(x), np.empty_like(x)
@@ -225,14 +225,18 @@ def _fused_build_equals_twin(pts, threads):
     nb.elevate(pts, sc, keys, bary)
     off = np.empty(n * (d + 1), dtype=np.int32)
     vkeys, table = nb.insert(keys.reshape(-1, d), off, 4, d + 1, threads)
-    b64, b32 = np.empty((n, d + 1)), np.empty((n, d + 1), dtype=np.float32)
-    off2 = np.empty_like(off)
-    vkeys2, table2 = nb.elevate_insert(pts, sc, b64, b32, off2, 4, threads)
-    np.testing.assert_array_equal(off2, off)
-    np.testing.assert_array_equal(vkeys2, vkeys)
-    np.testing.assert_array_equal(table2, table)
-    np.testing.assert_array_equal(b64, bary)
-    np.testing.assert_array_equal(b32, bary.astype(np.float32))
+    src, ones = np.ascontiguousarray(pts.T), np.ones(d)  # the fused build divides: by 1 here (exact)
+    for with64 in (True, False):
+        b64 = np.empty((n if with64 else 0, d + 1))
+        b32 = np.empty((n, d + 1), dtype=np.float32)
+        off2 = np.empty_like(off)
+        vkeys2, table2 = nb.elevate_insert(src, ones, sc, b64, b32, off2, 4, threads)
+        np.testing.assert_array_equal(off2, off)
+        np.testing.assert_array_equal(vkeys2, vkeys)
+        np.testing.assert_array_equal(table2, table)
+        np.testing.assert_array_equal(b32, bary.astype(np.float32))
+        if with64:
+            np.testing.assert_array_equal(b64, bary)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 8])

@@ -317,18 +317,21 @@ def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
 _BUILD_BLOCK = 256  # points the fused build elevates at a time, their keys in a scratch that stays in L2
 
 
-def elevate_insert(pts, scale, bary64, bary32, offsets, base, threads):
-    """:func:`elevate` and :func:`insert` (its tested twin) in one pass over the points ``pts (N, d)`` float64,
-    ``d <= _ELEVATE_FIXED``: the same ``offsets``, vertex keys and table, bit for bit, without the ``(N, d+1,
-    d)`` array of keys (90 MB for a 1000x750 bilateral lattice, written once and read once): the points are
-    elevated ``_BUILD_BLOCK`` at a time into a small scratch and their keys inserted from there.
-    Writes ``bary64 (N, d+1)`` float64 and ``bary32`` (the same, rounded to float32) and ``offsets (N (d+1),)``
-    int32; returns ``vkeys (M, d)`` and the table."""
-    d = pts.shape[1]
+def elevate_insert(src, divisors, scale, bary64, bary32, offsets, base, threads):
+    """:func:`elevate` and :func:`insert` (its tested twin) in one pass over the points ``src[:, k] / divisors``
+    (``src (d, N)`` float32 or float64, one image's features as channels; ``divisors (d,)`` float64, the
+    bandwidths: ``float64(src) / divisors`` are the bits of :func:`._geometry_grad.divided`), ``d <=
+    _ELEVATE_FIXED``: the same ``offsets``, vertex keys and table, bit for bit, without the ``(N, d+1, d)`` array
+    of keys (90 MB for a 1000x750 bilateral lattice, written once and read once) nor the ``(N, d)`` float64 point
+    rows: the points are divided and elevated ``_BUILD_BLOCK`` at a time into a small scratch and their keys
+    inserted from there. Writes ``bary32 (N, d+1)`` float32 (the barycentric weights rounded), ``bary64`` (the
+    same in float64) unless it is empty, and ``offsets (N (d+1),)`` int32; returns ``vkeys (M, d)`` and the
+    table."""
+    d = src.shape[0]
     kernel = _build_fixed.get(d)
     if kernel is None:
         kernel = _build_fixed[d] = _build_for(d)
-    return kernel(pts, scale, bary64, bary32, offsets, base, threads)
+    return kernel(src, divisors, scale, bary64, bary32, offsets, base, threads)
 
 
 _build_fixed = {}
@@ -339,18 +342,18 @@ def _build_for(d):
     closure captures nothing but ``d``: Numba's on-disk cache can then find it again in a new process."""
 
     @njit(cache=True)
-    def serial(pts, scale, bary64, bary32, offsets, base):  # pragma: no cover - compiled
-        return _build_range(pts, scale, 0, pts.shape[0], bary64, bary32, offsets, base, d)
+    def serial(src, divisors, scale, bary64, bary32, offsets, base):  # pragma: no cover - compiled
+        return _build_range(src, divisors, scale, 0, src.shape[1], bary64, bary32, offsets, base, d)
 
     @njit(parallel=True, cache=True)
-    def chunked(pts, scale, bary64, bary32, offsets, base, threads):  # pragma: no cover - compiled
-        return _build_chunks(pts, scale, bary64, bary32, offsets, base, threads, d)
+    def chunked(src, divisors, scale, bary64, bary32, offsets, base, threads):  # pragma: no cover - compiled
+        return _build_chunks(src, divisors, scale, bary64, bary32, offsets, base, threads, d)
 
-    def build(pts, scale, bary64, bary32, offsets, base, threads):
+    def build(src, divisors, scale, bary64, bary32, offsets, base, threads):
         # one chunk runs outside a parallel function: compiled on its own it is ~5 % faster
-        if _build_chunk_count(pts.shape[0], threads) <= 1:
-            return serial(pts, scale, bary64, bary32, offsets, base)
-        return chunked(pts, scale, bary64, bary32, offsets, base, threads)
+        if _build_chunk_count(src.shape[1], threads) <= 1:
+            return serial(src, divisors, scale, bary64, bary32, offsets, base)
+        return chunked(src, divisors, scale, bary64, bary32, offsets, base, threads)
 
     return build
 
@@ -361,10 +364,12 @@ def _build_chunk_count(npts: int, threads: int) -> int:
 
 
 @njit(inline="always")
-def _build_range(pts, scale, i0, i1, bary64, bary32, offsets, base, d):  # pragma: no cover - compiled
+def _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d):  # pragma: no cover - compiled
     """Points ``i0 <= i < i1`` of :func:`elevate_insert` into a fresh table, as :func:`_insert_range` inserts
     their keys (sequential)."""
     stride = d + 1
+    with64 = bary64.shape[0] > 0
+    pts = np.empty((_BUILD_BLOCK, d), dtype=np.float64)  # a block of points, divided
     down = 1.0 / (d + 1)
     elevated = np.empty(d + 1, dtype=np.float64)
     rem0 = np.empty(d + 1, dtype=np.int64)
@@ -383,11 +388,16 @@ def _build_range(pts, scale, i0, i1, bary64, bary32, offsets, base, d):  # pragm
     first_row = i0 * stride
     for s in range(i0, i1, _BUILD_BLOCK):
         e = min(i1, s + _BUILD_BLOCK)
+        for i in range(d):
+            for k in range(e - s):
+                pts[k, i] = np.float64(src[i, s + k]) / divisors[i]
         for k in range(e - s):
-            _elevate_point(pts, scale, keys3, bsc, s + k, k + 1, d, down, elevated, rem0, rank, b)
+            _elevate_point(pts, scale, keys3, bsc, k, k + 1, d, down, elevated, rem0, rank, b)
             for r in range(stride):
-                bary64[s + k, r] = bsc[k + 1, r]
                 bary32[s + k, r] = np.float32(bsc[k + 1, r])
+            if with64:
+                for r in range(stride):
+                    bary64[s + k, r] = bsc[k + 1, r]
         nrows = (e - s) * stride
         for lq in range(nrows):
             q = s * stride + lq
@@ -438,20 +448,20 @@ def _build_range(pts, scale, i0, i1, bary64, bary32, offsets, base, d):  # pragm
 
 
 @njit(inline="always")
-def _build_chunks(pts, scale, bary64, bary32, offsets, base, threads, d):  # pragma: no cover - compiled
+def _build_chunks(src, divisors, scale, bary64, bary32, offsets, base, threads, d):  # pragma: no cover - compiled
     """:func:`elevate_insert`: chunks of points in parallel, then merged as :func:`insert` merges them."""
     stride = d + 1
-    npts = pts.shape[0]
+    npts = src.shape[1]
     nch = min(threads, max(1, npts // 8192))  # as _build_chunk_count
     if nch <= 1:
-        return _build_range(pts, scale, 0, npts, bary64, bary32, offsets, base, d)
+        return _build_range(src, divisors, scale, 0, npts, bary64, bary32, offsets, base, d)
     bounds = np.empty(nch + 1, dtype=np.int64)
     for c in range(nch + 1):
         bounds[c] = npts * c // nch
     found = np.empty((npts * stride, d), dtype=np.int32)  # chunk c's distinct keys from row bounds[c] * stride
     counts = np.zeros(nch, dtype=np.int64)
     for c in prange(nch):
-        vk, _ = _build_range(pts, scale, bounds[c], bounds[c + 1], bary64, bary32, offsets, 0, d)
+        vk, _ = _build_range(src, divisors, scale, bounds[c], bounds[c + 1], bary64, bary32, offsets, 0, d)
         counts[c] = vk.shape[0]
         found[bounds[c] * stride: bounds[c] * stride + vk.shape[0]] = vk
     start = np.zeros(nch + 1, dtype=np.int64)
@@ -1501,7 +1511,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
 
     ``gathered (T,)`` bool: the terms splatted by gather rather than by scatter. For those, the pass over the
     points writes each point's marginals to ``qrows (N, Cp)`` (else ``(0, Cp)``) and each vertex then sums
-    its points' rows, ``ptr``/``pts``/``wts`` being :func:`vertex_index`'s: no private copies, and the same
+    its points' rows, ``ptr``/``pts``/``wts`` being :func:`vertex_index`'s (the last pass, which splats nothing,
+    leaves ``qrows`` alone: it may share ``q``'s memory): no private copies, and the same
     sums, bit for bit, as a scatter into one copy in point order. The sums go to ``lat``, where the first blur
     direction reads them, so these terms' blur runs between two buffers and copy 0 of ``partial`` is never
     touched for them (for CRF-RNN's bilateral term, one lattice-sized array fewer in cache and to fault in).
@@ -1586,6 +1597,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             splat[v0 + v, :] = 0
         last = it == n_iter
         keep_it = keep and it < n_iter
+        gather_q = use_q and not last  # the last pass splats nothing: qrows may share q's memory
         for p in prange(parts):
             shift = p * rows
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
@@ -1596,7 +1608,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 # has them in flight, and the prefetches' address arithmetic cost more than they saved
                 # (whole inference 0.86-0.95x without them, 1 thread; 2 and 8 points ahead measured)
                 for i in range(i0, i1):
-                    row = qrows[i] if use_q else buf[i - i0]
+                    row = qrows[i] if gather_q else buf[i - i0]
                     un = neg_unary[i]
                     for ch in range(cp):
                         row[ch] = un[ch]
@@ -1605,7 +1617,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             d1 = td1[t]
                             _slice_rows(row, tmp if d1 % 2 == 1 else lat, offsets, bary, tstart[t] + i * d1, d1,
                                         post[t, i])
-                rows_out = qrows[i0:i1] if use_q else buf
+                rows_out = qrows[i0:i1] if gather_q else buf
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0
                     while r + _SOFTMAX_ROWS <= i1 - i0:

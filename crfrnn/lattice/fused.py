@@ -131,7 +131,12 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
     L, n = logits.shape
     un = _rows(logits.detach().numpy(), negate=energies)  # (P, Cp)
-    out = np.empty((L, 0 if labels else n), dtype=np.float32)
+    gathered = splat_by_gather(stacked[7], n)
+    # the gather's input rows and the output share memory (the kernel's last pass writes the output and no
+    # rows): one array fewer to fault in per call
+    shared = np.empty(max(n * un.shape[1] if gathered.any() else 0, 0 if labels else L * n), dtype=np.float32)
+    qrows = shared[:n * un.shape[1] if gathered.any() else 0].reshape(-1, un.shape[1])
+    out = shared[:0 if labels else L * n].reshape(L, -1)
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
@@ -142,9 +147,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     elif history.shape != history_shape(n_iterations, L, n) or history.dtype != np.float32:
         raise ValueError(f"history must be float32 of shape {history_shape(n_iterations, L, n)}, got "
                          f"{history.dtype} {history.shape}")
-    gathered = splat_by_gather(stacked[7], n)
     index = _gather_index(stacked, gathered, n)
-    qrows = np.empty((n if gathered.any() else 0, un.shape[1]), np.float32)  # the gather's input
     _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, gathered, *index,
                         qrows)
     return torch.from_numpy(lab if labels else out)

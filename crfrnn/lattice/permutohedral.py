@@ -52,11 +52,12 @@ __all__ = [
 ]
 
 try:  # the compiled CPU path is optional at import time (it is a hard dependency of the package)
+    from . import _numba_build
     from . import _numba_kernels as _nb
 
     _HAVE_NUMBA = True
 except Exception:  # pragma: no cover - exercised only without numba
-    _nb = None
+    _nb = _numba_build = None
     _HAVE_NUMBA = False
 
 _BACKENDS = ("numba", "torch")
@@ -87,40 +88,6 @@ def available_backends() -> tuple:
 def _scale_factors(d: int) -> torch.Tensor:
     inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
     return torch.tensor([inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)], dtype=torch.float64)
-
-
-def _point_rows(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor]):
-    """The numba build's points: ``features (B, D, *spatial) / bandwidth`` in float64 as rows ``(B, N, D)`` (the
-    bits of :func:`._geometry_grad.divided`), masked points zero. Made in one NumPy array (huge pages for a big
-    image), not through torch temporaries that glibc hands back to the kernel after each call and that every
-    call then faults in again page by page (~20 000 4 KB faults per 1000x750 bilateral build)."""
-    import numpy as np
-
-    B, D = features.shape[:2]
-    src = features.reshape(B, D, -1)
-    out = np.empty((B, src.shape[2], D), dtype=np.float64)
-    torch.from_numpy(out).copy_(src.transpose(1, 2))  # float32 -> float64 is exact
-    if bandwidth is not None:
-        out /= bandwidth.detach().to(torch.float64).reshape(-1, D).numpy()[:, None, :]
-    if valid is not None:
-        out[~valid.numpy()] = 0.0
-    return out
-
-
-def _build_points(pts, scale, bary64, bary32, offsets, base: int):
-    """One image's numba build: elevation and hash insert fused (:func:`_nb.elevate_insert`) where a kernel is
-    compiled for the dimension, else :func:`_nb.elevate` then :func:`_nb.insert` (the fused build's tested twin).
-    Returns the vertex keys and the hash table."""
-    import numba
-    import numpy as np
-
-    k, d = pts.shape
-    if d <= _nb._ELEVATE_FIXED:
-        return _nb.elevate_insert(pts, scale, bary64, bary32, offsets, base, numba.get_num_threads())
-    keys = np.empty((k, d + 1, d), dtype=np.int32)
-    _nb.elevate(pts, scale, keys, bary64)
-    bary32[...] = bary64
-    return _nb.insert(keys.reshape(-1, d), offsets, base, d + 1, numba.get_num_threads())
 
 
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
@@ -213,10 +180,8 @@ class PermutohedralLattice:
                     raise ValueError(
                         f"mask excludes every pixel of image(s) {empty} of the batch (mask {tuple(mask.shape)})"
                     )
-            if self.backend == "numba":
-                f = _point_rows(features.detach(), bandwidth, valid)  # (B, N, D) NumPy
-                lo, hi = torch.aminmax(torch.from_numpy(f).reshape(-1, d), dim=0)
-                absmax = torch.maximum(-lo, hi)
+            if self.backend == "numba":  # the build divides by the bandwidth point by point
+                absmax = _numba_build.absmax(features.detach(), bandwidth, valid)
             else:
                 f = _divided(features.detach(), bandwidth).reshape(self.batch_size, d, self.num_points)
                 if valid is not None:
@@ -233,47 +198,21 @@ class PermutohedralLattice:
             self._alpha = 1.0 / (1.0 + 2.0 ** (-d))
             self._bary_cache = {}
             if self.backend == "numba":
-                self._build_numba(f, scale, valid)
+                self._build_numba(features, bandwidth, valid, scale)
             else:
                 self._build_torch(f, scale, valid)
         self._keep_geometry(features, bandwidth, valid)
 
     # ------------------------------------------------------------------ builds
-    def _build_numba(self, f, scale: torch.Tensor, valid: Optional[torch.Tensor]) -> None:
-        """``f``: :func:`_point_rows`' ``(B, N, D)`` float64 array."""
-        import numpy as np
-
-        d, n, B = self.dim, self.num_points, self.batch_size
-        sc = scale.numpy()
-        # every large array is allocated here with NumPy (huge pages for big images)
-        self._offsets = np.empty(B * n * (d + 1), dtype=np.int32)
-        alloc = np.zeros if valid is not None else np.empty
-        self._bary64 = alloc(B * n * (d + 1), dtype=np.float64)
-        bary32 = alloc(B * n * (d + 1), dtype=np.float32)  # the float32 filters' weights, made by the build
-        offsets = self._offsets.reshape(B, n, d + 1)
-        bary_all, bary32_all = self._bary64.reshape(B, n, d + 1), bary32.reshape(B, n, d + 1)
-        nbrs = []
-        base = 0
-        for b in range(B):
-            pts = f[b]  # (N, d)
-            keep = None if valid is None or bool(valid[b].all()) else valid[b].numpy().nonzero()[0]
-            if keep is not None:
-                pts = pts[keep]
-            k = pts.shape[0]
-            bary = bary_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float64)
-            b32 = bary32_all[b] if keep is None else np.empty((k, d + 1), dtype=np.float32)
-            off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
-            vkeys, table = _build_points(pts, sc, bary, b32, off, base)
-            nbrs.append(_nb.neighbours(vkeys, table, base))
-            if keep is not None:  # left-out points: weight 0 on this image's first vertex
-                offsets[b] = base
-                offsets[b][keep] = off.reshape(-1, d + 1)
-                bary_all[b][keep] = bary
-                bary32_all[b][keep] = b32
-            base += vkeys.shape[0]
-        self._bary_cache[torch.float32] = bary32
-        self.num_vertices = base
-        self._nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
+    def _build_numba(self, features, bandwidth, valid, scale: torch.Tensor) -> None:
+        built = _numba_build.build(features.detach(), bandwidth, valid, scale.numpy())
+        self._offsets, self._nbr, self.num_vertices = built.offsets, built.nbr, built.num_vertices
+        self._bary_cache[torch.float32] = built.bary32
+        if built.bary64 is not None:
+            self._bary_cache[torch.float64] = built.bary64
+        # what the float64 weights are re-made from on request (the caller's tensors, not copies)
+        self._source = (features.detach(), None if bandwidth is None else bandwidth.detach(), valid, scale.numpy())
+        self._source_versions = (features._version, None if bandwidth is None else bandwidth._version)
 
     def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor], rings: int = 0) -> None:
         d, B, n = self.dim, self.batch_size, self.num_points
@@ -400,16 +339,23 @@ class PermutohedralLattice:
 
     # ------------------------------------------------------------------ apply
     def _bary(self, dtype):
-        key = dtype
-        if key not in self._bary_cache:
+        """The barycentric weights in ``dtype`` (float32 or float64 on the numba backend), made once."""
+        if dtype not in self._bary_cache:
             if self.backend == "numba":
-                import numpy as np
-
-                np_dtype = np.float64 if dtype == torch.float64 else np.float32
-                self._bary_cache[key] = self._bary64.astype(np_dtype)
+                self._bary_cache[dtype] = self._numba_bary64()
             else:
-                self._bary_cache[key] = self._bary64_t.to(dtype)
-        return self._bary_cache[key]
+                self._bary_cache[dtype] = self._bary64_t.to(dtype)
+        return self._bary_cache[dtype]
+
+    def _numba_bary64(self):
+        features, bandwidth, valid, scale = self._source
+        versions = (features._version, None if bandwidth is None else bandwidth._version)
+        if versions != self._source_versions:
+            raise RuntimeError(
+                "the features (or bandwidth) this lattice was built from were modified in place since; filtering "
+                "float64 values re-reads them: build a new lattice"
+            )
+        return _numba_build.barycentric64(features, bandwidth, valid, scale)
 
     def compiled_arrays(self) -> CompiledArrays:
         """The numba backend's arrays in float32, for kernels that drive several lattices at once

@@ -462,3 +462,19 @@ def test_numba_float64_weights_refuse_features_modified_in_place():
     f.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         lat.filter(torch.rand(1, 2, 10, 10, dtype=torch.float64))
+
+
+def test_numba_lattice_built_in_inference_mode_filters_float64_values():
+    """Inference tensors have no version counter: a lattice built in ``torch.inference_mode`` keeps a copy of
+    them for the float64 weights, which then equal those of a lattice built outside it (and later in-place
+    edits of the features do not reach them)."""
+    f = torch.rand(1, 5, 12, 9) * 3
+    bw = torch.tensor([1.0, 1.0, 0.5, 0.5, 0.5])
+    v = torch.rand(1, 2, 12, 9, dtype=torch.float64)
+    want = PermutohedralLattice(f, bandwidth=bw, backend="numba").filter(v)
+    with torch.inference_mode():
+        fi = f.clone()
+        lat = PermutohedralLattice(fi, bandwidth=bw, backend="numba")
+        fi.mul_(2.0)
+        got = lat.filter(v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

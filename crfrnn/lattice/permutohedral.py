@@ -90,6 +90,19 @@ def _scale_factors(d: int) -> torch.Tensor:
     return torch.tensor([inv_std / math.sqrt((i + 1) * (i + 2)) for i in range(d)], dtype=torch.float64)
 
 
+def _version(t: Optional[torch.Tensor]) -> Optional[int]:
+    """``t``'s version counter (bumped by every in-place edit); None for None or an inference tensor (it has none)."""
+    return None if t is None or t.is_inference() else t._version
+
+
+def _snapshot(t: Optional[torch.Tensor]) -> tuple:
+    """``(t, its version)`` detached, or for an inference tensor ``(a copy, None)``."""
+    if t is None:
+        return None, None
+    t = t.detach()
+    return (t.clone(), None) if t.is_inference() else (t, _version(t))
+
+
 def _resolve_backend(backend: Optional[str], device: torch.device) -> str:
     if backend is None:
         return "numba" if (device.type == "cpu" and _HAVE_NUMBA) else "torch"
@@ -210,9 +223,10 @@ class PermutohedralLattice:
         self._bary_cache[torch.float32] = built.bary32
         if built.bary64 is not None:
             self._bary_cache[torch.float64] = built.bary64
-        # what the float64 weights are re-made from on request (the caller's tensors, not copies)
-        self._source = (features.detach(), None if bandwidth is None else bandwidth.detach(), valid, scale.numpy())
-        self._source_versions = (features._version, None if bandwidth is None else bandwidth._version)
+        # what the float64 weights are re-made from on request: the caller's tensors and their versions, or a
+        # copy of an inference tensor (it has no version counter)
+        (f, fv), (bw, bv) = _snapshot(features), _snapshot(bandwidth)
+        self._source, self._source_versions = (f, bw, valid, scale.numpy()), (fv, bv)
 
     def _build_torch(self, f: torch.Tensor, scale: torch.Tensor, valid: Optional[torch.Tensor], rings: int = 0) -> None:
         d, B, n = self.dim, self.batch_size, self.num_points
@@ -349,8 +363,7 @@ class PermutohedralLattice:
 
     def _numba_bary64(self):
         features, bandwidth, valid, scale = self._source
-        versions = (features._version, None if bandwidth is None else bandwidth._version)
-        if versions != self._source_versions:
+        if (_version(features), _version(bandwidth)) != self._source_versions:
             raise RuntimeError(
                 "the features (or bandwidth) this lattice was built from were modified in place since; filtering "
                 "float64 values re-reads them: build a new lattice"

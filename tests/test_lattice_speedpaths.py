@@ -314,3 +314,24 @@ def test_rows_are_the_padded_transpose(L, negate):
     want[:, :L] = -x.T if negate else x.T
     np.testing.assert_array_equal(_rows(x, negate), want)
     np.testing.assert_array_equal(_rows(x[:, ::2], negate), want[::2])  # a strided view
+
+
+@pytest.mark.parametrize("labels", [1, 2, 21, 59])
+def test_row_transposes_equal_numpy(labels):
+    """``channels_to_rows`` (the kernels' row layout: transposed, negated on request, zero padding) and
+    ``rows_to_channels`` against NumPy's transposes, over a number of points that is not a whole block."""
+    from crfrnn.lattice import _numba_kernels as nb
+    from crfrnn.lattice.fused import _padded
+
+    n = 3 * nb._BLOCK + 17
+    x = np.random.default_rng(labels).normal(size=(labels, n)).astype(np.float32)
+    cp = _padded(labels)
+    for negate in (False, True):
+        rows = np.full((n, cp), np.nan, np.float32)
+        nb.channels_to_rows(x, rows, negate)
+        want = np.zeros((n, cp), np.float32)
+        want[:, :labels] = -x.T if negate else x.T
+        np.testing.assert_array_equal(rows, want)
+    back = np.full((labels, n), np.nan, np.float32)
+    nb.rows_to_channels(rows, back)
+    np.testing.assert_array_equal(back, -x)

@@ -400,3 +400,23 @@ def test_eval_accepts_a_class_list_that_also_names_the_void_label(tmp_path, data
     rc, out, err = cli(["eval", "--weights", tmp_path / "run", "--dataset", "folder", "--root", folder, "--quiet"],
                        capsys)
     assert rc == 2 and f"lists {L + 1}" in err
+
+
+def test_an_interrupt_wrapped_by_a_compiled_call_exits_130(capsys):
+    """A Ctrl-C that arrives while a Numba function runs surfaces as ``SystemError`` (the function "returned a
+    result with an exception set") caused by the ``KeyboardInterrupt``: still an interrupt (130), not a failure."""
+    from crfrnn.cli._common import guarded
+
+    def body():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as k:
+            raise SystemError("returned a result with an exception set") from k
+
+    assert guarded(body) == 130
+    assert capsys.readouterr().err == "crfrnn: interrupted\n"
+
+    def failing():
+        raise SystemError("something else")
+
+    assert guarded(failing) == 1

@@ -207,6 +207,18 @@ def _one_line(e: BaseException) -> str:
     return text
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether ``e`` stems from a Ctrl-C: a compiled (Numba) call that returns while the interrupt is pending
+    raises ``SystemError`` with the ``KeyboardInterrupt`` as its cause."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def guarded(body: Callable[[], int]) -> int:
     """Run ``body``; turn every exception into one line on stderr and an exit status (2 for the user's
     mistakes, 1 otherwise, 130 on Ctrl-C). ``CRFRNN_DEBUG=1`` lets the traceback through."""
@@ -222,6 +234,9 @@ def guarded(body: Callable[[], int]) -> int:
         print(f"crfrnn: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001 - the top level turns every failure into one line
+        if _interrupted(e):
+            print("crfrnn: interrupted", file=sys.stderr)
+            return 130
         if debug:
             raise
         print(f"crfrnn: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)

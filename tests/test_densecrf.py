@@ -559,15 +559,17 @@ def test_fused_simd_softmax_any_label_count(n_labels):
     np.testing.assert_allclose(q.sum(0), 1.0, atol=2e-6)
 
 
-@pytest.mark.parametrize("splat", ["default", "scatter", "gather"])
+@pytest.mark.parametrize("splat", ["default", "default, bilateral first", "scatter", "gather"])
 def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, monkeypatch):
     """CRF-RNN's VOC kernels (θβ = 3) on a real image, with each term splatted as the fused pass chooses
-    (``default``: the bilateral term by gather, the spatial one by scatter), or every term by scatter into
-    private copies (vertices shared by the copies all over the lattice, so their owner rule is exercised) or
-    by gather: the fused pass equals the per-term twin, and 1 and 2 threads give the same bits."""
+    (``default``: the bilateral term by gather, the spatial one by scatter; the splat's private copies then
+    hold only the spatial term's rows, or, with the bilateral term added first, every row up to the spatial
+    term's), or every term by scatter into private copies (vertices shared by the copies all over the
+    lattice, so their owner rule is exercised) or by gather (copies of no rows): the fused pass equals the
+    per-term twin, and 1 and 2 threads give the same bits."""
     import crfrnn.lattice.fused as fused
 
-    if splat != "default":
+    if not splat.startswith("default"):
         monkeypatch.setattr(fused, "_GATHER_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
     chosen = []
     real = fused.splat_by_gather
@@ -577,11 +579,13 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, mon
     d = cd.DenseCRF2D(w, h, 21)
     U = cu.unary_from_softmax(probs)
     d.setUnaryEnergy(U)
-    d.addPairwiseGaussian(3, 3)
-    d.addPairwiseBilateral(160, 3, img, 5)
+    terms = [lambda: d.addPairwiseGaussian(3, 3), lambda: d.addPairwiseBilateral(160, 3, img, 5)]
+    for add in terms[::-1] if "bilateral first" in splat else terms:
+        add()
     one, two = _inference_on_one_and_two_threads(d, 5)
-    expect = {"default": [False, True], "scatter": [False, False], "gather": [True, True]}[splat]
-    assert [c.tolist() for c in chosen] == [expect, expect]  # (spatial, bilateral), once per call
+    expect = {"scatter": [False, False], "gather": [True, True]}.get(splat, [False, True])
+    expect = expect[::-1] if "bilateral first" in splat else expect
+    assert [c.tolist() for c in chosen] == [expect, expect]  # the terms in the order added, once per call
     np.testing.assert_array_equal(one, two)
     twin = d._infer_by_terms(-torch.from_numpy(U), 5).numpy()
     np.testing.assert_allclose(one, twin, atol=3e-6, rtol=0)

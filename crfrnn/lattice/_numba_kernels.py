@@ -1501,9 +1501,12 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     being linear, the compatibility is applied to the blurred vertices (``M`` rows, as the last blur
     direction writes them) rather than to the sliced points (``N`` rows). Work arrays from the
     caller (NumPy allocations get huge pages; Numba's would fault in 4 KB pages every call):
-    ``partial (parts, M + 1, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
+    ``partial (parts, R, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
     the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``; copy 0 is
-    also the blur's first source, so no pass copies it out; row ``M`` stays zero), and ``lat``, ``tmp``
+    also the blur's first source, so no pass copies it out). Only the scattered terms' rows are splatted,
+    so ``R`` is one more than the end of the last scattered term's rows (1 if every term is gathered): the
+    last row stays zero, read for missing blur neighbours (a gathered term's rows need no copies: for
+    CRF-RNN's bilateral term, ``parts`` lattice-sized arrays fewer to clear or fault in). ``lat``, ``tmp``
     ``(M + 1, Cp)``, uninitialised: the blur's other two buffers. The last direction writes a term's
     messages (blurred vertices times the compatibility) into whichever of them it does not read: ``tmp``
     for an odd ``D + 1``, else ``lat`` (terms own disjoint rows, so no buffer of messages is needed, and
@@ -1538,7 +1541,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     split = np.empty((parts, nt), dtype=np.int64)  # the owner rule of :func:`_owner_split`, per term
     for t in range(nt):
         split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
-    rows = mtot + 1  # every copy ends in a zero row: copy 0 is also the blur's first source
+    rows = partial.shape[1]  # every copy ends in a zero row: copy 0 is also the blur's first source
     flat = partial.reshape((parts * rows, cp))  # copy p's row v is row p * rows + v
     use_q = qrows.shape[0] > 0  # the points' rows go through memory, for the gathering splat
     keep = history.shape[0] > 0
@@ -1572,6 +1575,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 for j in range(d1):
                     src_a = first if j == 0 else (tmp if j % 2 == 1 else lat)
                     dst_a = tmp if j % 2 == 0 else lat
+                    zero = rows - 1 if j == 0 and clear else mtot  # the source's zero row
                     pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
                     if j == d1 - 1 and ismat[t]:
                         # the last direction writes the messages: the compatibility applied to each blurred
@@ -1581,7 +1585,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         for ck in prange((mt + _VERTEX_CHUNK - 1) // _VERTEX_CHUNK):
                             s = np.empty(cp, dtype=np.float32)
                             for v in range(ck * _VERTEX_CHUNK, min(mt, (ck + 1) * _VERTEX_CHUNK)):
-                                _blur_vertex(src_a, s, v0 + v, pairs, v, mtot, _F32(0.5))
+                                _blur_vertex(src_a, s, v0 + v, pairs, v, zero, _F32(0.5))
                                 _matvec_row(dst_a[v0 + v], s, cols, c)
                                 if j == 1 and clear:
                                     splat[v0 + v, :] = 0
@@ -1590,9 +1594,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     wd = wdiag[t]
                     for v in prange(mt):
                         if weighted:
-                            _blur_vertex_weighted(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5), wd)
+                            _blur_vertex_weighted(src_a, dst_a[v0 + v], v0 + v, pairs, v, zero, _F32(0.5), wd)
                         else:
-                            _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
+                            _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, zero, _F32(0.5))
                         if j == 1 and clear:
                             splat[v0 + v, :] = 0
         last = it == n_iter

@@ -117,6 +117,14 @@ def splat_by_gather(num_vertices: np.ndarray, num_points: int) -> np.ndarray:
     return np.asarray(num_vertices) >= _GATHER_VERTICES_PER_POINT * num_points
 
 
+def _scattered_rows(stacked: tuple, gathered: np.ndarray) -> int:
+    """The end of the last scattered term's vertex rows (0 if every term is gathered): the rows the splat's
+    private copies need."""
+    vstart, vcount = stacked[6], stacked[7]
+    ends = (vstart + vcount)[~gathered]
+    return int(ends.max()) if ends.size else 0
+
+
 def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True,
                      history: Optional[np.ndarray] = None, energies: bool = False,
                      labels: bool = False) -> torch.Tensor:
@@ -140,7 +148,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
-    work = (np.zeros((parts, m + 1, un.shape[1]), np.float32),  # each copy ends in a zero row
+    work = (np.zeros((parts, _scattered_rows(stacked, gathered) + 1, un.shape[1]), np.float32),  # + a zero row
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(2)))  # + the zero row
     if history is None:
         history = np.empty((0, n, un.shape[1]), np.float32)

@@ -287,11 +287,13 @@ def _input_palette(path: Path):
 
 @functools.lru_cache(maxsize=None)
 def _spatial_lattices():
-    """This process's Gaussian-term lattices (each worker process has its own), reused by the images of one size,
-    a folder's usual case."""
+    """This process's Gaussian-term lattices (each worker process has its own), reused by the images of one size.
+    Eight sizes, ~7 MB each at 500x375: a folder's sizes come mixed (the 200 VOC sample images: 54 sizes, two
+    of them 56 %), and with two workers 118 of the 200 Gaussian terms are found built, against 74 with room for
+    two (~21 ms a build at 500x375)."""
     from crfrnn.lattice import LatticeCache
 
-    return LatticeCache(2)
+    return LatticeCache(8)
 
 
 def _refine_one(args, params: dict, dev, stage: Path | None, job) -> dict:

@@ -284,3 +284,37 @@ def test_flags_named_in_the_docs_exist(command):
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     options = {o for a in sub._actions for o in a.option_strings}
     assert {"--keep-going", "--shard"} <= named <= options, sorted(named - options)
+
+
+def test_refine_keeps_eight_small_sizes_and_two_large_ones(tmp_path, capsys, monkeypatch):
+    """A folder job's Gaussian-term lattices: images up to SMALL_IMAGE_PIXELS go to a cache of eight sizes,
+    larger ones to a cache of two (the memory a worker keeps stays bounded); each image size is built once."""
+    from crfrnn.cli import refine as refine_cmd
+
+    monkeypatch.setattr(refine_cmd, "SMALL_IMAGE_PIXELS", 32 * 32)
+    refine_cmd._spatial_lattices.cache_clear()
+    images, probs = tmp_path / "images", tmp_path / "probs"
+    images.mkdir()
+    probs.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(32, 32), (24, 32), (32, 32), (40, 32), (48, 32), (40, 32), (56, 32)]  # (H, W): 2 small, 3 large
+    for k, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{k}.png")
+        np.save(probs / f"{k}.npy", rng.dirichlet(np.ones(3), (h, w)).transpose(2, 0, 1).astype(np.float32))
+    import crfrnn.densecrf.crf as crf
+
+    builds = []
+    real = crf._lattice_and_row_sums
+    monkeypatch.setattr(crf, "_lattice_and_row_sums", lambda f: builds.append(tuple(f.shape)) or real(f))
+    try:
+        rc, _, err = run(["refine", images, "--probs", probs, "-o", tmp_path / "out", *FAST], capsys)
+        assert rc == 0, err
+        small, large = refine_cmd._spatial_lattices(True), refine_cmd._spatial_lattices(False)
+        assert (small.size, large.size) == (8, 2)
+        assert len(small) == 2  # 32x32 and 24x32, the first reused
+        assert len(large) == 2  # 40x32, 48x32, 40x32 (reused), 56x32: the least recently used dropped
+        spatial = [n for d, n in builds if d == 2]  # (2, H * W): positions only
+        assert spatial == [32 * 32, 24 * 32, 40 * 32, 48 * 32, 56 * 32]  # each size built once
+        assert len(builds) - len(spatial) == len(sizes)  # the bilateral term, every image
+    finally:
+        refine_cmd._spatial_lattices.cache_clear()

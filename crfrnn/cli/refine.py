@@ -285,15 +285,21 @@ def _input_palette(path: Path):
     return out
 
 
+#: Images up to this many pixels share a cache of eight sizes' Gaussian-term lattices, larger ones one of two.
+#: A kept lattice (with its row sums and features) costs ~35-45 bytes a pixel (~7 MB at 500x375, ~0.5 GB at
+#: 4000x3000), so a worker keeps at most ~170 MB of small ones plus two larger ones.
+SMALL_IMAGE_PIXELS = 500_000
+
+
 @functools.lru_cache(maxsize=None)
-def _spatial_lattices():
+def _spatial_lattices(small: bool):
     """This process's Gaussian-term lattices (each worker process has its own), reused by the images of one size.
-    Eight sizes, ~7 MB each at 500x375: a folder's sizes come mixed (the 200 VOC sample images: 54 sizes, two
-    of them 56 %), and with two workers 118 of the 200 Gaussian terms are found built, against 74 with room for
-    two (~21 ms a build at 500x375)."""
+    Small images: eight sizes, as a folder's sizes come mixed (the 200 VOC sample images: 54 sizes, two of them
+    56 %; with two workers 118 of the 200 Gaussian terms are found built, against 74 with room for two; ~21 ms a
+    build at 500x375). Larger images: two sizes, bounding the memory kept."""
     from crfrnn.lattice import LatticeCache
 
-    return LatticeCache(8)
+    return LatticeCache(8 if small else 2)
 
 
 def _refine_one(args, params: dict, dev, stage: Path | None, job) -> dict:
@@ -321,7 +327,8 @@ def _refine_one(args, params: dict, dev, stage: Path | None, job) -> dict:
         if args.ignore_index is not None and args.ignore_index != args.unknown:
             void_pixels = int((labels == args.ignore_index).sum())
     t0 = time.perf_counter()
-    out_idx = densecrf.refine(rgb.to(dev), torch.from_numpy(probs).to(dev), **params, lattice_cache=_spatial_lattices())
+    out_idx = densecrf.refine(rgb.to(dev), torch.from_numpy(probs).to(dev), **params,
+                             lattice_cache=_spatial_lattices(rgb.shape[0] * rgb.shape[1] <= SMALL_IMAGE_PIXELS))
     seconds = time.perf_counter() - t0
     refined = values[out_idx.cpu().numpy()]
     pal = input_palette if (args.palette in ("auto", "input") and input_palette is not None) else \

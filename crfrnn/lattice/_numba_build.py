@@ -77,6 +77,29 @@ def _weights(B: int, n: int, d: int, dtype, masked: bool) -> np.ndarray:
     return (np.zeros if masked else np.empty)((B, n, d + 1), dtype=dtype)
 
 
+def _elevate_images(features, bandwidth, valid, scale, offsets, bary32, bary64):
+    """Elevate and insert ``features (B, D, *spatial)`` image by image into the batch arrays ``offsets`` and
+    ``bary32`` ``(B, N, D+1)`` and ``bary64`` (or None), the vertices numbered on from the previous image's; a
+    left-out point keeps weight 0 on its image's first vertex. Yields each image's vertex keys, hash table and
+    first vertex number, after its rows are in place."""
+    d = features.shape[1]
+    no64 = np.empty((0, d + 1), dtype=np.float64)
+    base = 0
+    for b, (src, divisors, keep) in enumerate(_sources(features, bandwidth, valid)):
+        whole = (offsets[b], bary32[b], no64 if bary64 is None else bary64[b])
+        # the kept points' rows are made apart and scattered in (an image's own rows where nothing is left out)
+        off, b32, b64 = whole if keep is None else \
+            (np.empty((len(keep), d + 1), dtype=a.dtype) if a.shape[0] else a for a in whole)
+        vkeys, table = _elevate_insert(src, divisors, scale, b64, b32, off.reshape(-1), base)
+        if keep is not None:
+            offsets[b] = base
+            for dst, part in zip(whole, (off, b32, b64)):
+                if part.shape[0]:
+                    dst[keep] = part
+        yield vkeys, table, base
+        base += vkeys.shape[0]
+
+
 def build(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor], scale: np.ndarray) -> NumbaBuild:
     """The lattice of ``features (B, D, *spatial)`` (divided by ``bandwidth``; points where ``valid (B, N)`` is
     False left out), images one after the other, their vertices numbered on from the previous image's."""
@@ -85,38 +108,21 @@ def build(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor], scal
     offsets = np.empty((B, n, d + 1), dtype=np.int32)
     bary32 = _weights(B, n, d, np.float32, valid is not None)
     bary64 = _weights(B, n, d, np.float64, valid is not None) if d > _nb._ELEVATE_FIXED else None
-    no64 = np.empty((0, d + 1), dtype=np.float64)
-    nbrs, base = [], 0
-    for b, (src, divisors, keep) in enumerate(_sources(features, bandwidth, valid)):
-        k = src.shape[1]
-        b64 = no64 if bary64 is None else (bary64[b] if keep is None else np.empty((k, d + 1)))
-        b32 = bary32[b] if keep is None else np.empty((k, d + 1), dtype=np.float32)
-        off = offsets[b].reshape(-1) if keep is None else np.empty(k * (d + 1), dtype=np.int32)
-        vkeys, table = _elevate_insert(src, divisors, scale, b64, b32, off, base)
-        nbrs.append(_nb.neighbours(vkeys, table, base))
-        if keep is not None:  # left-out points: weight 0 on this image's first vertex
-            offsets[b] = base
-            offsets[b][keep] = off.reshape(-1, d + 1)
-            bary32[b][keep] = b32
-            if bary64 is not None:
-                bary64[b][keep] = b64
-        base += vkeys.shape[0]
+    nbrs = [_nb.neighbours(vkeys, table, base)
+            for vkeys, table, base in _elevate_images(features, bandwidth, valid, scale, offsets, bary32, bary64)]
     nbr = np.concatenate(nbrs, axis=1) if len(nbrs) > 1 else nbrs[0]
+    total = int(nbr.shape[1])
     return NumbaBuild(offsets.reshape(-1), bary32.reshape(-1), None if bary64 is None else bary64.reshape(-1),
-                      nbr, base)
+                      nbr, total)
 
 
 def barycentric64(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor], scale: np.ndarray) -> np.ndarray:
     """The float64 barycentric weights ``(B*N*(D+1),)`` of :func:`build`'s lattice, bit for bit (the same
-    compiled elevation, its vertex keys thrown away)."""
+    compiled elevation, its vertex keys, offsets and float32 weights thrown away)."""
     B, d = features.shape[:2]
     n = features[0, 0].numel()
     bary64 = _weights(B, n, d, np.float64, valid is not None)
-    for b, (src, divisors, keep) in enumerate(_sources(features, bandwidth, valid)):
-        k = src.shape[1]
-        b64 = bary64[b] if keep is None else np.empty((k, d + 1))
-        _elevate_insert(src, divisors, scale, b64, np.empty((k, d + 1), dtype=np.float32),
-                        np.empty(k * (d + 1), dtype=np.int32), 0)
-        if keep is not None:
-            bary64[b][keep] = b64
+    scratch = (np.empty((B, n, d + 1), dtype=np.int32), np.empty((B, n, d + 1), dtype=np.float32))
+    for _ in _elevate_images(features, bandwidth, valid, scale, *scratch, bary64):
+        pass
     return bary64.reshape(-1)

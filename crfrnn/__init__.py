@@ -15,27 +15,44 @@ Where things are:
 * :mod:`crfrnn.cli` — the ``crfrnn`` command; :mod:`crfrnn.viz` — palettes, overlays, figures;
   :mod:`crfrnn.demo` — the built-in scene; :mod:`crfrnn.bench` — benchmarks.
 """
-from .lattice import PermutohedralLattice, available_backends, dense_gaussian_filter, permutohedral_filter
-from .meanfield import CrfRnn, crf_features, mean_field
-from .densecrf import refine
-from .models import CrfRnnHead, CrfRnnNet, FCN8s
-from .models.weights import fcn8s_from_vgg16, load_crfasrnn_keras_weights, load_crfasrnn_weights
+import importlib
+import importlib.util
+
+#: The public names of the package and the module each comes from. They are imported on first use (PEP 562):
+#: ``import crfrnn`` and the command line's parent process, which only hands out work, need no torch.
+_EXPORTS = {
+    "PermutohedralLattice": ".lattice",
+    "permutohedral_filter": ".lattice",
+    "dense_gaussian_filter": ".lattice",
+    "available_backends": ".lattice",
+    "mean_field": ".meanfield",
+    "CrfRnn": ".meanfield",
+    "crf_features": ".meanfield",
+    "refine": ".densecrf",
+    "FCN8s": ".models",
+    "CrfRnnNet": ".models",
+    "CrfRnnHead": ".models",
+    "load_crfasrnn_weights": ".models.weights",
+    "load_crfasrnn_keras_weights": ".models.weights",
+    "fcn8s_from_vgg16": ".models.weights",
+}
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PermutohedralLattice",
-    "permutohedral_filter",
-    "dense_gaussian_filter",
-    "available_backends",
-    "mean_field",
-    "CrfRnn",
-    "crf_features",
-    "refine",
-    "FCN8s",
-    "CrfRnnNet",
-    "CrfRnnHead",
-    "load_crfasrnn_weights",
-    "load_crfasrnn_keras_weights",
-    "fcn8s_from_vgg16",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """A public name, or a submodule (``crfrnn.lattice`` after a bare ``import crfrnn``), imported on first use."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

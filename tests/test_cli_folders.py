@@ -7,6 +7,7 @@ check looks at the exit status, the message and the files on disk.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,26 @@ def test_shards_together_equal_one_run_and_workers_do_not_change_outputs(tmp_pat
     assert snapshot(tmp_path / "workers") == whole
     rc, out, _ = run(["refine", images, "--probs", probs, "-o", tmp_path / "empty", "--shard", "7/7", *FAST], capsys)
     assert rc == 0 and "no images" in out and not (tmp_path / "empty").exists()
+
+
+def test_parent_of_a_workers_job_imports_no_torch(tmp_path, capsys):
+    """``--workers 2``: the parent lists, checks and hands out the images and gathers the results without
+    importing torch (its import is ~1.3 s of every folder job's start); the outputs are the one-process run's."""
+    import subprocess
+    import sys
+
+    images, probs, _, stems = voc_folder(tmp_path, 3)
+    rc, _, _ = run(["refine", images, "--probs", probs, "-o", tmp_path / "one", *FAST], capsys)
+    assert rc == 0
+    code = ("import sys; from crfrnn.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+    argv = ["refine", images, "--probs", probs, "-o", tmp_path / "two", "--workers", "2", "--threads", "1", *FAST]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "no torch", proc.stdout
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
 
 
 @pytest.mark.parametrize("flags, text", [

@@ -20,18 +20,34 @@ errors included, are one line on stderr, ``crfrnn: error: ...``; set ``CRFRNN_DE
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from typing import Sequence
 
-from . import bench, demo, eval, plot, refine, segment, show_compat, train
+from . import bench
 from ._args import Formatter
 from ._common import EXIT_OK, EXIT_USAGE, UsageError, guarded, set_threads
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-#: The subcommands in the order of ``crfrnn --help`` (bench, which parses its own arguments, comes last).
-COMMANDS = (demo, refine, segment, train, eval, show_compat, plot)
+#: The subcommands' modules in the order of ``crfrnn --help`` (bench, which parses its own arguments, comes
+#: last); a command's name is its module's ``NAME`` (``show-compat`` for ``show_compat``).
+COMMANDS = ("demo", "refine", "segment", "train", "eval", "show_compat", "plot")
+
+
+def _command(module: str):
+    return importlib.import_module(f".{module}", __name__)
+
+
+def _modules_for(argv: Sequence[str]) -> tuple[str, ...]:
+    """The subcommand modules a parser for ``argv`` needs: only the named command's when ``argv`` starts with
+    one (a command imports what it uses when it runs: ``crfrnn refine DIR --workers N`` hands out the images
+    without importing torch), else all (``crfrnn --help``, a usage error)."""
+    module = argv[0].replace("-", "_") if argv else ""
+    if module in COMMANDS and _command(module).NAME == argv[0]:
+        return (module,)
+    return COMMANDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,8 +61,9 @@ class _Parser(argparse.ArgumentParser):
                               f"(see '{hint}')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``crfrnn``: one subparser per module of :data:`COMMANDS`, plus ``bench``."""
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The parser of ``crfrnn``: one subparser per module of ``commands`` (default :data:`COMMANDS`), plus
+    ``bench``."""
     from crfrnn import __version__
 
     p = _Parser(
@@ -66,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"crfrnn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
+    for command in map(_command, commands):
         sp = sub.add_parser(command.NAME, formatter_class=Formatter, help=command.HELP,
                             description=command.DESCRIPTION, epilog=command.EPILOG)
         command.add_arguments(sp)
@@ -84,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv and argv[0] == bench.NAME:
             return bench.run(argv[1:])
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser(_modules_for(argv)).parse_args(argv)
         except SystemExit as e:  # --help / --version (0) or a usage error (2), already printed by argparse
             return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
         args._t0 = t0

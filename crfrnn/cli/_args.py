@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import math
 
-from crfrnn.models.checkpoints import CONVENTIONS
-
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' line breaks; appends a flag's default when it is informative."""
@@ -73,6 +71,8 @@ def add_common(p: argparse.ArgumentParser, device: bool | None = True) -> None:
 
 def add_weights_flags(p: argparse.ArgumentParser) -> None:
     """``--keras``, ``--convention``, ``--iterations`` of the commands that load a model (segment, eval)."""
+    from crfrnn.models.checkpoints import CONVENTIONS
+
     p.add_argument("--keras", action="store_true", help="the weights are the Keras release (.h5; implied by the "
                                                         "suffix)")
     p.add_argument("--convention", choices=CONVENTIONS, default="auto",

@@ -13,6 +13,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Exceptions that are the user's mistake (exit status 2); anything else is a failure (exit status 1).
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
                PermissionError)
+#: Environment variables that fix the thread pools of a process (a folder job's workers) before torch / numba
+#: are imported.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 class UsageError(ValueError):
@@ -95,7 +98,12 @@ def device(spec: str | None):
 
 
 def set_threads(n: int) -> None:
-    """``--threads``: CPU threads of torch and of the compiled lattice kernels."""
+    """``--threads``: CPU threads of torch and of the compiled lattice kernels. Before either is imported (the
+    parent of a folder job, which only hands out work, never imports them), the variables they read when
+    imported."""
+    if "torch" not in sys.modules and "numba" not in sys.modules:
+        os.environ.update({k: str(n) for k in THREAD_ENV})
+        return
     import torch
 
     torch.set_num_threads(n)
@@ -152,8 +160,7 @@ def check_out_dir(out_dir: Path) -> None:
 
 def list_images(folder: Path) -> list[Path]:
     """The image files of ``folder`` (:data:`crfrnn.data.IMAGE_EXTENSIONS`), sorted by name."""
-    from crfrnn.data.datasets import _index_dir
-    from crfrnn.data.io import IMAGE_EXTENSIONS
+    from crfrnn.data.io import IMAGE_EXTENSIONS, _index_dir
 
     return list(_index_dir(folder, IMAGE_EXTENSIONS, "image").values())
 

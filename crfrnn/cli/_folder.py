@@ -23,10 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ._args import positive_int
-from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, USER_ERRORS, progress, rank, say
-
-#: Environment variables that fix the thread pools of a worker process before torch / numba are imported.
-_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, THREAD_ENV, USER_ERRORS, progress, rank, say
 
 
 # ------------------------------------------------------------------------------------------------- flags
@@ -153,8 +150,8 @@ def _init_worker(threads: int) -> None:
 @contextlib.contextmanager
 def _thread_env(threads: int) -> Iterator[None]:
     """The thread-count variables set while worker processes start (they read them when importing torch)."""
-    saved = {k: os.environ.get(k) for k in _THREAD_ENV}
-    os.environ.update({k: str(threads) for k in _THREAD_ENV})
+    saved = {k: os.environ.get(k) for k in THREAD_ENV}
+    os.environ.update({k: str(threads) for k in THREAD_ENV})
     try:
         yield
     finally:

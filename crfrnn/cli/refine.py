@@ -72,8 +72,9 @@ def add_arguments(r) -> None:
 def run(args) -> int:
     if not 0.0 < args.gt_prob < 1.0:
         raise UsageError(f"--gt-prob must lie in (0, 1), got {args.gt_prob}")
-    dev = device("cpu" if args.workers > 1 and args.device == "auto" else args.device)
-    if args.workers > 1 and dev.type != "cpu":
+    # with --workers the images go to CPU processes: this one only hands them out and imports no torch
+    dev = "cpu" if args.workers > 1 and args.device in ("auto", "cpu") else device(args.device)
+    if args.workers > 1 and getattr(dev, "type", dev) != "cpu":
         raise UsageError(f"--workers {args.workers} spreads images over CPU processes; --device {args.device} "
                          f"is not a CPU")
     folder = Path(args.image).is_dir()

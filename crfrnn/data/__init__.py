@@ -4,11 +4,31 @@
 * :mod:`.datasets` — VOC (+SBD), Pascal Context, CamVid and folders of image/mask pairs;
 * :mod:`.transforms` — joint (image, mask) transforms and :func:`pad_collate`.
 """
-from .datasets import *  # noqa: F401,F403
-from .datasets import __all__ as _datasets_all
-from .io import *  # noqa: F401,F403
-from .io import __all__ as _io_all
-from .transforms import *  # noqa: F401,F403
-from .transforms import __all__ as _transforms_all
+import importlib
 
-__all__ = list(_io_all) + list(_datasets_all) + list(_transforms_all)
+#: The modules whose ``__all__`` this package re-exports, imported on first use (PEP 562): the readers of
+#: :mod:`.io` need no torch until an image is read as a tensor, so the command line can list and check a
+#: folder without it.
+_MODULES = (".io", ".datasets", ".transforms")
+
+
+def _public(module: str) -> list[str]:
+    return list(importlib.import_module(module, __name__).__all__)
+
+
+def __getattr__(name: str):
+    if name == "__all__":
+        return [n for m in _MODULES for n in _public(m)]
+    for m in _MODULES:
+        mod = importlib.import_module(m, __name__)
+        if name in mod.__all__:
+            value = getattr(mod, name)
+            globals()[name] = value  # looked up once
+            return value
+    if f".{name}" in _MODULES:  # a submodule, after a bare ``import crfrnn.data``
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__getattr__("__all__")))

@@ -58,6 +58,7 @@ from .io import (  # noqa: F401 - PathLike is part of the signatures
     PathLike,
     _as_id_list,
     _image_size,
+    _index_dir,
     _require_scipy_io,
     read_ids,
     read_image,
@@ -71,25 +72,6 @@ __all__ = [
     "PascalContext",
     "CamVid",
 ]
-
-def _index_dir(directory: Path, extensions: Sequence[str], what: str) -> dict[str, Path]:
-    """Map stem -> file for the files in ``directory`` with one of ``extensions`` (case-insensitive)."""
-    if not directory.is_dir():
-        raise ValueError(f"{what} folder {directory} does not exist")
-    index: dict[str, Path] = {}
-    for entry in sorted(directory.iterdir()):
-        if not entry.is_file() or entry.suffix.lower() not in extensions:
-            continue
-        if entry.stem in index:
-            raise ValueError(
-                f"{what} folder {directory}: two files share the stem {entry.stem!r}: "
-                f"{index[entry.stem].name}, {entry.name}"
-            )
-        index[entry.stem] = entry
-    if not index:
-        raise ValueError(f"{what} folder {directory} holds no files with extension {'/'.join(extensions)}")
-    return index
-
 
 def _find_file(directory: Path, stem: str, extensions: Sequence[str]) -> Path | None:
     for ext in extensions:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -138,6 +141,8 @@ def read_image(path: PathLike) -> torch.Tensor:
         raise
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
         raise ValueError(f"cannot read image file {path}: {exc}") from exc
+    import torch  # here, not at the top: listing and checking a folder (the CLI's parent process) needs no torch
+
     return torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).contiguous()
 
 
@@ -168,6 +173,8 @@ def read_mask(path: PathLike) -> torch.Tensor:
         )
     if array.ndim != 2:
         raise ValueError(f"mask file {path} decoded to shape {array.shape}, expected (H, W)")
+    import torch
+
     return torch.from_numpy(array.astype(np.int64))
 
 
@@ -200,7 +207,28 @@ def _read_sbd_mat(path: Path) -> torch.Tensor:
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
             raise ValueError(f"MATLAB mask file {path}: GTcls.Segmentation holds non-integer values")
+    import torch
+
     return torch.from_numpy(array.astype(np.int64))
+
+
+def _index_dir(directory: Path, extensions: Sequence[str], what: str) -> dict[str, Path]:
+    """Map stem -> file for the files in ``directory`` with one of ``extensions`` (case-insensitive)."""
+    if not directory.is_dir():
+        raise ValueError(f"{what} folder {directory} does not exist")
+    index: dict[str, Path] = {}
+    for entry in sorted(directory.iterdir()):
+        if not entry.is_file() or entry.suffix.lower() not in extensions:
+            continue
+        if entry.stem in index:
+            raise ValueError(
+                f"{what} folder {directory}: two files share the stem {entry.stem!r}: "
+                f"{index[entry.stem].name}, {entry.name}"
+            )
+        index[entry.stem] = entry
+    if not index:
+        raise ValueError(f"{what} folder {directory} holds no files with extension {'/'.join(extensions)}")
+    return index
 
 
 def _image_header(path: Path) -> tuple[int, int, str]:

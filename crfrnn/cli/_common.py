@@ -18,6 +18,11 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADir
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
+def thread_variables(n: int) -> dict[str, str]:
+    """:data:`THREAD_ENV`, each set to ``n`` threads."""
+    return {k: str(n) for k in THREAD_ENV}
+
+
 class UsageError(ValueError):
     """A mistake in the command line or the user's files (exit status 2)."""
 
@@ -102,7 +107,7 @@ def set_threads(n: int) -> None:
     parent of a folder job, which only hands out work, never imports them), the variables they read when
     imported."""
     if "torch" not in sys.modules and "numba" not in sys.modules:
-        os.environ.update({k: str(n) for k in THREAD_ENV})
+        os.environ.update(thread_variables(n))
         return
     import torch
 

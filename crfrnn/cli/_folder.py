@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ._args import positive_int
-from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, THREAD_ENV, USER_ERRORS, progress, rank, say
+from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, THREAD_ENV, USER_ERRORS, progress, rank, say, thread_variables
 
 
 # ------------------------------------------------------------------------------------------------- flags
@@ -151,7 +151,7 @@ def _init_worker(threads: int) -> None:
 def _thread_env(threads: int) -> Iterator[None]:
     """The thread-count variables set while worker processes start (they read them when importing torch)."""
     saved = {k: os.environ.get(k) for k in THREAD_ENV}
-    os.environ.update({k: str(threads) for k in THREAD_ENV})
+    os.environ.update(thread_variables(threads))
     try:
         yield
     finally:

@@ -12,13 +12,9 @@ import importlib
 _MODULES = (".io", ".datasets", ".transforms")
 
 
-def _public(module: str) -> list[str]:
-    return list(importlib.import_module(module, __name__).__all__)
-
-
 def __getattr__(name: str):
     if name == "__all__":
-        return [n for m in _MODULES for n in _public(m)]
+        return [n for m in _MODULES for n in importlib.import_module(m, __name__).__all__]
     for m in _MODULES:
         mod = importlib.import_module(m, __name__)
         if name in mod.__all__:

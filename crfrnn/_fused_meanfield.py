@@ -37,16 +37,17 @@ def _inv_norm(kernel):
     return kernel.inv_norm.detach().reshape(-1).contiguous().numpy()
 
 
-def fused_forward(unary, kernels, a, b, num_iterations, history=None, stacked=None):
+def fused_forward(unary, kernels, a, b, num_iterations, history=None, stacked=None, splats=None):
     """The fused iterations; ``history`` (:func:`crfrnn.lattice.fused.history_shape`) receives the marginals
-    each iteration filters; ``stacked``: :func:`_stacked`'s, if the caller has it."""
+    each iteration filters, and ``splats`` (:func:`crfrnn.lattice.fused.splats_shape`) some terms' splats of
+    them; ``stacked``: :func:`_stacked`'s, if the caller has it."""
     from .lattice.fused import fused_mean_field
 
     B, L = unary.shape[:2]
     if stacked is None:
         stacked = _stacked(kernels, a, b, L)
     logits = unary.detach().reshape(B, L, -1).transpose(0, 1).reshape(L, -1)  # (L, B * N), the lattices' order
-    out = fused_mean_field(logits, stacked, num_iterations, marginals=False, history=history)
+    out = fused_mean_field(logits, stacked, num_iterations, marginals=False, history=history, splats=splats)
     return out.reshape(L, B, -1).transpose(0, 1).reshape(unary.shape)
 
 
@@ -59,13 +60,15 @@ class FusedMeanField(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, unary, a, b, kernels, num_iterations):
-        from .lattice.fused import history_shape
+        from .lattice.fused import history_shape, splats_shape
 
         B, L = unary.shape[:2]
-        history = np.empty(history_shape(num_iterations, L, unary[0, 0].numel() * B), np.float32)
+        n = unary[0, 0].numel() * B
+        history = np.empty(history_shape(num_iterations, L, n), np.float32)
         stacked = _stacked(kernels, a, b, L)
-        out = fused_forward(unary, kernels, a, b, num_iterations, history, stacked)
-        ctx.kernels, ctx.stacked = kernels, stacked
+        splats = np.empty(splats_shape(stacked[7], num_iterations, L, n), np.float32)
+        out = fused_forward(unary, kernels, a, b, num_iterations, history, stacked, splats)
+        ctx.kernels, ctx.stacked, ctx.splats = kernels, stacked, splats
         ctx.save_for_backward(unary, a, b, torch.from_numpy(history))
         return out
 
@@ -86,7 +89,7 @@ class FusedMeanField(torch.autograd.Function):
 
         stacked = transposed_terms(ctx.stacked, [k.lattice for k in ctx.kernels], [_inv_norm(k) for k in ctx.kernels])
         d_unary, (da, db) = fused_mean_field_backward(lattice_order(grad), history.numpy(), stacked,
-                                                      [matrix(a), matrix(b)])
+                                                      [matrix(a), matrix(b)], ctx.splats)
 
         def reduce(d, w):  # the gradient of a scalar or (L,) weight from that of its matrix
             d = d.to(w.dtype)

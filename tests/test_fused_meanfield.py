@@ -159,7 +159,8 @@ def _grads(fn, unary, params, *args, **kw):
     """(output, d unary, d params) of a fixed random loss."""
     u = unary.clone().requires_grad_()
     out = fn(u, *args, **kw)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    # drawn in float32 for every dtype: a float64 draw from the same seed gives other numbers (another loss)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
     grads = torch.autograd.grad((out * w).sum() + out.square().mean(), [u, *params])
     return out.detach(), grads
 
@@ -185,6 +186,42 @@ def test_crfrnn_gradients_equal_the_autograd_loop(image_source, untrained):
     for i, name in enumerate(["unary", "spatial", "bilateral", "compatibility"]):
         _close(fast[1][i], slow[1][i], exact[1][i].float(), name)
     _close(fast[0], slow[0], exact[0].float(), "output")
+
+
+@pytest.mark.parametrize("where", ["points", "vertices", "as chosen"])
+def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, monkeypatch):
+    """The backward's weight gradients and ``W^T z`` per point, or on the lattice vertices from the forward's
+    kept splats (for every term, or for those with few vertices per point: here the spatial term only), equal
+    the twin's within float32 rounding, with the same bits for 1 and 2 threads."""
+    import crfrnn.lattice.fused as fused
+
+    limit = {"points": 0.0, "vertices": np.inf}.get(where)
+    if limit is not None:
+        monkeypatch.setattr(fused, "_VERTEX_LABEL_WORK_PER_POINT", limit)
+    kept = []
+    real = fused.splat_rows
+    monkeypatch.setattr(fused, "splat_rows", lambda *a: kept.append((real(*a)[0] >= 0).tolist()) or real(*a))
+    unary, image, _ = _case("voc", count=2, h=48, w=64)
+    layer = _random_layer(21, seed=9).train()
+    params = list(layer.parameters())
+    before = numba.get_num_threads()
+    try:
+        fast = []
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            fast.append(_grads(layer, unary, params, image))
+    finally:
+        numba.set_num_threads(before)
+    expect = {"points": [False, False], "vertices": [True, True]}.get(where, [True, False])
+    assert kept and all(k == expect for k in kept), kept  # spatial, bilateral
+    assert all(torch.equal(x, y) for x, y in zip(fast[0][1], fast[1][1]))
+    with twin():
+        slow = _grads(layer, unary, params, image)
+        layer.double()
+        exact = _grads(layer, unary.double(), params, image.double())
+        layer.float()
+    for i in range(len(params) + 1):
+        _close(fast[0][1][i], slow[1][i], exact[1][i].float(), i)
 
 
 @pytest.mark.parametrize("weights", ["scalar", "vector"])

@@ -17,7 +17,8 @@ import torch
 from . import _numba_kernels as _nb
 from .permutohedral import _SPLAT_COPIES, PermutohedralLattice
 
-__all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_backward", "history_shape", "transposed_terms"]
+__all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_backward", "history_shape", "splat_rows",
+           "splats_shape", "transposed_terms"]
 
 
 def _padded(n_labels: int) -> int:
@@ -28,6 +29,25 @@ def _padded(n_labels: int) -> int:
 def history_shape(n_iterations: int, n_labels: int, n_points: int) -> tuple:
     """The shape of :func:`fused_mean_field`'s ``history``: the marginals each iteration filters, as rows."""
     return (n_iterations, n_points, _padded(n_labels))
+
+
+# A term whose lattice has fewer than this many vertices per point does the backward pass's label-space work
+# (its weight gradient and W^T z, O(L^2) per row each) on its vertices rather than on the points: the forward
+# keeps each iteration's splat of the marginals for it (M rows; the splat is computed anyway).
+_VERTEX_LABEL_WORK_PER_POINT = 0.5
+
+
+def splat_rows(num_vertices: np.ndarray, num_points: int) -> tuple:
+    """The terms (``num_vertices (T,)``) whose splats :func:`fused_mean_field` keeps: ``(rows (T,) int64, R)``,
+    term ``t``'s first row of ``splats`` (-1 for a term not kept) and the rows in all."""
+    kept = np.asarray(num_vertices, np.int64) * (np.asarray(num_vertices) < _VERTEX_LABEL_WORK_PER_POINT * num_points)
+    rows = np.where(kept > 0, np.cumsum(kept) - kept, -1).astype(np.int64)
+    return rows, int(kept.sum())
+
+
+def splats_shape(num_vertices: np.ndarray, n_iterations: int, n_labels: int, n_points: int) -> tuple:
+    """The shape of :func:`fused_mean_field`'s ``splats``."""
+    return (n_iterations, splat_rows(num_vertices, n_points)[1], _padded(n_labels))
 
 
 def stack_lattices(
@@ -126,14 +146,15 @@ def _scattered_rows(stacked: tuple, gathered: np.ndarray) -> int:
 
 
 def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *, marginals: bool = True,
-                     history: Optional[np.ndarray] = None, energies: bool = False,
-                     labels: bool = False) -> torch.Tensor:
+                     history: Optional[np.ndarray] = None, splats: Optional[np.ndarray] = None,
+                     energies: bool = False, labels: bool = False) -> torch.Tensor:
     """``n_iterations`` of mean field from ``logits (L, P)`` (float32, CPU) on the terms of
     :func:`stack_lattices`: ``Q = softmax(logits)``, then per iteration ``softmax(logits + sum_t
     message_t(Q))``. Returns ``Q (L, P)``, or with ``marginals=False`` the last iteration's logits
     (before its softmax; ``logits`` itself for 0 iterations). ``history``: an optional float32 array
     ``(n_iterations, P, Cp)`` (:func:`history_shape`) that receives the marginals each iteration filters, as
-    rows, for :func:`fused_mean_field_backward`.
+    rows, for :func:`fused_mean_field_backward`; with it, ``splats`` (:func:`splats_shape`, float32) receives
+    the splats of those marginals for the terms :func:`splat_rows` names (their ``pres`` must be ones).
     ``energies``: ``logits`` holds unary energies ``-logits`` (pydensecrf's convention), negated on the way
     in (in the copy the kernel's layout needs anyway). ``labels``: return each point's arg max of the output,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
@@ -150,6 +171,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
     work = (np.zeros((parts, _scattered_rows(stacked, gathered) + 1, un.shape[1]), np.float32),  # + a zero row
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(2)))  # + the zero row
+    srow, kept = _checked_splats(splats, stacked, n_iterations, L, n, history is not None)
     if history is None:
         history = np.empty((0, n, un.shape[1]), np.float32)
     elif history.shape != history_shape(n_iterations, L, n) or history.dtype != np.float32:
@@ -157,8 +179,24 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
                          f"{history.dtype} {history.shape}")
     index = _gather_index(stacked, gathered, n)
     _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, gathered, *index,
-                        qrows)
+                        qrows, kept, srow)
     return torch.from_numpy(lab if labels else out)
+
+
+def _checked_splats(splats, stacked: tuple, n_iterations: int, L: int, n: int, with_history: bool) -> tuple:
+    """``(srow, splats)`` for the kernels: :func:`splat_rows`' rows and the checked array, or rows -1 and an
+    empty array without ``splats``."""
+    if splats is None:
+        return np.full(stacked[7].shape[0], -1, np.int64), np.empty((0, 0, _padded(L)), np.float32)
+    shape = splats_shape(stacked[7], n_iterations, L, n)
+    if not with_history:
+        raise ValueError("splats are kept only with a history")
+    if splats.shape != shape or splats.dtype != np.float32:
+        raise ValueError(f"splats must be float32 of shape {shape}, got {splats.dtype} {splats.shape}")
+    srow = splat_rows(stacked[7], n)[0]
+    if not np.all(stacked[8][srow >= 0] == 1):
+        raise ValueError("splats are kept only for terms whose pres are ones")
+    return srow, splats
 
 
 def transposed_terms(stacked: tuple, lattices: Sequence[PermutohedralLattice],
@@ -177,7 +215,7 @@ _BACKWARD_RUNS = 16
 
 
 def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: tuple,
-                              matrices: Sequence[np.ndarray]) -> tuple:
+                              matrices: Sequence[np.ndarray], splats: Optional[np.ndarray] = None) -> tuple:
     """The backward pass of :func:`fused_mean_field` with ``marginals=False`` (float32, CPU): per iteration, last
     first, one compiled splat-blur pass per term and one pass over the points
     (:func:`crfrnn.lattice._numba_kernels.dense_meanfield_backward`).
@@ -186,8 +224,9 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     ``stacked``: the forward's terms for their transposed filters (:func:`transposed_terms`: the transpose of
     ``post * F(Q)`` is ``F^T(post * g)``, and ``F^T`` is ``F`` with the blur's directions in reverse order);
     ``matrices``: the terms' label matrices ``W_t (L, L)`` (logits ``+= W_t @ m_t``; a scalar or diagonal weight
-    as its matrix). Returns the gradient of the unary logits ``(L, P)`` and the list of the
-    ``W_t``'s gradients ``(L, L)``."""
+    as its matrix); ``splats``: the forward's, if it kept them (the terms :func:`splat_rows` names then do
+    their label-space work on their vertices). Returns the gradient of the unary logits ``(L, P)`` and the
+    list of the ``W_t``'s gradients ``(L, L)``."""
     L, n = grad.shape
     cp = _padded(L)
     (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, _, post) = stacked[:10]
@@ -201,11 +240,20 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     index = _gather_index(stacked, np.ones(nt, np.bool_), n)  # every term splats by gather
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
     accs = np.zeros((max(1, min(_BACKWARD_RUNS, -(-n // _nb._BLOCK))), nt, cp, cp), np.float32)
+    if splats is None:
+        srow, splats = np.full(nt, -1, np.int64), np.empty((0, 0, cp), np.float32)
+    else:
+        srow = splat_rows(vcount, n)[0]
+        shape = splats_shape(vcount, history.shape[0], L, n)
+        if splats.shape != shape:
+            raise ValueError(f"splats must have shape {shape}, got {splats.shape}")
     _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                                 post, wtcols, L, *index, *work, accs)
+                                 post, wtcols, L, *index, *work, accs, splats, srow)
     total = accs[0].copy()
     for p in range(1, accs.shape[0]):  # in order: the same bits for any thread count
         total += accs[p]
+    for t in np.flatnonzero(srow >= 0):  # summed over vertices: the slice's scale (one per term) still to apply
+        total[t] *= post[t, 0]
     grads = [torch.from_numpy(np.ascontiguousarray(total[t, :L, :L].T)) for t in range(nt)]
     out = np.empty((L, n), np.float32)
     _nb.rows_to_channels(d_unary, out)

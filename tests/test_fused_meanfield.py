@@ -188,22 +188,47 @@ def test_crfrnn_gradients_equal_the_autograd_loop(image_source, untrained):
     _close(fast[0], slow[0], exact[0].float(), "output")
 
 
+@pytest.fixture(scope="module")
+def label_work_case():
+    """A layer, its inputs and the twin's gradients in float32 and float64 (computed once for the module)."""
+    unary, image, _ = _case("voc", count=2, h=48, w=64)
+    layer = _random_layer(21, seed=9).train()
+    params = list(layer.parameters())
+    with twin():
+        slow = _grads(layer, unary, params, image)
+        layer.double()
+        exact = _grads(layer, unary.double(), params, image.double())
+        layer.float()
+    return unary, image, layer, params, slow, exact
+
+
+@pytest.mark.parametrize("splat", ["scatter", "gather", "as chosen"])
 @pytest.mark.parametrize("where", ["points", "vertices", "as chosen"])
-def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, monkeypatch):
+def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, splat, label_work_case, monkeypatch):
     """The backward's weight gradients and ``W^T z`` per point, or on the lattice vertices from the forward's
-    kept splats (for every term, or for those with few vertices per point: here the spatial term only), equal
-    the twin's within float32 rounding, with the same bits for 1 and 2 threads."""
+    kept splats (for every term, or for those with few vertices per point: here the spatial term only), with
+    the gradient splatted by scatter into private copies or by gather (as the forward chooses: here the
+    spatial term scattered, the bilateral one gathered), equal the twin's within float32 rounding, with the
+    same bits for 1 and 2 threads."""
     import crfrnn.lattice.fused as fused
 
     limit = {"points": 0.0, "vertices": np.inf}.get(where)
     if limit is not None:
         monkeypatch.setattr(fused, "_VERTEX_LABEL_WORK_PER_POINT", limit)
+    if splat != "as chosen":
+        monkeypatch.setattr(fused, "_GATHER_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
+    chosen = []
+    real_choice = fused.splat_by_gather
+
+    def spy(*a):
+        chosen.append(real_choice(*a))
+        return chosen[-1]
+
+    monkeypatch.setattr(fused, "splat_by_gather", spy)
     kept = []
     real = fused.splat_rows
     monkeypatch.setattr(fused, "splat_rows", lambda *a: kept.append((real(*a)[0] >= 0).tolist()) or real(*a))
-    unary, image, _ = _case("voc", count=2, h=48, w=64)
-    layer = _random_layer(21, seed=9).train()
-    params = list(layer.parameters())
+    unary, image, layer, params, slow, exact = label_work_case
     before = numba.get_num_threads()
     try:
         fast = []
@@ -214,12 +239,9 @@ def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, monkey
         numba.set_num_threads(before)
     expect = {"points": [False, False], "vertices": [True, True]}.get(where, [True, False])
     assert kept and all(k == expect for k in kept), kept  # spatial, bilateral
+    expect = {"scatter": [False, False], "gather": [True, True]}.get(splat, [False, True])
+    assert len(chosen) == 4 and all(k.tolist() == expect for k in chosen), chosen  # forward and backward, twice
     assert all(torch.equal(x, y) for x, y in zip(fast[0][1], fast[1][1]))
-    with twin():
-        slow = _grads(layer, unary, params, image)
-        layer.double()
-        exact = _grads(layer, unary.double(), params, image.double())
-        layer.float()
     for i in range(len(params) + 1):
         _close(fast[0][1][i], slow[1][i], exact[1][i].float(), i)
 

@@ -1677,32 +1677,37 @@ filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel
 
 
 def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart,
-                              vstart, vcount, post, wtcols, c, ptr, pts, wts, splat, lat, tmp, blurred,
-                              accs, splats, srow):  # pragma: no cover - compiled
+                              vstart, vcount, pre, post, wtcols, c, gathered, ptr, pts, wts, partial, splat, lat,
+                              tmp, blurred, accs, splats, srow):  # pragma: no cover - compiled
     """The gradient of :func:`dense_meanfield`'s last logits (``marginals`` False) w.r.t. the unary logits and
     the terms' label matrices ``W_t`` (logits ``+= W_t @ m_t``, ``m_t = post_t * F_t(pre_t * Q)``).
 
     Rows are a point's labels side by side, padded with zeros to ``Cp`` (a multiple of ``_LANES``), points in
     the lattices' order. ``grows (N, Cp)``: the gradient of the output logits on entry (overwritten: the
-    rows the splat gathers); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits (the
-    caller starts it at ``grows``: the output is the unary plus messages); ``history (T, N, Cp)``: the
+    rows the gathering splat reads); ``out (c, N)`` receives the gradient of the unary logits (the output's
+    plus every step's: the output is the unary plus messages), summed in ``d_unary (N, Cp)`` (uninitialised;
+    ``(0, Cp)`` for one iteration) until the last step writes ``out``; ``history (T, N, Cp)``: the
     marginals each iteration filtered (:func:`dense_meanfield`'s ``history``). Terms laid out as
-    :func:`dense_meanfield` takes them; ``post (T, N)`` the slice's scale (the lattice's output factor);
-    ``ptr``, ``pts``, ``wts``: :func:`vertex_index` of every term with ``pre`` (``wts`` holds ``bary * pre``:
-    the transposed filter splats ``pre * g``). ``wtcols (T, Cp, Cp)``: row
-    ``k`` of ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.
-    Work arrays ``splat``, ``lat``, ``tmp``, ``blurred`` ``(M + 1, Cp)``; ``accs (parts, T, Cp, Cp)`` zeros:
-    per run of points, ``accs[p, t, k, r]`` receives ``sum_i z_t[i, r] q[i, k]`` (``dW_t = sum_p
-    accs[p, t, :c, :c]^T``); the runs are fixed by the caller, so the bits do not depend on the
-    thread count.
+    :func:`dense_meanfield` takes them; ``pre (T, N)`` the splat's scale and ``post (T, N)`` the slice's (the
+    lattice's output factor): the transposed filter splats ``pre * g``. ``wtcols (T, Cp, Cp)``: row ``k`` of
+    ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.
+
+    The splat as in :func:`dense_meanfield`: the terms ``gathered`` by gather (``ptr``, ``pts``, ``wts``:
+    :func:`vertex_index` of those terms with ``pre``) into ``splat``, the others scattered by the pass over the
+    points into ``partial (parts, R, Cp)`` zeros (the private copies and their owner rule; ``R`` one more than
+    the end of the last scattered term's rows), the gradient on entry by a pass of its own. Work arrays
+    ``splat``, ``lat``, ``tmp``, ``blurred`` ``(M + 1, Cp)``; ``accs (parts, T, Cp, Cp)`` zeros: per run of
+    points (the same ``parts`` runs as the copies'), ``accs[p, t, k, r]`` receives ``sum_i z_t[i, r] q[i,
+    k]`` (``dW_t = sum_p accs[p, t, :c, :c]^T``); the runs are fixed by the caller, so the bits do not depend
+    on the thread count.
 
     ``splats``, ``srow``: :func:`dense_meanfield`'s (its ``pre`` ones): the terms with ``srow[t] >= 0`` do their
     label-space work on their lattice's vertices rather than on the points (both linear in the slice): ``dq``
     slices ``W_t^T b`` of the blurred vertices ``b`` (written over the term's ``splat`` rows, which its blur
-    has consumed), and ``accs[p, t]`` sums ``s^T b`` over a run ``p`` of the term's vertices, ``s`` the
-    forward's splat of the marginals (``dW_t = post * (sum_p accs[p, t, :c, :c])^T`` for a ``post`` that is
-    the same for every point, as the lattice's output factor is). ``O(M L^2)`` instead of ``O(N L^2)`` per
-    term and step, and no pass over the points for the weight gradient.
+    has consumed or, for a scattered term, never used), and ``accs[p, t]`` sums ``s^T b`` over a run ``p`` of
+    the term's vertices, ``s`` the forward's splat of the marginals (``dW_t = post * (sum_p accs[p, t, :c,
+    :c])^T`` for a ``post`` that is the same for every point, as the lattice's output factor is). ``O(M L^2)``
+    instead of ``O(N L^2)`` per term and step, and no pass over the points for the weight gradient.
     """
     n, cp = grows.shape
     nt = td1.shape[0]
@@ -1710,36 +1715,73 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
     n_iter = history.shape[0]
     nblk = (n + _BLOCK - 1) // _BLOCK
     parts = accs.shape[0]
+    lo = np.empty((parts, nt), dtype=np.int64)  # the bands and owner rule of dense_meanfield's private copies
+    hi = np.empty((parts, nt), dtype=np.int64)
+    for p in prange(parts):
+        i0 = nblk * p // parts * _BLOCK
+        i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
+        for t in range(nt):
+            lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
+    split = np.empty((parts, nt), dtype=np.int64)
+    for t in range(nt):
+        split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
+    rows = partial.shape[1]
+    flat = partial.reshape((parts * rows, cp))
+    copy0 = partial[0]
+    any_gathered = False
+    any_on_points = False
+    for t in range(nt):
+        any_gathered = any_gathered or gathered[t]
+        any_on_points = any_on_points or srow[t] < 0
     splat[mtot] = 0  # the zero row read for missing blur neighbours
     lat[mtot] = 0
     tmp[mtot] = 0
+    for p in prange(parts):  # the first step's scattering splat: the gradient on entry
+        for i in range(nblk * p // parts * _BLOCK, min(n, nblk * (p + 1) // parts * _BLOCK)):
+            for t in range(nt):
+                if not gathered[t]:
+                    d1 = td1[t]
+                    _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], grows[i], split[p, t],
+                                p * rows)
     for step in range(n_iter):
-        it = n_iter - 1 - step  # the iteration whose output's gradient is in grows
-        for v in prange(mtot):  # every vertex sums pre * bary * g of its points, in point order
-            row = splat[v]
-            row[:] = 0
-            _slice_rows(row, grows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+        it = n_iter - 1 - step  # the iteration whose output's gradient is being filtered
+        for t in range(nt):  # finish the splat, as dense_meanfield does
+            if gathered[t]:
+                for v in prange(vstart[t], vstart[t] + vcount[t]):
+                    row = splat[v]
+                    row[:] = 0
+                    _slice_rows(row, grows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+            elif parts > 1:
+                for v in prange(vstart[t], vstart[t] + vcount[t]):
+                    _add_copies(partial, lo[:, t], hi[:, t], v)
         for t in range(nt):
             d1 = td1[t]
             mt = vcount[t]
             v0 = vstart[t]
+            clear = not gathered[t]  # copy 0, read by the first direction only, cleared by the second
             for jj in range(d1):
                 j = d1 - 1 - jj  # the transpose of the blur: its directions in reverse order
-                src_a = splat if jj == 0 else (tmp if jj % 2 == 1 else lat)
+                src_a = (splat if gathered[t] else copy0) if jj == 0 else (tmp if jj % 2 == 1 else lat)
                 dst_a = blurred if jj == d1 - 1 else (tmp if jj % 2 == 0 else lat)
+                zero = rows - 1 if jj == 0 and clear else mtot  # the source's zero row
                 pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
                 for v in prange(mt):
-                    _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, mtot, _F32(0.5))
+                    _blur_vertex(src_a, dst_a[v0 + v], v0 + v, pairs, v, zero, _F32(0.5))
+                    if jj == 1 and clear:
+                        copy0[v0 + v, :] = 0
         marg = history[it]
         for t in range(nt):
             if srow[t] >= 0:
                 _vertex_label_work(splats[it], srow[t], blurred, splat, wtcols[t], c, accs, t, vstart[t], vcount[t])
         more = it > 0  # the next step splats this step's gradient
         for p in prange(parts):
+            shift = p * rows
             # zero-initialised: the products run over whole groups of four rows, a block's last rows included
             zb = np.zeros((nt, _BLOCK, cp), dtype=np.float32)  # the block's sliced terms
             dqb = np.zeros((_BLOCK, cp), dtype=np.float32)  # sum_t W_t^T z_t
             qt = np.zeros((cp, _BLOCK), dtype=np.float32)  # the block's marginals, a label's along the points
+            g = np.empty(cp, dtype=np.float32)  # a point's gradient of its logits, for the next step's splat
+            bacc = np.empty((cp, cp), dtype=np.float32)  # a block's weight gradient, then added to the run's
             acc = accs[p]
             for blk in range(nblk * p // parts, nblk * (p + 1) // parts):
                 i0 = blk * _BLOCK
@@ -1766,20 +1808,26 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
                     for ch in range(cp):
                         s += q[ch] * dq[ch]
                     gu = d_unary[i]
-                    gr = grows[i]
                     for ch in range(cp):  # through the softmax (padding: q = 0)
                         gv = q[ch] * (dq[ch] - s)
                         gu[ch] += gv
-                        if more:
-                            gr[ch] = gv
-                for i in range(w):
-                    q = marg[i0 + i]
-                    for k in range(c):
-                        qt[k, i] = q[k]
+                        g[ch] = gv
+                    if more:
+                        if any_gathered:
+                            grows[i, :] = g
+                        for t in range(nt):
+                            if not gathered[t]:
+                                d1 = td1[t]
+                                _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], g, split[p, t],
+                                            shift)
+                if any_on_points:
+                    for i in range(w):
+                        q = marg[i0 + i]
+                        for k in range(c):
+                            qt[k, i] = q[k]
                 for t in range(nt):  # the weight gradients: z_t^T q over the block, four labels of q at a time
                     if srow[t] < 0:
-                        for k in range(0, c, _MATVEC_ROWS):
-                            _matvec_rows_add(acc[t], qt, k, zb[t], w)
+                        _block_products_add(acc[t], bacc, qt, zb[t], c, w)
 
 
 @njit(inline="always")
@@ -1792,6 +1840,7 @@ def _vertex_label_work(kept, r0, blurred, wblurred, cols, c, accs, t, v0, mt):  
     for p in prange(parts):
         acc = accs[p, t]
         st = np.zeros((cp, _BLOCK), dtype=np.float32)  # a block's kept splats, a label's along the vertices
+        bacc = np.empty((cp, cp), dtype=np.float32)
         a0 = v0 + mt * p // parts
         a1 = v0 + mt * (p + 1) // parts
         for b0 in range(a0, a1, _BLOCK):
@@ -1801,9 +1850,21 @@ def _vertex_label_work(kept, r0, blurred, wblurred, cols, c, accs, t, v0, mt):  
                 for k in range(c):
                     st[k, v - b0] = s[k]
                 _matvec_row(wblurred[v], blurred[v], cols, c)
-            block = blurred[b0:b0 + w]
-            for k in range(0, c, _MATVEC_ROWS):
-                _matvec_rows_add(acc, st, k, block, w)
+            _block_products_add(acc, bacc, st, blurred[b0:b0 + w], c, w)
+
+
+@njit(inline="always")
+def _block_products_add(acc, bacc, xt, y, c, w):  # pragma: no cover - compiled
+    """``acc[:c] += xt[:c, :w] @ y[:w]``, the block's products summed in ``bacc`` first: a run's sum is then a
+    sum of block sums (the rounding error grows with the number of blocks, not of rows)."""
+    bacc[:, :] = 0
+    for k in range(0, c, _MATVEC_ROWS):
+        _matvec_rows_add(bacc, xt, k, y, w)
+    for k in range(c):
+        a = acc[k]
+        b = bacc[k]
+        for ch in range(a.shape[0]):
+            a[ch] += b[ch]
 
 
 @njit(parallel=True, cache=True)

@@ -209,11 +209,6 @@ def transposed_terms(stacked: tuple, lattices: Sequence[PermutohedralLattice],
     return stacked[:8] + (pre, post) + stacked[10:]
 
 
-# Runs of points whose weight gradients the backward pass sums separately, then in order: fixed, so that the
-# bits do not depend on the thread count, and enough for 16 threads.
-_BACKWARD_RUNS = 16
-
-
 def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: tuple,
                               matrices: Sequence[np.ndarray], splats: Optional[np.ndarray] = None) -> tuple:
     """The backward pass of :func:`fused_mean_field` with ``marginals=False`` (float32, CPU): per iteration, last
@@ -229,7 +224,7 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     list of the ``W_t``'s gradients ``(L, L)``."""
     L, n = grad.shape
     cp = _padded(L)
-    (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, _, post) = stacked[:10]
+    (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post) = stacked[:10]
     nt = td1.shape[0]
     rows = _rows(grad.detach().numpy())
     d_unary = rows.copy()
@@ -237,9 +232,12 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w
     m = int(vcount.sum())
-    index = _gather_index(stacked, np.ones(nt, np.bool_), n)  # every term splats by gather
+    gathered = splat_by_gather(vcount, n)  # as the forward splats
+    index = _gather_index(stacked, gathered, n)
+    parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))  # the splat's copies and the weight gradients' runs
+    partial = np.zeros((parts, _scattered_rows(stacked, gathered) + 1, cp), np.float32)
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
-    accs = np.zeros((max(1, min(_BACKWARD_RUNS, -(-n // _nb._BLOCK))), nt, cp, cp), np.float32)
+    accs = np.zeros((parts, nt, cp, cp), np.float32)
     if splats is None:
         srow, splats = np.full(nt, -1, np.int64), np.empty((0, 0, cp), np.float32)
     else:
@@ -248,7 +246,7 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
         if splats.shape != shape:
             raise ValueError(f"splats must have shape {shape}, got {splats.shape}")
     _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                                 post, wtcols, L, *index, *work, accs, splats, srow)
+                                 pre, post, wtcols, L, gathered, *index, partial, *work, accs, splats, srow)
     total = accs[0].copy()
     for p in range(1, accs.shape[0]):  # in order: the same bits for any thread count
         total += accs[p]

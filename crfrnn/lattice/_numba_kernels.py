@@ -1684,10 +1684,10 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
 
     Rows are a point's labels side by side, padded with zeros to ``Cp`` (a multiple of ``_LANES``), points in
     the lattices' order. ``grows (N, Cp)``: the gradient of the output logits on entry (overwritten: the
-    rows the gathering splat reads); ``out (c, N)`` receives the gradient of the unary logits (the output's
-    plus every step's: the output is the unary plus messages), summed in ``d_unary (N, Cp)`` (uninitialised;
-    ``(0, Cp)`` for one iteration) until the last step writes ``out``; ``history (T, N, Cp)``: the
-    marginals each iteration filtered (:func:`dense_meanfield`'s ``history``). Terms laid out as
+    rows the gathering splat reads); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits
+    (the caller starts it at ``grows``: the output is the unary plus messages; it may be ``grows`` itself when
+    no term is ``gathered``, the gradient on entry being read only where it is added to).
+    ``history (T, N, Cp)``: the marginals each iteration filtered (:func:`dense_meanfield`'s). Terms laid out as
     :func:`dense_meanfield` takes them; ``pre (T, N)`` the splat's scale and ``post (T, N)`` the slice's (the
     lattice's output factor): the transposed filter splats ``pre * g``. ``wtcols (T, Cp, Cp)``: row ``k`` of
     ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.

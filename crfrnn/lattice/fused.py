@@ -227,12 +227,13 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post) = stacked[:10]
     nt = td1.shape[0]
     rows = _rows(grad.detach().numpy())
-    d_unary = rows.copy()
     wtcols = np.zeros((nt, cp, cp), dtype=np.float32)
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w
     m = int(vcount.sum())
     gathered = splat_by_gather(vcount, n)  # as the forward splats
+    # the unary's gradient is summed in place of the incoming one when no term gathers rows from it
+    d_unary = rows.copy() if gathered.any() else rows
     index = _gather_index(stacked, gathered, n)
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))  # the splat's copies and the weight gradients' runs
     partial = np.zeros((parts, _scattered_rows(stacked, gathered) + 1, cp), np.float32)

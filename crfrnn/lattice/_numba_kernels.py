@@ -1513,7 +1513,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     the pass over the points touches one lattice-sized array fewer).
 
     ``gathered (T,)`` bool: the terms splatted by gather rather than by scatter. For those, the pass over the
-    points writes each point's marginals to ``qrows (N, Cp)`` (else ``(0, Cp)``) and each vertex then sums
+    points writes each point's marginals to ``qrows (N, Cp)`` (``(0, Cp)`` if no term is gathered, or with a
+    ``history``, whose rows the gather then reads) and each vertex then sums
     its points' rows, ``ptr``/``pts``/``wts`` being :func:`vertex_index`'s (the last pass, which splats nothing,
     leaves ``qrows`` alone: it may share ``q``'s memory): no private copies, and the same
     sums, bit for bit, as a scatter into one copy in point order. The sums go to ``lat``, where the first blur
@@ -1567,7 +1568,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         dst = lat[v]
                         for ch in range(cp):
                             dst[ch] = 0
-                        _slice_rows(dst, qrows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+                        _slice_rows(dst, history[it - 1] if keep else qrows, pts, wts, ptr[v], ptr[v + 1] - ptr[v],
+                                    _F32(1.0))
                 elif parts > 1:
                     for v in prange(vstart[t], vstart[t] + vcount[t]):
                         _add_copies(partial, lo[:, t], hi[:, t], v)
@@ -1613,7 +1615,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             splat[v0 + v, :] = 0
         last = it == n_iter
         keep_it = keep and it < n_iter
-        gather_q = use_q and not last  # the last pass splats nothing: qrows may share q's memory
+        # the rows go through memory for the gathering splat: kept as the history, if any, else in qrows (the
+        # last pass splats nothing: qrows may share q's memory)
+        gather_q = use_q and not last and not keep
         for p in prange(parts):
             shift = p * rows
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
@@ -1624,7 +1628,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 # has them in flight, and the prefetches' address arithmetic cost more than they saved
                 # (whole inference 0.86-0.95x without them, 1 thread; 2 and 8 points ahead measured)
                 for i in range(i0, i1):
-                    row = qrows[i] if gather_q else buf[i - i0]
+                    row = history[it, i] if keep_it else (qrows[i] if gather_q else buf[i - i0])
                     un = neg_unary[i]
                     for ch in range(cp):
                         row[ch] = un[ch]
@@ -1633,7 +1637,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             d1 = td1[t]
                             _slice_rows(row, tmp if d1 % 2 == 1 else lat, offsets, bary, tstart[t] + i * d1, d1,
                                         post[t, i])
-                rows_out = qrows[i0:i1] if gather_q else buf
+                rows_out = history[it, i0:i1] if keep_it else (qrows[i0:i1] if gather_q else buf)
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0
                     while r + _SOFTMAX_ROWS <= i1 - i0:
@@ -1641,9 +1645,6 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                         r += _SOFTMAX_ROWS
                     for rr in range(r, i1 - i0):
                         _softmax_row(rows_out[rr], c)
-                if keep_it:
-                    for i in range(i0, i1):
-                        history[it, i, :] = rows_out[i - i0]
                 if not last:
                     for i in range(i0, i1):
                         row = rows_out[i - i0]

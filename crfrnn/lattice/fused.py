@@ -161,10 +161,11 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     L, n = logits.shape
     un = _rows(logits.detach().numpy(), negate=energies)  # (P, Cp)
     gathered = splat_by_gather(stacked[7], n)
-    # the gather's input rows and the output share memory (the kernel's last pass writes the output and no
-    # rows): one array fewer to fault in per call
-    shared = np.empty(max(n * un.shape[1] if gathered.any() else 0, 0 if labels else L * n), dtype=np.float32)
-    qrows = shared[:n * un.shape[1] if gathered.any() else 0].reshape(-1, un.shape[1])
+    # the gather's input rows (the history, if kept) and the output share memory (the kernel's last pass
+    # writes the output and no rows): one array fewer to fault in per call
+    row_values = n * un.shape[1] if gathered.any() and history is None else 0
+    shared = np.empty(max(row_values, 0 if labels else L * n), dtype=np.float32)
+    qrows = shared[:row_values].reshape(-1, un.shape[1])
     out = shared[:0 if labels else L * n].reshape(L, -1)
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms

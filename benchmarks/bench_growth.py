@@ -2,7 +2,7 @@
 iterations, 1 thread) at 1000x750 and at 500x375 on the same VOC images, alternating in one process; run twice,
 in fresh processes: with glibc's default allocator, which hands every freed block above 32 MB (and the heap's
 top) back to the kernel, so that each call on a big image faults its working memory in again, and with the
-freed memory kept (``crfrnn.cli._folder.keep_freed_memory``, what ``crfrnn refine DIR`` does in its workers).
+freed memory kept (``crfrnn.cli._common.keep_freed_memory``, what ``crfrnn refine DIR`` does in its workers).
 Per call: minor page faults, user and system CPU time (``getrusage``) and transparent huge pages faulted in
 (``thp_fault_alloc`` of ``/proc/vmstat``: counted for the whole machine, so run it on a quiet one). The growth
 of the user CPU time alone is the computation's; the system time is the kernel's, faulting memory in.
@@ -42,7 +42,7 @@ def _counters() -> dict:
 
 def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
     if keep:
-        from crfrnn.cli._folder import keep_freed_memory
+        from crfrnn.cli._common import keep_freed_memory
 
         keep_freed_memory()
     import numpy as np

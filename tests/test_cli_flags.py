@@ -144,8 +144,12 @@ def test_config_errors_name_the_keys(tmp_path, capsys):
     assert rc == 2 and "missing.json" in capsys.readouterr().err
 
 
-def test_train_from_flags_alone(tmp_path, capsys):
+def test_train_from_flags_alone(tmp_path, capsys, monkeypatch):
+    import crfrnn.cli.train as train_command
     from crfrnn import viz
+
+    kept = []  # the training process keeps the memory it frees (each step allocates the same sizes)
+    monkeypatch.setattr(train_command, "keep_freed_memory", lambda: kept.append(True))
 
     for s in (1, 2):
         img, mask = make_scene(36, 40, seed=s)
@@ -160,6 +164,7 @@ def test_train_from_flags_alone(tmp_path, capsys):
                "--json"])
     out = capsys.readouterr()
     assert rc == 0, out.err
+    assert kept == [True]
     saved = json.loads(out.out)["config"]
     assert (saved["lr"], saved["max_steps"], saved["grad_clip"], saved["num_classes"]) == (0.02, 2, 5.0, 6)
     assert saved["momentum"] == TrainConfig().momentum  # not given: the dataclass's default

@@ -63,7 +63,7 @@ def test_the_check_is_linear_in_the_number_of_files(tmp_path, monkeypatch):
 _FAULTS = """
 import resource, sys
 import numpy as np
-from crfrnn.cli._folder import keep_freed_memory
+from crfrnn.cli._common import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
 for k in range(3):

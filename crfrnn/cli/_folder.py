@@ -23,7 +23,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from ._args import positive_int
-from ._common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, THREAD_ENV, USER_ERRORS, progress, rank, say, thread_variables
+from ._common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    THREAD_ENV,
+    USER_ERRORS,
+    keep_freed_memory,
+    progress,
+    rank,
+    say,
+    thread_variables,
+)
 
 
 # ------------------------------------------------------------------------------------------------- flags
@@ -113,23 +124,6 @@ def _attempt(work: Callable[[Any], dict], item) -> tuple[bool, Any]:
         except Exception:  # noqa: BLE001 - an exception that cannot cross the process boundary
             e = RuntimeError(f"{type(e).__name__}: {e}")
         return False, e
-
-
-def keep_freed_memory() -> None:
-    """Let this process's allocator keep the memory it frees, for the next item (glibc; elsewhere nothing).
-
-    By default glibc hands large freed blocks straight back to the kernel (``mmap`` above a threshold, and it
-    trims the top of the heap), so every image of a folder faults its working memory in again: ~5000 faults per
-    VOC image (T=10), ~100 with this setting. At ~3.4 µs a fault on our VMs that is ~17 ms, ~3 % of an image.
-    Only folder jobs call it, in processes of their own or in the ``crfrnn`` command's process."""
-    with contextlib.suppress(Exception):  # no glibc (macOS, Windows): keep the platform's allocator as it is
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-        if not mallopt(m_mmap_threshold, 1 << 30):
-            mallopt(m_mmap_threshold, 32 << 20)  # the largest value older glibc accepts
-        mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def _init_worker(threads: int) -> None:

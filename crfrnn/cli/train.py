@@ -17,7 +17,7 @@ from crfrnn.engine.runfiles import CONFIG_FILE
 from crfrnn.models.checkpoints import CRF_KINDS, SIDECAR, TRAIN_KINDS
 
 from ._args import add_common, parse_size, positive_float, positive_int
-from ._common import EXIT_OK, UsageError, device, emit_json, need_file, note, say, show_progress
+from ._common import EXIT_OK, UsageError, device, emit_json, keep_freed_memory, need_file, note, say, show_progress
 from ._dataclass_args import add_dataclass_arguments, given, read_config
 from ._datasets import DATASETS, dataset, limit
 
@@ -226,6 +226,7 @@ def run(args) -> int:
     from crfrnn.models.checkpoints import build_model, init_weights
 
     opts, tc = settings(args)
+    keep_freed_memory()  # every step allocates the same sizes: reuse them rather than fault them in again
     run_dir = _check_run(opts)
     cfg = _train_config(opts, tc)
     train_set, val_set, L, class_names = _data_sets(args, opts, cfg.num_classes, cfg.ignore_index)

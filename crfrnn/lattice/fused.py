@@ -247,6 +247,8 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
         shape = splats_shape(vcount, history.shape[0], L, n)
         if splats.shape != shape:
             raise ValueError(f"splats must have shape {shape}, got {splats.shape}")
+        if any(np.any(post[t] != post[t, 0]) for t in np.flatnonzero(srow >= 0)):
+            raise ValueError("the label work is done on the vertices only for terms whose posts are one value")
     _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                                  pre, post, wtcols, L, gathered, *index, partial, *work, accs, splats, srow)
     total = accs[0].copy()

@@ -1479,6 +1479,29 @@ def vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts,
                     fill[offsets[k]] = e + 1
 
 
+@njit(inline="always")
+def _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot):  # pragma: no cover - compiled
+    """The private splat copies' bands and owner rule: ``(lo, hi, split)``, each ``(parts, T)``.
+
+    ``[lo, hi)`` are the vertex rows of term ``t`` that part ``p``'s points (consecutive blocks of
+    ``_BLOCK``) touch: neighbouring pixels share vertices and rows are numbered in order of first appearance,
+    so they are a band of the lattice, and the reduction reads (and clears) only the copies whose band holds
+    the row; ``split`` and the rewritten bands are :func:`_owner_split`'s, per term."""
+    nt = td1.shape[0]
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    lo = np.empty((parts, nt), dtype=np.int64)
+    hi = np.empty((parts, nt), dtype=np.int64)
+    for p in prange(parts):
+        i0 = nblk * p // parts * _BLOCK
+        i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
+        for t in range(nt):
+            lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
+    split = np.empty((parts, nt), dtype=np.int64)
+    for t in range(nt):
+        split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
+    return lo, hi, split
+
+
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                      pre, post, wdiag, wcols, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
                      gathered, ptr, pts, wts, qrows, splats, srow):  # pragma: no cover - compiled
@@ -1534,19 +1557,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
         mtot += vcount[t]
     nblk = (n + _BLOCK - 1) // _BLOCK
     parts = partial.shape[0]
-    # the vertex rows of term t that part p's points touch, [lo, hi): neighbouring pixels share
-    # vertices and rows are numbered in order of first appearance, so they are a band of the lattice,
-    # and the reduction reads (and clears) only the copies whose band holds the row
-    lo = np.empty((parts, nt), dtype=np.int64)
-    hi = np.empty((parts, nt), dtype=np.int64)
-    for p in prange(parts):
-        i0 = nblk * p // parts * _BLOCK
-        i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
-        for t in range(nt):
-            lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
-    split = np.empty((parts, nt), dtype=np.int64)  # the owner rule of :func:`_owner_split`, per term
-    for t in range(nt):
-        split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
+    lo, hi, split = _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot)
     rows = partial.shape[1]  # every copy ends in a zero row: copy 0 is also the blur's first source
     flat = partial.reshape((parts * rows, cp))  # copy p's row v is row p * rows + v
     use_q = qrows.shape[0] > 0  # the points' rows go through memory, for the gathering splat
@@ -1716,16 +1727,7 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
     n_iter = history.shape[0]
     nblk = (n + _BLOCK - 1) // _BLOCK
     parts = accs.shape[0]
-    lo = np.empty((parts, nt), dtype=np.int64)  # the bands and owner rule of dense_meanfield's private copies
-    hi = np.empty((parts, nt), dtype=np.int64)
-    for p in prange(parts):
-        i0 = nblk * p // parts * _BLOCK
-        i1 = min(n, nblk * (p + 1) // parts * _BLOCK)
-        for t in range(nt):
-            lo[p, t], hi[p, t] = _band(offsets, tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t], mtot)
-    split = np.empty((parts, nt), dtype=np.int64)
-    for t in range(nt):
-        split[:, t] = _owner_split(lo[:, t], hi[:, t], vstart[t], vstart[t] + vcount[t])
+    lo, hi, split = _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot)  # as dense_meanfield's
     rows = partial.shape[1]
     flat = partial.reshape((parts * rows, cp))
     copy0 = partial[0]

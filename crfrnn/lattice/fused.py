@@ -184,17 +184,23 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     return torch.from_numpy(lab if labels else out)
 
 
-def _checked_splats(splats, stacked: tuple, n_iterations: int, L: int, n: int, with_history: bool) -> tuple:
+def _splat_layout(splats, vcount: np.ndarray, n_iterations: int, L: int, n: int) -> tuple:
     """``(srow, splats)`` for the kernels: :func:`splat_rows`' rows and the checked array, or rows -1 and an
     empty array without ``splats``."""
     if splats is None:
-        return np.full(stacked[7].shape[0], -1, np.int64), np.empty((0, 0, _padded(L)), np.float32)
-    shape = splats_shape(stacked[7], n_iterations, L, n)
-    if not with_history:
-        raise ValueError("splats are kept only with a history")
+        return np.full(vcount.shape[0], -1, np.int64), np.empty((0, 0, _padded(L)), np.float32)
+    shape = splats_shape(vcount, n_iterations, L, n)
     if splats.shape != shape or splats.dtype != np.float32:
         raise ValueError(f"splats must be float32 of shape {shape}, got {splats.dtype} {splats.shape}")
-    srow = splat_rows(stacked[7], n)[0]
+    return splat_rows(vcount, n)[0], splats
+
+
+def _checked_splats(splats, stacked: tuple, n_iterations: int, L: int, n: int, with_history: bool) -> tuple:
+    """:func:`_splat_layout` for the forward: splats are kept only with a history and for terms whose
+    ``pres`` are ones."""
+    if splats is not None and not with_history:
+        raise ValueError("splats are kept only with a history")
+    srow, splats = _splat_layout(splats, stacked[7], n_iterations, L, n)
     if not np.all(stacked[8][srow >= 0] == 1):
         raise ValueError("splats are kept only for terms whose pres are ones")
     return srow, splats
@@ -240,15 +246,9 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     partial = np.zeros((parts, _scattered_rows(stacked, gathered) + 1, cp), np.float32)
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
     accs = np.zeros((parts, nt, cp, cp), np.float32)
-    if splats is None:
-        srow, splats = np.full(nt, -1, np.int64), np.empty((0, 0, cp), np.float32)
-    else:
-        srow = splat_rows(vcount, n)[0]
-        shape = splats_shape(vcount, history.shape[0], L, n)
-        if splats.shape != shape:
-            raise ValueError(f"splats must have shape {shape}, got {splats.shape}")
-        if any(np.any(post[t] != post[t, 0]) for t in np.flatnonzero(srow >= 0)):
-            raise ValueError("the label work is done on the vertices only for terms whose posts are one value")
+    srow, splats = _splat_layout(splats, vcount, history.shape[0], L, n)
+    if any(np.any(post[t] != post[t, 0]) for t in np.flatnonzero(srow >= 0)):
+        raise ValueError("the label work is done on the vertices only for terms whose posts are one value")
     _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                                  pre, post, wtcols, L, gathered, *index, partial, *work, accs, splats, srow)
     total = accs[0].copy()

@@ -26,10 +26,15 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-_EMPTY = -1
+# A hash-table slot is one uint64: the vertex in the low 32 bits and, above them, the high 32 bits of its key's
+# hash (a fingerprint: the slot's index uses the low bits), so that a probe passes over another key's slot
+# without reading that key (a cache miss once the table holds ~1 vertex per pixel); all ones = empty.
+_EMPTY_SLOT = np.uint64(0xFFFFFFFFFFFFFFFF)
+_VERTEX_BITS = np.uint64(0xFFFFFFFF)
+_PRINT_BITS = np.uint64(0xFFFFFFFF00000000)
 _ELEVATE_CHUNK = 1024  # points per work item of the elevation
 _AHEAD_HASH = 8  # hash look-ups are computed and their table slots prefetched this many keys ahead
-_PREFETCH_TABLE = 1 << 16  # ... by the insert once its table has this many slots (256 KB)
+_PREFETCH_TABLE = 1 << 16  # ... by the insert once its table has this many slots (512 KB)
 
 
 @intrinsic
@@ -192,16 +197,29 @@ def _hash(keys, row, d):  # pragma: no cover - compiled
     return _hash_mix(h)
 
 
+@njit(inline="always")
+def _slot(v, full):  # pragma: no cover - compiled
+    """The table slot of vertex ``v`` whose key hashes to ``full`` (before masking)."""
+    return (full & _PRINT_BITS) | np.uint64(v)
+
+
+@njit(inline="always")
+def _may_hold(slot, full):  # pragma: no cover - compiled
+    """Whether ``slot`` (not empty) may hold the key hashing to ``full``: their fingerprints agree."""
+    return ((slot ^ full) & _PRINT_BITS) == np.uint64(0)
+
+
 @njit(cache=True)
 def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
     d = vkeys.shape[1]
     mask = np.uint64(cap - 1)
-    table = np.full(cap, _EMPTY, dtype=np.int32)
+    table = np.full(cap, _EMPTY_SLOT, dtype=np.uint64)
     for v in range(m):
-        h = _hash(vkeys, v, d) & mask
-        while table[h] != _EMPTY:
+        full = _hash(vkeys, v, d)
+        h = full & mask
+        while table[h] != _EMPTY_SLOT:
             h = (h + np.uint64(1)) & mask
-        table[h] = v
+        table[h] = _slot(v, full)
     return table
 
 
@@ -211,8 +229,8 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
 
     Writes ``offsets[q]`` int32 = ``base`` + the vertex index of key ``q`` (vertices numbered in order
     of first appearance) and, if ``firsts`` is not empty, ``firsts[q0 + v]`` = the row where vertex
-    ``v`` first appears. Returns ``vkeys (M, d)`` and the table (``int32``, size a power of two, ``-1``
-    = empty). Table and key store grow with the number of distinct keys (load factor <= 1/2), so
+    ``v`` first appears. Returns ``vkeys (M, d)`` and the table (``uint64`` slots, :func:`_slot`, size a power
+    of two). Table and key store grow with the number of distinct keys (load factor <= 1/2), so
     they stay cache-sized. Neighbouring points mostly share their simplex: a key equal to the one
     ``stride`` (= d+1) rows earlier (the previous point's same vertex) takes its offset unhashed.
     """
@@ -220,7 +238,7 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
     record = firsts.shape[0] > 0
     cap = 1024
     mask = np.uint64(cap - 1)
-    table = np.full(cap, _EMPTY, dtype=np.int32)
+    table = np.full(cap, _EMPTY_SLOT, dtype=np.uint64)
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
     # once the table outgrows the L2 cache (~1 vertex per pixel), the keys ahead are hashed and their
@@ -244,11 +262,12 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
             if same:
                 offsets[q] = offsets[q - stride]
                 continue
-        h = (h if hashed else _hash(keys, q, d)) & mask
+        full = h if hashed else _hash(keys, q, d)
+        h = full & mask
         while True:
-            v = table[h]
-            if v == _EMPTY:
-                table[h] = m
+            slot = table[h]
+            if slot == _EMPTY_SLOT:
+                table[h] = _slot(m, full)
                 for i in range(d):
                     vkeys[m, i] = keys[q, i]
                 if record:
@@ -263,14 +282,16 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
                     grown[:m] = vkeys[:m]
                     vkeys = grown
                 break
-            same = True
-            for i in range(d):
-                if vkeys[v, i] != keys[q, i]:
-                    same = False
+            if _may_hold(slot, full):
+                v = np.int64(slot & _VERTEX_BITS)
+                same = True
+                for i in range(d):
+                    if vkeys[v, i] != keys[q, i]:
+                        same = False
+                        break
+                if same:
+                    offsets[q] = v + base
                     break
-            if same:
-                offsets[q] = v + base
-                break
             h = (h + np.uint64(1)) & mask
     return vkeys[:m].copy(), table
 
@@ -380,7 +401,7 @@ def _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
     bsc = np.empty((_BUILD_BLOCK + 1, stride), dtype=np.float64)
     cap = 1024
     mask = np.uint64(cap - 1)
-    table = np.full(cap, _EMPTY, dtype=np.int32)
+    table = np.full(cap, _EMPTY_SLOT, dtype=np.uint64)
     vkeys = np.empty((cap // 2, d), dtype=np.int32)
     m = 0
     ring = np.empty(_AHEAD_HASH, dtype=np.uint64)
@@ -417,11 +438,12 @@ def _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
                 if same:
                     offsets[q] = offsets[q - stride]
                     continue
-            h = (h if hashed else _hash(keys, row, d)) & mask
+            full = h if hashed else _hash(keys, row, d)
+            h = full & mask
             while True:
-                v = table[h]
-                if v == _EMPTY:
-                    table[h] = m
+                slot = table[h]
+                if slot == _EMPTY_SLOT:
+                    table[h] = _slot(m, full)
                     for i in range(d):
                         vkeys[m, i] = keys[row, i]
                     offsets[q] = m + base
@@ -434,14 +456,16 @@ def _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
                         grown[:m] = vkeys[:m]
                         vkeys = grown
                     break
-                same = True
-                for i in range(d):
-                    if vkeys[v, i] != keys[row, i]:
-                        same = False
+                if _may_hold(slot, full):
+                    v = np.int64(slot & _VERTEX_BITS)
+                    same = True
+                    for i in range(d):
+                        if vkeys[v, i] != keys[row, i]:
+                            same = False
+                            break
+                    if same:
+                        offsets[q] = v + base
                         break
-                if same:
-                    offsets[q] = v + base
-                    break
                 h = (h + np.uint64(1)) & mask
         keys3[0, :, :] = keys3[e - s, :, :]
     return vkeys[:m].copy(), table
@@ -504,19 +528,22 @@ def _find_neighbour(vkeys, table, v, j, sign, d, h, mask):  # pragma: no cover -
     Direction ``j`` adds ``(d+1) e_j - 1`` (``sign=+1``) or its negative; only the first ``d``
     coordinates are stored (the last is implied by the zero sum).
     """
+    full = h
     h &= mask
     while True:
-        u = table[h]
-        if u == _EMPTY:
+        slot = table[h]
+        if slot == _EMPTY_SLOT:
             return -1
-        same = True
-        for i in range(d):
-            c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
-            if vkeys[u, i] != c:
-                same = False
-                break
-        if same:
-            return u
+        if _may_hold(slot, full):
+            u = np.int64(slot & _VERTEX_BITS)
+            same = True
+            for i in range(d):
+                c = vkeys[v, i] - sign + (sign * (d + 1) if i == j else 0)
+                if vkeys[u, i] != c:
+                    same = False
+                    break
+            if same:
+                return u
         h = (h + np.uint64(1)) & mask
 
 

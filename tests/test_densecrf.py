@@ -559,21 +559,21 @@ def test_fused_simd_softmax_any_label_count(n_labels):
     np.testing.assert_allclose(q.sum(0), 1.0, atol=2e-6)
 
 
-@pytest.mark.parametrize("splat", ["default", "default, bilateral first", "scatter", "gather"])
+@pytest.mark.parametrize("splat", ["default", "default, bilateral first", "scatter", "ranges"])
 def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, monkeypatch):
     """CRF-RNN's VOC kernels (θβ = 3) on a real image, with each term splatted as the fused pass chooses
-    (``default``: the bilateral term by gather, the spatial one by scatter; the splat's private copies then
+    (``default``: the bilateral term by vertex ranges, the spatial one by scatter; the splat's private copies then
     hold only the spatial term's rows, or, with the bilateral term added first, every row up to the spatial
     term's), or every term by scatter into private copies (vertices shared by the copies all over the
-    lattice, so their owner rule is exercised) or by gather (copies of no rows): the fused pass equals the
+    lattice, so their owner rule is exercised) or by vertex ranges (copies of no rows): the fused pass equals the
     per-term twin, and 1 and 2 threads give the same bits."""
     import crfrnn.lattice.fused as fused
 
     if not splat.startswith("default"):
-        monkeypatch.setattr(fused, "_GATHER_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
+        monkeypatch.setattr(fused, "_RANGED_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
     chosen = []
-    real = fused.splat_by_gather
-    monkeypatch.setattr(fused, "splat_by_gather", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    real = fused.splat_by_ranges
+    monkeypatch.setattr(fused, "splat_by_ranges", lambda *a: chosen.append(real(*a)) or chosen[-1])
     _, img, mask, probs = _problem((120, 160), start=6, source="voc")
     h, w = mask.shape
     d = cd.DenseCRF2D(w, h, 21)
@@ -583,7 +583,7 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, mon
     for add in terms[::-1] if "bilateral first" in splat else terms:
         add()
     one, two = _inference_on_one_and_two_threads(d, 5)
-    expect = {"scatter": [False, False], "gather": [True, True]}.get(splat, [False, True])
+    expect = {"scatter": [False, False], "ranges": [True, True]}.get(splat, [False, True])
     expect = expect[::-1] if "bilateral first" in splat else expect
     assert [c.tolist() for c in chosen] == [expect, expect]  # the terms in the order added, once per call
     np.testing.assert_array_equal(one, two)
@@ -592,39 +592,34 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, mon
     assert np.abs(twin - d._infer_by_terms(-torch.from_numpy(U), 0).numpy()).max() > 0.05  # the terms act
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 3])
-def test_vertex_index_is_a_stable_sort_of_the_splat(chunks):
-    """The gathering splat's index: each vertex's (point, weight) entries in point order, as a stable sort
-    of the scatter's (point, simplex vertex) entries by vertex, for any number of runs; terms not gathered
-    have no entries."""
+def test_splat_by_ranges_is_the_scatter_in_point_order_for_any_number_of_ranges():
+    """The ranged splat (each range of vertex rows adds its entries, reading every point's row) against a
+    float32 scatter into one copy in point order, written out in NumPy: the same bits for 1, 2, 3 and 7 ranges
+    (so for any thread count), every row of the term written (cleared first), other rows untouched, and
+    within float32 rounding of a float64 ``np.add.at``."""
     from crfrnn.lattice import _numba_kernels as nb
 
-    rng = np.random.default_rng(chunks)
-    n, d1s, counts_m = 500, (3, 6, 4), (40, 300, 7)
-    vstart = np.cumsum((0,) + counts_m[:-1])
-    offsets = np.concatenate([rng.integers(0, m, n * d1) + v0 for d1, m, v0 in zip(d1s, counts_m, vstart)])
-    offsets = offsets.astype(np.int32)
-    bary = rng.random(offsets.shape[0], dtype=np.float32)
-    pre = rng.random((3, n), dtype=np.float32)
-    tstart = np.cumsum((0,) + tuple(n * d1 for d1 in d1s[:-1])).astype(np.int64)
-    td1 = np.array(d1s, np.int64)
-    gathered = np.array([True, False, True])
-    m = sum(counts_m)
-    entries = n * (3 + 4)
-    counts, ptr = np.zeros((chunks, m), np.int32), np.empty(m + 1, np.int64)
-    pts, wts = np.empty(entries, np.int32), np.empty(entries, np.float32)
-    nb.vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts, wts)
-    keys, points, weights = [], [], []
-    for t in np.flatnonzero(gathered):
-        sl = slice(tstart[t], tstart[t] + n * d1s[t])
-        keys.append(offsets[sl])
-        points.append(np.repeat(np.arange(n), d1s[t]))
-        weights.append(bary[sl] * np.repeat(pre[t], d1s[t]))
-    keys, points, weights = map(np.concatenate, (keys, points, weights))
-    order = np.argsort(keys, kind="stable")
-    np.testing.assert_array_equal(ptr, np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=m))]))
-    np.testing.assert_array_equal(pts, points[order])
-    np.testing.assert_array_equal(wts, weights[order])
+    rng = np.random.default_rng(3)
+    n, d1, m, v0, cp = 400, 6, 90, 13, 8
+    offsets = (rng.integers(0, m, n * d1) + v0).astype(np.int32)
+    offsets[:d1] = v0 + m - 1  # the last row is hit
+    bary = rng.random(n * d1, dtype=np.float32)
+    pre = rng.random(n, dtype=np.float32) + 0.5
+    rows = rng.standard_normal((n, cp), dtype=np.float32)
+    want = np.zeros((m, cp), np.float32)
+    for i in range(n):
+        for r in range(d1):
+            k = i * d1 + r
+            w = np.float32(bary[k] * pre[i])
+            want[offsets[k] - v0] = (w * rows[i].astype(np.float64) + want[offsets[k] - v0]).astype(np.float32)
+    exact = np.zeros((m, cp))
+    np.add.at(exact, offsets - v0, (bary * np.repeat(pre, d1)).astype(np.float32)[:, None] * np.repeat(rows, d1, 0))
+    for ranges in (1, 2, 3, 7):
+        dst = np.full((v0 + m + 5, cp), 7.0, np.float32)
+        nb._splat_by_ranges(dst, rows, offsets, bary, pre, 0, d1, n, v0, m, ranges)
+        np.testing.assert_array_equal(dst[v0:v0 + m], want)
+        assert np.all(dst[:v0] == 7.0) and np.all(dst[v0 + m:] == 7.0)
+    np.testing.assert_allclose(want, exact, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- lattice cache

@@ -202,13 +202,13 @@ def label_work_case():
     return unary, image, layer, params, slow, exact
 
 
-@pytest.mark.parametrize("splat", ["scatter", "gather", "as chosen"])
+@pytest.mark.parametrize("splat", ["scatter", "ranges", "as chosen"])
 @pytest.mark.parametrize("where", ["points", "vertices", "as chosen"])
 def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, splat, label_work_case, monkeypatch):
     """The backward's weight gradients and ``W^T z`` per point, or on the lattice vertices from the forward's
     kept splats (for every term, or for those with few vertices per point: here the spatial term only), with
-    the gradient splatted by scatter into private copies or by gather (as the forward chooses: here the
-    spatial term scattered, the bilateral one gathered), equal the twin's within float32 rounding, with the
+    the gradient splatted by scatter into private copies or by vertex ranges (as the forward chooses: here the
+    spatial term scattered, the bilateral one by ranges), equal the twin's within float32 rounding, with the
     same bits for 1 and 2 threads."""
     import crfrnn.lattice.fused as fused
 
@@ -216,15 +216,15 @@ def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, splat,
     if limit is not None:
         monkeypatch.setattr(fused, "_VERTEX_LABEL_WORK_PER_POINT", limit)
     if splat != "as chosen":
-        monkeypatch.setattr(fused, "_GATHER_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
+        monkeypatch.setattr(fused, "_RANGED_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
     chosen = []
-    real_choice = fused.splat_by_gather
+    real_choice = fused.splat_by_ranges
 
     def spy(*a):
         chosen.append(real_choice(*a))
         return chosen[-1]
 
-    monkeypatch.setattr(fused, "splat_by_gather", spy)
+    monkeypatch.setattr(fused, "splat_by_ranges", spy)
     kept = []
     real = fused.splat_rows
     monkeypatch.setattr(fused, "splat_rows", lambda *a: kept.append((real(*a)[0] >= 0).tolist()) or real(*a))
@@ -239,7 +239,7 @@ def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, splat,
         numba.set_num_threads(before)
     expect = {"points": [False, False], "vertices": [True, True]}.get(where, [True, False])
     assert kept and all(k == expect for k in kept), kept  # spatial, bilateral
-    expect = {"scatter": [False, False], "gather": [True, True]}.get(splat, [False, True])
+    expect = {"scatter": [False, False], "ranges": [True, True]}.get(splat, [False, True])
     assert len(chosen) == 4 and all(k.tolist() == expect for k in chosen), chosen  # forward and backward, twice
     assert all(torch.equal(x, y) for x, y in zip(fast[0][1], fast[1][1]))
     for i in range(len(params) + 1):

@@ -1457,53 +1457,29 @@ def _argmax_row(row, c):  # pragma: no cover - compiled
     return best
 
 
-@njit(parallel=True, cache=True)
-def vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, ptr, pts, wts):  # pragma: no cover - compiled
-    """The splat as a gather: for each vertex of the terms ``gathered`` (laid out as for
-    :func:`dense_meanfield`), the points that splat into it and their weights, in point order.
+@njit(inline="always")
+def _splat_by_ranges(dst, rows, offsets, bary, pre, t0, d1, n, v0, m, ranges):  # pragma: no cover - compiled
+    """One term's splat as a pass of its own over the points' ``rows (N, Cp)``: ``dst[v] = sum_i sum_r (bary[k] *
+    pre[i]) * rows[i]`` over the entries ``k = t0 + i d1 + r`` with ``offsets[k] = v``, for the term's vertex rows
+    ``v0 <= v < v0 + m`` (cleared first).
 
-    Vertex ``v``'s entries are ``pts[ptr[v] : ptr[v + 1]]`` (point indices, ascending) and ``wts[...]``
-    (``bary * pre`` of that point's simplex vertex, rounded as :func:`_splat_rows` rounds it), so
-    ``lat[v] = sum_e wts[e] * q[pts[e]]`` in entry order is the scatter's sum in point order, bit for bit.
-    A counting sort over ``counts.shape[0]`` consecutive runs of points (``counts (chunks, M)`` int32
-    zeros; ``ptr (M + 1,)`` int64; ``pts``/``wts`` one entry per (point, simplex vertex) of the gathered
-    terms): each run counts, then fills, its own entries, and the runs' entries of a vertex follow in run
-    order, so the index does not depend on the number of runs or threads.
-    """
-    nt = td1.shape[0]
-    chunks, m = counts.shape
-    for ck in prange(chunks):
-        i0 = n * ck // chunks
-        i1 = n * (ck + 1) // chunks
-        cc = counts[ck]
-        for t in range(nt):
-            if gathered[t]:
-                for k in range(tstart[t] + i0 * td1[t], tstart[t] + i1 * td1[t]):
-                    cc[offsets[k]] += 1
-    total = 0
-    for v in range(m):  # counts become each run's first entry of the vertex
-        ptr[v] = total
-        for ck in range(chunks):
-            x = counts[ck, v]
-            counts[ck, v] = total
-            total += x
-    ptr[m] = total
-    for ck in prange(chunks):
-        i0 = n * ck // chunks
-        i1 = n * (ck + 1) // chunks
-        fill = counts[ck]
-        for t in range(nt):
-            if not gathered[t]:
-                continue
-            d1 = td1[t]
-            for i in range(i0, i1):
-                p = pre[t, i]
-                for r in range(d1):
-                    k = tstart[t] + i * d1 + r
-                    e = fill[offsets[k]]
-                    pts[e] = i
-                    wts[e] = bary[k] * p
-                    fill[offsets[k]] = e + 1
+    Each of ``ranges`` work items (the caller's threads) owns a range of the rows, reads every point's row and adds
+    the entries that fall in its range, in point order: no private copies, and the same sums, bit for bit, as a
+    scatter into one copy in point order, whatever the number of ranges. For a lattice of ~1 vertex per pixel
+    this is cheaper than private copies (their sum costs ``parts`` lattices) and than a gather by vertex (each
+    vertex's points lie all over the image, so the gather's reads of their rows miss cache, and its index costs
+    a counting sort per call)."""
+    for g in prange(ranges):
+        lo = v0 + m * g // ranges
+        hi = v0 + m * (g + 1) // ranges
+        for v in range(lo, hi):
+            dst[v, :] = 0
+        for i in range(n):
+            for r in range(d1):
+                k = t0 + i * d1 + r
+                o = offsets[k]
+                if o >= lo and o < hi:
+                    _splat_rows(dst, offsets, bary, k, 1, pre[i], rows[i], 0, 0)
 
 
 @njit(inline="always")
@@ -1531,7 +1507,7 @@ def _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot):  # pragma
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                      pre, post, wdiag, wcols, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
-                     gathered, ptr, pts, wts, qrows, splats, srow):  # pragma: no cover - compiled
+                     ranged, ranges, qrows, splats, srow):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
@@ -1554,20 +1530,20 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     ``partial (parts, R, Cp)`` zeros, the private lattice copies of the splat (their number fixed by
     the caller: results do not depend on the thread count; ``parts <= ceil(N / _BLOCK)``; copy 0 is
     also the blur's first source, so no pass copies it out). Only the scattered terms' rows are splatted,
-    so ``R`` is one more than the end of the last scattered term's rows (1 if every term is gathered): the
-    last row stays zero, read for missing blur neighbours (a gathered term's rows need no copies: for
+    so ``R`` is one more than the end of the last scattered term's rows (1 if every term is ranged): the
+    last row stays zero, read for missing blur neighbours (a ranged term's rows need no copies: for
     CRF-RNN's bilateral term, ``parts`` lattice-sized arrays fewer to clear or fault in). ``lat``, ``tmp``
     ``(M + 1, Cp)``, uninitialised: the blur's other two buffers. The last direction writes a term's
     messages (blurred vertices times the compatibility) into whichever of them it does not read: ``tmp``
     for an odd ``D + 1``, else ``lat`` (terms own disjoint rows, so no buffer of messages is needed, and
     the pass over the points touches one lattice-sized array fewer).
 
-    ``gathered (T,)`` bool: the terms splatted by gather rather than by scatter. For those, the pass over the
-    points writes each point's marginals to ``qrows (N, Cp)`` (``(0, Cp)`` if no term is gathered, or with a
-    ``history``, whose rows the gather then reads) and each vertex then sums
-    its points' rows, ``ptr``/``pts``/``wts`` being :func:`vertex_index`'s (the last pass, which splats nothing,
-    leaves ``qrows`` alone: it may share ``q``'s memory): no private copies, and the same
-    sums, bit for bit, as a scatter into one copy in point order. The sums go to ``lat``, where the first blur
+    ``ranged (T,)`` bool: the terms splatted by vertex ranges (:func:`_splat_by_ranges`, ``ranges`` of them)
+    rather than by scatter. For those, the pass over the points writes each point's marginals to ``qrows (N,
+    Cp)`` (``(0, Cp)`` if no term is ranged, or with a ``history``, whose rows the splat then reads) and a pass
+    of their own splats those rows (the last pass, which splats nothing, leaves ``qrows`` alone: it may share
+    ``q``'s memory): no private copies, and the same sums, bit for bit, as a scatter into one copy in point
+    order. The sums go to ``lat``, where the first blur
     direction reads them, so these terms' blur runs between two buffers and copy 0 of ``partial`` is never
     touched for them (for CRF-RNN's bilateral term, one lattice-sized array fewer in cache and to fault in).
 
@@ -1587,7 +1563,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     lo, hi, split = _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot)
     rows = partial.shape[1]  # every copy ends in a zero row: copy 0 is also the blur's first source
     flat = partial.reshape((parts * rows, cp))  # copy p's row v is row p * rows + v
-    use_q = qrows.shape[0] > 0  # the points' rows go through memory, for the gathering splat
+    use_q = qrows.shape[0] > 0  # the points' rows go through memory, for the ranged splat
     keep = history.shape[0] > 0
     want_labels = labels.shape[0] > 0
     splat = partial[0]  # copy 0: the shared lattice the points splat into
@@ -1595,26 +1571,22 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     tmp[mtot] = 0
     for it in range(n_iter + 1):
         if it > 0:
-            # finish the splat: a gathered term's vertices sum their points' rows, in point order, into
+            # finish the splat: a ranged term's vertices sum their points' rows, in point order, into
             # lat; a scattered term's private copies are added into copy 0 (and cleared for the next
             # splat). Then blur each term: its splat -> tmp, then between tmp and lat; copy 0 is cleared
             # while the second direction runs, and a diagonal compatibility is applied as the last
             # direction writes
             for t in range(nt):
-                if gathered[t]:
-                    for v in prange(vstart[t], vstart[t] + vcount[t]):
-                        dst = lat[v]
-                        for ch in range(cp):
-                            dst[ch] = 0
-                        _slice_rows(dst, history[it - 1] if keep else qrows, pts, wts, ptr[v], ptr[v + 1] - ptr[v],
-                                    _F32(1.0))
+                if ranged[t]:
+                    _splat_by_ranges(lat, history[it - 1] if keep else qrows, offsets, bary, pre[t], tstart[t], td1[t],
+                                     n, vstart[t], vcount[t], ranges)
                 elif parts > 1:
                     for v in prange(vstart[t], vstart[t] + vcount[t]):
                         _add_copies(partial, lo[:, t], hi[:, t], v)
             if keep:
                 for t in range(nt):
                     if srow[t] >= 0:
-                        first = lat if gathered[t] else splat
+                        first = lat if ranged[t] else splat
                         kept = splats[it - 1]
                         for v in prange(vcount[t]):
                             kept[srow[t] + v, :] = first[vstart[t] + v]
@@ -1622,8 +1594,8 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 d1 = td1[t]
                 mt = vcount[t]
                 v0 = vstart[t]
-                first = lat if gathered[t] else splat  # where the term's splat is
-                clear = not gathered[t]  # copy 0, read by the first direction only, cleared by the second
+                first = lat if ranged[t] else splat  # where the term's splat is
+                clear = not ranged[t]  # copy 0, read by the first direction only, cleared by the second
                 for j in range(d1):
                     src_a = first if j == 0 else (tmp if j % 2 == 1 else lat)
                     dst_a = tmp if j % 2 == 0 else lat
@@ -1653,9 +1625,9 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             splat[v0 + v, :] = 0
         last = it == n_iter
         keep_it = keep and it < n_iter
-        # the rows go through memory for the gathering splat: kept as the history, if any, else in qrows (the
+        # the rows go through memory for the ranged splat: kept as the history, if any, else in qrows (the
         # last pass splats nothing: qrows may share q's memory)
-        gather_q = use_q and not last and not keep
+        ranged_q = use_q and not last and not keep
         for p in prange(parts):
             shift = p * rows
             buf = np.empty((_BLOCK, cp), dtype=np.float32)
@@ -1666,7 +1638,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 # has them in flight, and the prefetches' address arithmetic cost more than they saved
                 # (whole inference 0.86-0.95x without them, 1 thread; 2 and 8 points ahead measured)
                 for i in range(i0, i1):
-                    row = history[it, i] if keep_it else (qrows[i] if gather_q else buf[i - i0])
+                    row = history[it, i] if keep_it else (qrows[i] if ranged_q else buf[i - i0])
                     un = neg_unary[i]
                     for ch in range(cp):
                         row[ch] = un[ch]
@@ -1675,7 +1647,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                             d1 = td1[t]
                             _slice_rows(row, tmp if d1 % 2 == 1 else lat, offsets, bary, tstart[t] + i * d1, d1,
                                         post[t, i])
-                rows_out = history[it, i0:i1] if keep_it else (qrows[i0:i1] if gather_q else buf)
+                rows_out = history[it, i0:i1] if keep_it else (qrows[i0:i1] if ranged_q else buf)
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0
                     while r + _SOFTMAX_ROWS <= i1 - i0:
@@ -1687,7 +1659,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                     for i in range(i0, i1):
                         row = rows_out[i - i0]
                         for t in range(nt):
-                            if gathered[t]:
+                            if ranged[t]:
                                 continue
                             d1 = td1[t]
                             _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], row, split[p, t], shift)
@@ -1709,30 +1681,31 @@ filter_one_channel_serial = njit(parallel=False, cache=True)(_filter_one_channel
 # ---------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------
 # The backward pass of the fused mean field (CRF-RNN's, crfrnn/_fused_meanfield.py), fused like the forward:
-# per iteration, last first, every term's transposed filter of the gradient (the splat by gather, the blur's
-# directions in reverse order) and one pass over the points that slices every term, recomputes the softmax,
-# and does the label-space work in registers: the weight gradients ``z q^T``, ``dq = sum_t W_t^T z_t``, the
-# softmax's backward, the sum into the unary's gradient, and the rows the next iteration's splat gathers.
+# per iteration, last first, every term's transposed filter of the gradient (the splat by vertex ranges or by
+# scatter, the blur's directions in reverse order) and one pass over the points that slices every term,
+# recomputes the softmax, and does the label-space work in registers: the weight gradients ``z q^T``,
+# ``dq = sum_t W_t^T z_t``, the softmax's backward, the sum into the unary's gradient, and the rows the next
+# iteration's splat reads.
 
 
 def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart,
-                              vstart, vcount, pre, post, wtcols, c, gathered, ptr, pts, wts, partial, splat, lat,
+                              vstart, vcount, pre, post, wtcols, c, ranged, ranges, partial, splat, lat,
                               tmp, blurred, accs, splats, srow):  # pragma: no cover - compiled
     """The gradient of :func:`dense_meanfield`'s last logits (``marginals`` False) w.r.t. the unary logits and
     the terms' label matrices ``W_t`` (logits ``+= W_t @ m_t``, ``m_t = post_t * F_t(pre_t * Q)``).
 
     Rows are a point's labels side by side, padded with zeros to ``Cp`` (a multiple of ``_LANES``), points in
     the lattices' order. ``grows (N, Cp)``: the gradient of the output logits on entry (overwritten: the
-    rows the gathering splat reads); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits
+    rows the ranged splat reads); ``d_unary (N, Cp)``: receives, added, the gradient of the unary logits
     (the caller starts it at ``grows``: the output is the unary plus messages; it may be ``grows`` itself when
-    no term is ``gathered``, the gradient on entry being read only where it is added to).
+    no term is ``ranged``, the gradient on entry being read only where it is added to).
     ``history (T, N, Cp)``: the marginals each iteration filtered (:func:`dense_meanfield`'s). Terms laid out as
     :func:`dense_meanfield` takes them; ``pre (T, N)`` the splat's scale and ``post (T, N)`` the slice's (the
     lattice's output factor): the transposed filter splats ``pre * g``. ``wtcols (T, Cp, Cp)``: row ``k`` of
     ``wtcols[t]`` is row ``k`` of ``W_t`` (zero rows for ``k >= c``), so ``W_t^T z = wtcols[t]^T @ z``.
 
-    The splat as in :func:`dense_meanfield`: the terms ``gathered`` by gather (``ptr``, ``pts``, ``wts``:
-    :func:`vertex_index` of those terms with ``pre``) into ``splat``, the others scattered by the pass over the
+    The splat as in :func:`dense_meanfield`: the terms ``ranged`` by vertex ranges (:func:`_splat_by_ranges`,
+    ``ranges`` of them, with ``pre``) into ``splat``, the others scattered by the pass over the
     points into ``partial (parts, R, Cp)`` zeros (the private copies and their owner rule; ``R`` one more than
     the end of the last scattered term's rows), the gradient on entry by a pass of its own. Work arrays
     ``splat``, ``lat``, ``tmp``, ``blurred`` ``(M + 1, Cp)``; ``accs (parts, T, Cp, Cp)`` zeros: per run of
@@ -1758,10 +1731,10 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
     rows = partial.shape[1]
     flat = partial.reshape((parts * rows, cp))
     copy0 = partial[0]
-    any_gathered = False
+    any_ranged = False
     any_on_points = False
     for t in range(nt):
-        any_gathered = any_gathered or gathered[t]
+        any_ranged = any_ranged or ranged[t]
         any_on_points = any_on_points or srow[t] < 0
     splat[mtot] = 0  # the zero row read for missing blur neighbours
     lat[mtot] = 0
@@ -1769,18 +1742,16 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
     for p in prange(parts):  # the first step's scattering splat: the gradient on entry
         for i in range(nblk * p // parts * _BLOCK, min(n, nblk * (p + 1) // parts * _BLOCK)):
             for t in range(nt):
-                if not gathered[t]:
+                if not ranged[t]:
                     d1 = td1[t]
                     _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], grows[i], split[p, t],
                                 p * rows)
     for step in range(n_iter):
         it = n_iter - 1 - step  # the iteration whose output's gradient is being filtered
         for t in range(nt):  # finish the splat, as dense_meanfield does
-            if gathered[t]:
-                for v in prange(vstart[t], vstart[t] + vcount[t]):
-                    row = splat[v]
-                    row[:] = 0
-                    _slice_rows(row, grows, pts, wts, ptr[v], ptr[v + 1] - ptr[v], _F32(1.0))
+            if ranged[t]:
+                _splat_by_ranges(splat, grows, offsets, bary, pre[t], tstart[t], td1[t], n, vstart[t], vcount[t],
+                                 ranges)
             elif parts > 1:
                 for v in prange(vstart[t], vstart[t] + vcount[t]):
                     _add_copies(partial, lo[:, t], hi[:, t], v)
@@ -1788,10 +1759,10 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
             d1 = td1[t]
             mt = vcount[t]
             v0 = vstart[t]
-            clear = not gathered[t]  # copy 0, read by the first direction only, cleared by the second
+            clear = not ranged[t]  # copy 0, read by the first direction only, cleared by the second
             for jj in range(d1):
                 j = d1 - 1 - jj  # the transpose of the blur: its directions in reverse order
-                src_a = (splat if gathered[t] else copy0) if jj == 0 else (tmp if jj % 2 == 1 else lat)
+                src_a = (splat if ranged[t] else copy0) if jj == 0 else (tmp if jj % 2 == 1 else lat)
                 dst_a = blurred if jj == d1 - 1 else (tmp if jj % 2 == 0 else lat)
                 zero = rows - 1 if jj == 0 and clear else mtot  # the source's zero row
                 pairs = nbr[nstart[t] + j * mt * 2: nstart[t] + (j + 1) * mt * 2]
@@ -1843,10 +1814,10 @@ def _dense_meanfield_backward(grows, d_unary, history, bary, offsets, tstart, td
                         gu[ch] += gv
                         g[ch] = gv
                     if more:
-                        if any_gathered:
+                        if any_ranged:
                             grows[i, :] = g
                         for t in range(nt):
-                            if not gathered[t]:
+                            if not ranged[t]:
                                 d1 = td1[t]
                                 _splat_rows(flat, offsets, bary, tstart[t] + i * d1, d1, pre[t, i], g, split[p, t],
                                             shift)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numba
 import numpy as np
 import torch
 
@@ -102,13 +103,14 @@ def stack_lattices(
     return (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post, wdiag, wcols, ismat)
 
 
-# A term whose lattice has at least this many vertices per point is splatted by gather (each vertex sums its
-# points' rows, :func:`_nb.vertex_index`) rather than by scatter into private copies. Near one vertex per
-# point (CRF-RNN's θβ = 3: 0.34-1.18 on VOC images) the copies share most of their vertices and summing them
-# costs more than the gather's index and its pass over the marginals (whole inference 0.88-0.97x); on small
-# lattices (pydensecrf's README kernels: 0.01-0.13, and every spatial term) the scatter is faster (the
-# gather measured 1.06-1.10x there).
-_GATHER_VERTICES_PER_POINT = 0.25
+# A term whose lattice has at least this many vertices per point is splatted by vertex ranges (a pass of its own
+# over the points' rows, each thread adding the entries of its range of vertices: :func:`_nb._splat_by_ranges`)
+# rather than by scatter into private copies. Near one vertex per point (CRF-RNN's θβ = 3: 0.34-1.18 on VOC
+# images) the copies share most of their vertices and summing them costs more than a pass over the marginals
+# (whole inference 0.88-0.97x, measured against the gather by vertex that the ranged splat replaced; the ranged
+# splat costs 0.6-0.8x that gather per iteration and needs no index); on small lattices (pydensecrf's README
+# kernels: 0.01-0.13, and every spatial term) the scatter is faster (the gather measured 1.06-1.10x there).
+_RANGED_VERTICES_PER_POINT = 0.25
 
 
 def _rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
@@ -120,28 +122,16 @@ def _rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
     return rows
 
 
-def _gather_index(stacked: tuple, gathered: np.ndarray, n: int) -> tuple:
-    """:func:`_nb.vertex_index` of the terms ``gathered`` (with the terms' ``pres``): ``(ptr, pts, wts)``."""
-    (bary, offsets, tstart, td1, _, _, _, vcount, pre) = stacked[:9]
-    m = int(vcount.sum())
-    entries = int((td1 * gathered).sum()) * n
-    counts = np.zeros((max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK))), m), np.int32)
-    index = (np.empty(m + 1, np.int64), np.empty(entries, np.int32), np.empty(entries, np.float32))
-    if gathered.any():
-        _nb.vertex_index(offsets, bary, pre, tstart, td1, gathered, n, counts, *index)
-    return index
+def splat_by_ranges(num_vertices: np.ndarray, num_points: int) -> np.ndarray:
+    """Which terms of :func:`stack_lattices` (``num_vertices (T,)``) the fused pass splats by vertex ranges."""
+    return np.asarray(num_vertices) >= _RANGED_VERTICES_PER_POINT * num_points
 
 
-def splat_by_gather(num_vertices: np.ndarray, num_points: int) -> np.ndarray:
-    """Which terms of :func:`stack_lattices` (``num_vertices (T,)``) the fused pass splats by gather."""
-    return np.asarray(num_vertices) >= _GATHER_VERTICES_PER_POINT * num_points
-
-
-def _scattered_rows(stacked: tuple, gathered: np.ndarray) -> int:
-    """The end of the last scattered term's vertex rows (0 if every term is gathered): the rows the splat's
+def _scattered_rows(stacked: tuple, ranged: np.ndarray) -> int:
+    """The end of the last scattered term's vertex rows (0 if every term is ranged): the rows the splat's
     private copies need."""
     vstart, vcount = stacked[6], stacked[7]
-    ends = (vstart + vcount)[~gathered]
+    ends = (vstart + vcount)[~ranged]
     return int(ends.max()) if ends.size else 0
 
 
@@ -160,17 +150,17 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
     L, n = logits.shape
     un = _rows(logits.detach().numpy(), negate=energies)  # (P, Cp)
-    gathered = splat_by_gather(stacked[7], n)
-    # the gather's input rows (the history, if kept) and the output share memory (the kernel's last pass
+    ranged = splat_by_ranges(stacked[7], n)
+    # the ranged splat's input rows (the history, if kept) and the output share memory (the kernel's last pass
     # writes the output and no rows): one array fewer to fault in per call
-    row_values = n * un.shape[1] if gathered.any() and history is None else 0
+    row_values = n * un.shape[1] if ranged.any() and history is None else 0
     shared = np.empty(max(row_values, 0 if labels else L * n), dtype=np.float32)
     qrows = shared[:row_values].reshape(-1, un.shape[1])
     out = shared[:0 if labels else L * n].reshape(L, -1)
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
-    work = (np.zeros((parts, _scattered_rows(stacked, gathered) + 1, un.shape[1]), np.float32),  # + a zero row
+    work = (np.zeros((parts, _scattered_rows(stacked, ranged) + 1, un.shape[1]), np.float32),  # + a zero row
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(2)))  # + the zero row
     srow, kept = _checked_splats(splats, stacked, n_iterations, L, n, history is not None)
     if history is None:
@@ -178,9 +168,8 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     elif history.shape != history_shape(n_iterations, L, n) or history.dtype != np.float32:
         raise ValueError(f"history must be float32 of shape {history_shape(n_iterations, L, n)}, got "
                          f"{history.dtype} {history.shape}")
-    index = _gather_index(stacked, gathered, n)
-    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, gathered, *index,
-                        qrows, kept, srow)
+    _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, ranged,
+                        numba.get_num_threads(), qrows, kept, srow)
     return torch.from_numpy(lab if labels else out)
 
 
@@ -238,19 +227,19 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w
     m = int(vcount.sum())
-    gathered = splat_by_gather(vcount, n)  # as the forward splats
-    # the unary's gradient is summed in place of the incoming one when no term gathers rows from it
-    d_unary = rows.copy() if gathered.any() else rows
-    index = _gather_index(stacked, gathered, n)
+    ranged = splat_by_ranges(vcount, n)  # as the forward splats
+    # the unary's gradient is summed in place of the incoming one when no term's splat reads rows from it
+    d_unary = rows.copy() if ranged.any() else rows
     parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))  # the splat's copies and the weight gradients' runs
-    partial = np.zeros((parts, _scattered_rows(stacked, gathered) + 1, cp), np.float32)
+    partial = np.zeros((parts, _scattered_rows(stacked, ranged) + 1, cp), np.float32)
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
     accs = np.zeros((parts, nt, cp, cp), np.float32)
     srow, splats = _splat_layout(splats, vcount, history.shape[0], L, n)
     if any(np.any(post[t] != post[t, 0]) for t in np.flatnonzero(srow >= 0)):
         raise ValueError("the label work is done on the vertices only for terms whose posts are one value")
     _nb.dense_meanfield_backward(rows, d_unary, history, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
-                                 pre, post, wtcols, L, gathered, *index, partial, *work, accs, splats, srow)
+                                 pre, post, wtcols, L, ranged, numba.get_num_threads(), partial, *work, accs,
+                                 splats, srow)
     total = accs[0].copy()
     for p in range(1, accs.shape[0]):  # in order: the same bits for any thread count
         total += accs[p]

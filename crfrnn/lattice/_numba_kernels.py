@@ -504,21 +504,16 @@ def _build_chunks(src, divisors, scale, bary64, bary32, offsets, base, threads, 
 
 @njit(inline="always")
 def _neighbour_hashes(vkeys, v, d, out):  # pragma: no cover - compiled
-    """Hashes (before masking) of the ``2 (d+1)`` blur neighbours of vertex ``v``: ``out[2j]`` for
-    ``+((d+1) e_j - 1)``, ``out[2j + 1]`` for its negative (``j = d`` moves only the implied last
-    coordinate). The hash is a sum of per-coordinate terms, so each neighbour's is the vertex's
-    shifted sum with one term replaced."""
+    """Hashes (before masking) of the ``d+1`` blur neighbours of vertex ``v`` on the positive side: ``out[j]`` for
+    ``+((d+1) e_j - 1)`` (``j = d`` moves only the implied last coordinate). The hash is a sum of per-coordinate
+    terms, so each neighbour's is the vertex's shifted sum with one term replaced."""
     hp = np.uint64(0)
-    hm = np.uint64(0)
     for i in range(d):
         hp += _hash_term(vkeys[v, i] - 1, i)
-        hm += _hash_term(vkeys[v, i] + 1, i)
     for j in range(d):
         c = vkeys[v, j]
-        out[2 * j] = _hash_mix(hp - _hash_term(c - 1, j) + _hash_term(c + d, j))
-        out[2 * j + 1] = _hash_mix(hm - _hash_term(c + 1, j) + _hash_term(c - d, j))
-    out[2 * d] = _hash_mix(hp)
-    out[2 * d + 1] = _hash_mix(hm)
+        out[j] = _hash_mix(hp - _hash_term(c - 1, j) + _hash_term(c + d, j))
+    out[d] = _hash_mix(hp)
 
 
 @njit(inline="always")
@@ -554,28 +549,31 @@ _NBR_CHUNK = 4096  # vertices per work item of the neighbour search
 def neighbours(vkeys, table, base):  # pragma: no cover - compiled
     """Blur neighbours ``(d+1, M, 2)`` int32 of every vertex, offset by ``base``; -1 = missing.
 
-    Software-pipelined: the table slots of vertex ``v + _AHEAD_HASH``'s neighbours are prefetched
-    while ``v``'s are looked up (a table of ~1 vertex per pixel is larger than the L2 cache)."""
+    Each vertex looks up its neighbours on the positive side only: ``u = v + ((d+1) e_j - 1)`` is found by ``v``
+    and writes both ``nbr[j, v, 0] = u`` and ``nbr[j, u, 1] = v`` (``v`` is the only vertex whose positive
+    neighbour is ``u``, so no two work items write the same entry): half the look-ups. Software-pipelined: the
+    table slots of vertex ``v + _AHEAD_HASH``'s neighbours are prefetched while ``v``'s are looked up (a table of
+    ~1 vertex per pixel is larger than the L2 cache)."""
     m, d = vkeys.shape
-    nbr = np.empty((d + 1, m, 2), dtype=np.int32)
+    nbr = np.full((d + 1, m, 2), -1, dtype=np.int32)
     mask = np.uint64(table.shape[0] - 1)
     for ck in prange((m + _NBR_CHUNK - 1) // _NBR_CHUNK):
         v0 = ck * _NBR_CHUNK
         v1 = min(m, v0 + _NBR_CHUNK)
-        ring = np.empty((_AHEAD_HASH, 2 * (d + 1)), dtype=np.uint64)  # hashes of the vertices ahead
+        ring = np.empty((_AHEAD_HASH, d + 1), dtype=np.uint64)  # hashes of the vertices ahead
         for v in range(v0, min(v1, v0 + _AHEAD_HASH)):
             _neighbour_hashes(vkeys, v, d, ring[v % _AHEAD_HASH])
         for v in range(v0, v1):
             hs = ring[v % _AHEAD_HASH]
             for j in range(d + 1):
-                a = _find_neighbour(vkeys, table, v, j, 1, d, hs[2 * j], mask)
-                b = _find_neighbour(vkeys, table, v, j, -1, d, hs[2 * j + 1], mask)
-                nbr[j, v, 0] = a + base if a >= 0 else -1
-                nbr[j, v, 1] = b + base if b >= 0 else -1
+                u = _find_neighbour(vkeys, table, v, j, 1, d, hs[j], mask)
+                if u >= 0:
+                    nbr[j, v, 0] = u + base
+                    nbr[j, u, 1] = v + base
             va = v + _AHEAD_HASH
             if va < v1:
                 _neighbour_hashes(vkeys, va, d, hs)
-                for k in range(2 * (d + 1)):
+                for k in range(d + 1):
                     _prefetch(table, hs[k] & mask)
     return nbr
 

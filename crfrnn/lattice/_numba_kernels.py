@@ -1886,13 +1886,16 @@ def channels_to_rows(x, rows, negate):  # pragma: no cover - compiled
 @njit(parallel=True, cache=True)
 def copy_shifted(dst, src, shift):  # pragma: no cover - compiled
     """``dst[i] = src[i] + shift`` where ``src[i] >= 0``, else ``src[i]`` (vertex rows moved by ``shift``; -1, a
-    missing blur neighbour, kept), in chunks."""
+    missing blur neighbour, kept), in chunks. Each chunk's loop runs over its own slices: indexed into the whole
+    arrays, LLVM did not vectorise it (10x slower)."""
     n = src.shape[0]
     chunk = 1 << 16
     for k in prange((n + chunk - 1) // chunk):
-        for i in range(k * chunk, min(n, (k + 1) * chunk)):
-            v = src[i]
-            dst[i] = v + shift if v >= 0 else v
+        s = src[k * chunk: min(n, (k + 1) * chunk)]
+        d = dst[k * chunk: min(n, (k + 1) * chunk)]
+        for i in range(s.shape[0]):
+            v = s[i]
+            d[i] = v + shift if v >= 0 else v
 
 
 @njit(parallel=True, cache=True)

@@ -223,6 +223,43 @@ def _rehash(vkeys, m, cap):  # pragma: no cover - compiled
     return table
 
 
+@njit(inline="always")
+def _find_key(table, vkeys, keys, row, full, mask, d):  # pragma: no cover - compiled
+    """Probe ``table`` for key ``keys[row]`` (hash ``full``): ``(v, h)``, its vertex and slot, or ``v = -1`` and
+    the empty slot ``h`` where it would go."""
+    h = full & mask
+    while True:
+        slot = table[h]
+        if slot == _EMPTY_SLOT:
+            return -1, h
+        if _may_hold(slot, full):
+            v = np.int64(slot & _VERTEX_BITS)
+            same = True
+            for i in range(d):
+                if vkeys[v, i] != keys[row, i]:
+                    same = False
+                    break
+            if same:
+                return v, h
+        h = (h + np.uint64(1)) & mask
+
+
+@njit(inline="always")
+def _add_key(table, vkeys, keys, row, full, h, m, cap, d):  # pragma: no cover - compiled
+    """Vertex ``m`` for key ``keys[row]`` into the empty slot ``h``; the table and key store doubled once half
+    full. Returns ``(table, vkeys, cap)``."""
+    table[h] = _slot(m, full)
+    for i in range(d):
+        vkeys[m, i] = keys[row, i]
+    if 2 * (m + 1) >= cap:
+        cap *= 2
+        table = _rehash(vkeys, m + 1, cap)
+        grown = np.empty((cap // 2, d), dtype=np.int32)
+        grown[:m + 1] = vkeys[:m + 1]
+        vkeys = grown
+    return table, vkeys, cap
+
+
 @njit(cache=True)
 def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no cover - compiled
     """Insert rows ``q0 <= q < q1`` of ``keys (P, d)`` into a fresh hash table (sequential).
@@ -263,36 +300,16 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
                 offsets[q] = offsets[q - stride]
                 continue
         full = h if hashed else _hash(keys, q, d)
-        h = full & mask
-        while True:
-            slot = table[h]
-            if slot == _EMPTY_SLOT:
-                table[h] = _slot(m, full)
-                for i in range(d):
-                    vkeys[m, i] = keys[q, i]
-                if record:
-                    firsts[q0 + m] = q
-                offsets[q] = m + base
-                m += 1
-                if 2 * m >= cap:
-                    cap *= 2
-                    mask = np.uint64(cap - 1)
-                    table = _rehash(vkeys, m, cap)
-                    grown = np.empty((cap // 2, d), dtype=np.int32)
-                    grown[:m] = vkeys[:m]
-                    vkeys = grown
-                break
-            if _may_hold(slot, full):
-                v = np.int64(slot & _VERTEX_BITS)
-                same = True
-                for i in range(d):
-                    if vkeys[v, i] != keys[q, i]:
-                        same = False
-                        break
-                if same:
-                    offsets[q] = v + base
-                    break
-            h = (h + np.uint64(1)) & mask
+        v, h = _find_key(table, vkeys, keys, q, full, mask, d)
+        if v >= 0:
+            offsets[q] = v + base
+            continue
+        table, vkeys, cap = _add_key(table, vkeys, keys, q, full, h, m, cap, d)
+        mask = np.uint64(cap - 1)
+        if record:
+            firsts[q0 + m] = q
+        offsets[q] = m + base
+        m += 1
     return vkeys[:m].copy(), table
 
 
@@ -439,34 +456,14 @@ def _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
                     offsets[q] = offsets[q - stride]
                     continue
             full = h if hashed else _hash(keys, row, d)
-            h = full & mask
-            while True:
-                slot = table[h]
-                if slot == _EMPTY_SLOT:
-                    table[h] = _slot(m, full)
-                    for i in range(d):
-                        vkeys[m, i] = keys[row, i]
-                    offsets[q] = m + base
-                    m += 1
-                    if 2 * m >= cap:
-                        cap *= 2
-                        mask = np.uint64(cap - 1)
-                        table = _rehash(vkeys, m, cap)
-                        grown = np.empty((cap // 2, d), dtype=np.int32)
-                        grown[:m] = vkeys[:m]
-                        vkeys = grown
-                    break
-                if _may_hold(slot, full):
-                    v = np.int64(slot & _VERTEX_BITS)
-                    same = True
-                    for i in range(d):
-                        if vkeys[v, i] != keys[row, i]:
-                            same = False
-                            break
-                    if same:
-                        offsets[q] = v + base
-                        break
-                h = (h + np.uint64(1)) & mask
+            v, h = _find_key(table, vkeys, keys, row, full, mask, d)
+            if v >= 0:
+                offsets[q] = v + base
+                continue
+            table, vkeys, cap = _add_key(table, vkeys, keys, row, full, h, m, cap, d)
+            mask = np.uint64(cap - 1)
+            offsets[q] = m + base
+            m += 1
         keys3[0, :, :] = keys3[e - s, :, :]
     return vkeys[:m].copy(), table
 

@@ -122,6 +122,12 @@ def _rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
     return rows
 
 
+def _splat_parts(n: int) -> int:
+    """The splat's private copies for ``n`` points (and the backward's runs of weight gradients): fixed, so that
+    the bits do not depend on the thread count, and at most one per block of points, as the kernels clamp it."""
+    return max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
+
+
 def splat_by_ranges(num_vertices: np.ndarray, num_points: int) -> np.ndarray:
     """Which terms of :func:`stack_lattices` (``num_vertices (T,)``) the fused pass splats by vertex ranges."""
     return np.asarray(num_vertices) >= _RANGED_VERTICES_PER_POINT * num_points
@@ -159,7 +165,7 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     out = shared[:0 if labels else L * n].reshape(L, -1)
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
-    parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
+    parts = _splat_parts(n)
     work = (np.zeros((parts, _scattered_rows(stacked, ranged) + 1, un.shape[1]), np.float32),  # + a zero row
             *(np.empty((m + 1, un.shape[1]), np.float32) for _ in range(2)))  # + the zero row
     srow, kept = _checked_splats(splats, stacked, n_iterations, L, n, history is not None)
@@ -230,7 +236,7 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     ranged = splat_by_ranges(vcount, n)  # as the forward splats
     # the unary's gradient is summed in place of the incoming one when no term's splat reads rows from it
     d_unary = rows.copy() if ranged.any() else rows
-    parts = max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))  # the splat's copies and the weight gradients' runs
+    parts = _splat_parts(n)  # the splat's copies and the weight gradients' runs
     partial = np.zeros((parts, _scattered_rows(stacked, ranged) + 1, cp), np.float32)
     work = [np.empty((m + 1, cp), np.float32) for _ in range(4)]
     accs = np.zeros((parts, nt, cp, cp), np.float32)

@@ -345,3 +345,33 @@ def test_label_matrix_on_a_vertex_equals_float64(c, width):
     ref = src[:, :c].astype(np.float64) @ w.astype(np.float32).astype(np.float64).T
     assert np.allclose(dst[:, :c], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert not dst[:, c:].any()
+
+
+def test_fused_pass_names_a_bad_history_or_splats_array():
+    """The fused pass's optional work arrays are checked at its boundary: a wrong history shape or dtype, splats
+    without a history, splats of the wrong shape, and splats for a term whose ``pres`` are not ones each raise a
+    ValueError that names the array and the expected shape."""
+    from crfrnn._fused_meanfield import _stacked
+    from crfrnn.lattice.fused import fused_mean_field, history_shape, splats_shape
+
+    unary, image, _ = _case("voc", count=1, h=24, w=32)
+    L, n = unary.shape[1], unary[0, 0].numel()
+    (bil, bw), (spa, bws) = mf._kernel_geometry(image, 160.0, 3.0, 3.0, None)
+    kernels = [mf._Kernel(f, s, "permutohedral", "numba", None, torch.float32) for f, s in ((spa, bws), (bil, bw))]
+    stacked = _stacked(kernels, torch.tensor(-3.0), torch.tensor(-5.0), L)
+    logits = unary[0].reshape(L, n)
+    good_history = np.empty(history_shape(2, L, n), np.float32)
+    shape = splats_shape(stacked[7], 2, L, n)
+    assert shape[1] > 0  # the spatial term's splats are kept on this small image
+    wrong = r"history must be float32 of shape \(2, 768, 24\), got float32 \(1, 768, 24\)"
+    with pytest.raises(ValueError, match=wrong):
+        fused_mean_field(logits, stacked, 2, history=np.empty(history_shape(1, L, n), np.float32))
+    with pytest.raises(ValueError, match="history must be float32 .* got float64"):
+        fused_mean_field(logits, stacked, 2, history=np.empty(history_shape(2, L, n), np.float64))
+    with pytest.raises(ValueError, match="splats are kept only with a history"):
+        fused_mean_field(logits, stacked, 2, splats=np.empty(shape, np.float32))
+    with pytest.raises(ValueError, match=rf"splats must be float32 of shape \({shape[0]}, {shape[1]}, 24\)"):
+        fused_mean_field(logits, stacked, 2, history=good_history, splats=np.empty((2, 1, 24), np.float32))
+    scaled = stacked[:8] + (stacked[8] * 2,) + stacked[9:]
+    with pytest.raises(ValueError, match="splats are kept only for terms whose pres are ones"):
+        fused_mean_field(logits, scaled, 2, history=good_history, splats=np.empty(shape, np.float32))

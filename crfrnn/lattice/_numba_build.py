@@ -35,7 +35,8 @@ def absmax(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor]) -> 
     x = features.reshape(B, D, -1)
     if valid is not None:
         x = torch.where(valid[:, None, :], x, torch.zeros((), dtype=x.dtype))
-    lo, hi = torch.aminmax(x, dim=2)  # (B, D)
+    # amin and amax: aminmax along a dimension took 2 ms on (1, 5, 187500) floats, these 0.1 ms together
+    lo, hi = x.amin(2), x.amax(2)  # (B, D)
     top = torch.maximum(-lo, hi).to(torch.float64)
     if bandwidth is not None:
         top = top / bandwidth.detach().to(torch.float64).reshape(-1, D)

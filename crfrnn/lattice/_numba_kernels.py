@@ -272,6 +272,7 @@ def _initial_capacity(npts):  # pragma: no cover - compiled
         cap *= 2
     return cap
 
+
 @njit(cache=True)
 def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no cover - compiled
     """Insert rows ``q0 <= q < q1`` of ``keys (P, d)`` into a fresh hash table (sequential).
@@ -411,7 +412,6 @@ def _build_for(d):
 def _build_chunk_count(npts: int, threads: int) -> int:
     """Chunks of points the parallel build inserts separately (at least 8192 points each)."""
     return min(threads, max(1, npts // 8192))
-
 
 
 @njit(inline="always")

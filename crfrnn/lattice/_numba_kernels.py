@@ -260,6 +260,16 @@ def _add_key(table, vkeys, keys, row, full, h, m, cap, d):  # pragma: no cover -
     return table, vkeys, cap
 
 
+
+@njit(inline="always")
+def _same_key(keys, a, b, d):  # pragma: no cover - compiled
+    """Whether rows ``a`` and ``b`` of ``keys`` hold the same key: the inserts' check of the previous point's same
+    vertex, which then takes its offset unhashed."""
+    for i in range(d):
+        if keys[a, i] != keys[b, i]:
+            return False
+    return True
+
 @njit(inline="always")
 def _initial_capacity(npts):  # pragma: no cover - compiled
     """The fused build's first table size for ``npts`` points: room for a quarter of a vertex per point before
@@ -303,15 +313,9 @@ def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no co
             ring[k] = _hash(keys, qa, d)
             ahead[k] = qa
             _prefetch(table, ring[k] & mask)
-        if q - q0 >= stride:
-            same = True
-            for i in range(d):
-                if keys[q, i] != keys[q - stride, i]:
-                    same = False
-                    break
-            if same:
-                offsets[q] = offsets[q - stride]
-                continue
+        if q - q0 >= stride and _same_key(keys, q, q - stride, d):
+            offsets[q] = offsets[q - stride]
+            continue
         full = h if hashed else _hash(keys, q, d)
         v, h = _find_key(table, vkeys, keys, q, full, mask, d)
         if v >= 0:
@@ -551,15 +555,9 @@ def _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
                 ring[k] = _hash(keys, row + _AHEAD_HASH, d)
                 ahead[k] = q + _AHEAD_HASH
                 _prefetch(table, ring[k] & mask)
-            if q - first_row >= stride:  # the previous point's same vertex: its offset, unhashed
-                same = True
-                for i in range(d):
-                    if keys[row, i] != keys[row - stride, i]:
-                        same = False
-                        break
-                if same:
-                    offsets[q] = offsets[q - stride]
-                    continue
+            if q - first_row >= stride and _same_key(keys, row, row - stride, d):  # the previous point's same vertex
+                offsets[q] = offsets[q - stride]
+                continue
             full = h if hashed else _hash(keys, row, d)
             v, h = _find_key(table, vkeys, keys, row, full, mask, d)
             if v >= 0:

@@ -297,6 +297,12 @@ def test_inputs_are_copied_not_modified():
     d2.setUnaryEnergy(U)
     d2.addPairwiseBilateral(20, 13, img, 5)
     np.testing.assert_array_equal(U, U0)
+    t = torch.from_numpy(U.copy())  # a tensor's memory is not kept either
+    d3 = cd.DenseCRF2D(50, 40, 21)
+    d3.setUnaryEnergy(t)
+    d3.addPairwiseBilateral(20, 13, img, 5)
+    t.zero_()
+    np.testing.assert_array_equal(d3.inference(2), q1)
 
 
 @pytest.mark.parametrize("device", CUDA)

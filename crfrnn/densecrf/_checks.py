@@ -16,10 +16,11 @@ def _shape(x) -> tuple:
     return tuple(int(s) for s in x.shape)
 
 
-def _float32_array(x, name: str, ndim: int, *, contiguous: bool = True) -> torch.Tensor:
+def _float32_array(x, name: str, ndim: int, *, contiguous: bool = True, copy: bool = True) -> torch.Tensor:
     """pydensecrf's ``float[:, ::1]`` argument: a float32 (C-contiguous) numpy array or torch tensor.
 
-    Returns a float32 CPU tensor that owns its memory (a copy: later edits of ``x`` do not leak in).
+    Returns a float32 CPU tensor that owns its memory (a copy: later edits of ``x`` do not leak in), or with
+    ``copy=False`` one that may share ``x``'s memory, for a caller that copies it itself.
     """
     if x is None:
         raise TypeError(f"{name} must not be None")
@@ -28,7 +29,7 @@ def _float32_array(x, name: str, ndim: int, *, contiguous: bool = True) -> torch
             raise ValueError(f"{name} must be float32 (as pydensecrf), got {x.dtype} with shape {_shape(x)}")
         if x.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(x)}")
-        return x.detach().to("cpu", copy=True).contiguous()
+        return x.detach().to("cpu", copy=copy).contiguous()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a float32 numpy array (or torch tensor), got {type(x).__name__}")
     if x.dtype != np.float32:
@@ -41,7 +42,8 @@ def _float32_array(x, name: str, ndim: int, *, contiguous: bool = True) -> torch
         raise ValueError(
             f"{name} (shape {x.shape}) must be C-contiguous (as pydensecrf); convert it with np.ascontiguousarray()"
         )
-    return torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
+    # a read-only array is copied all the same (torch warns on wrapping one)
+    return torch.from_numpy(np.array(x, dtype=np.float32, copy=copy or not x.flags["WRITEABLE"]))
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:

@@ -6,16 +6,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from crfrnn.lattice.fused import fused_mean_field, stack_lattices
+from crfrnn.lattice.fused import fused_mean_field_rows, label_rows, stack_lattices
 
-__all__ = ["fused_meanfield", "stack_terms"]
+__all__ = ["fused_meanfield", "stack_terms", "unary_rows"]
 
 
-def fused_meanfield(unary: torch.Tensor, stacked: tuple, n_iterations: int, labels: bool = False) -> torch.Tensor:
+def unary_rows(unary: torch.Tensor) -> np.ndarray:
+    """The unary energies ``(L, N)`` (CPU float32) as :func:`fused_meanfield` reads them: ``-U`` in rows ``(N,
+    Cp)``, a point's labels side by side (padded). :class:`DenseCRF` keeps its unary in this form on the CPU, made
+    once from the caller's array (which is its copy), so that no inference copies it again."""
+    return label_rows(unary.detach().numpy(), negate=True)
+
+
+def fused_meanfield(neg_rows: np.ndarray, n_labels: int, stacked: tuple, n_iterations: int,
+                    labels: bool = False) -> torch.Tensor:
     """Mean field with every term and the softmax fused into one compiled pass per iteration: the maths
     of :meth:`DenseCRF._infer_by_terms` (its slow twin) in a third of the memory traffic.
-    ``unary (L, N)`` energies; returns ``Q (L, N)``, or with ``labels`` its arg max over the labels ``(N,)``."""
-    return fused_mean_field(unary, stacked, n_iterations, energies=True, labels=labels)
+    ``neg_rows``: the unary energies as :func:`unary_rows` lays them out; returns ``Q (L, N)``, or with
+    ``labels`` its arg max over the labels ``(N,)``."""
+    return fused_mean_field_rows(neg_rows, n_labels, stacked, n_iterations, labels=labels)
 
 
 def _entering_weight(compat, n_labels: int) -> np.ndarray:

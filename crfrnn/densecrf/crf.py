@@ -65,7 +65,7 @@ from crfrnn.lattice.cache import LatticeCache
 from crfrnn.lattice.permutohedral import PermutohedralLattice
 
 from ._checks import _check_finite, _enum, _float32_array, _int_arg, _positive_widths, _shape
-from ._fused import fused_meanfield, stack_terms
+from ._fused import fused_meanfield, stack_terms, unary_rows
 
 __all__ = [
     "DenseCRF",
@@ -267,7 +267,10 @@ class DenseCRF:
             raise TypeError(f"lattice_cache must be a crfrnn.lattice.LatticeCache or None, got "
                             f"{type(lattice_cache).__name__}")
         self._lattice_cache = lattice_cache
-        self._unary: Optional[torch.Tensor] = None  # (L, N) float32
+        # the unary energies: on the CPU as the fused pass reads them (-U in rows (N, Cp), made once per
+        # setUnary: no inference copies them again), elsewhere (L, N) float32 on the device
+        self._unary_rows: Optional[np.ndarray] = None
+        self._unary: Optional[torch.Tensor] = None
         self._pairwise: list = []
         self._stacked: Optional[tuple] = None  # the terms laid out for the fused CPU mean field
 
@@ -282,7 +285,7 @@ class DenseCRF:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n_pixels={self._nvar}, n_labels={self._nlabel}, "
-            f"pairwise_terms={len(self._pairwise)}, unary={'set' if self._unary is not None else 'unset'}, "
+            f"pairwise_terms={len(self._pairwise)}, unary={'set' if self._has_unary() else 'unset'}, "
             f"device={self.device})"
         )
 
@@ -294,7 +297,8 @@ class DenseCRF:
         ``f (K, n_pixels)``.
         """
         if f is None:
-            t = _float32_array(u, "unary energy u", 2)
+            # not copied here: _set_unary makes the CRF's own copy (as rows on the CPU)
+            t = _float32_array(u, "unary energy u", 2, copy=False)
             want = (self._nlabel, self._nvar)
             if _shape(t) != want:
                 raise ValueError(f"Bad shape for unary energy u: need (n_labels, n_pixels) = {want}, got {_shape(t)}")
@@ -313,8 +317,15 @@ class DenseCRF:
         self._set_unary(t, "unary energy")
 
     def _set_unary(self, t: torch.Tensor, name: str) -> None:
+        """``t (L, N)`` float32 CPU, checked and copied (``t`` may be the caller's memory)."""
         _check_finite(t, name)
-        self._unary = t.to(self.device)
+        if self.device.type == "cpu":
+            self._unary_rows, self._unary = unary_rows(t), None
+        else:
+            self._unary_rows, self._unary = None, t.to(self.device, copy=True)
+
+    def _has_unary(self) -> bool:
+        return self._unary is not None or self._unary_rows is not None
 
     def addPairwiseEnergy(self, features, compat, kernel=DIAG_KERNEL, normalization=NORMALIZE_SYMMETRIC) -> None:
         """Add a Gaussian pairwise term on ``features (D, n_pixels)`` float32 C-contiguous.
@@ -345,6 +356,9 @@ class DenseCRF:
 
     # ---------------------------------------------------------------------------------- inference
     def _unary_or_zero(self) -> torch.Tensor:
+        """The unary energies ``(L, N)`` float32 on ``self.device`` (zeros if none was set)."""
+        if self._unary_rows is not None:  # negation is exact: the energies as they were set
+            return (-torch.from_numpy(self._unary_rows[:, :self._nlabel])).T.contiguous()
         if self._unary is None:
             return torch.zeros(self._nlabel, self._nvar, dtype=torch.float32, device=self.device)
         return self._unary
@@ -364,7 +378,8 @@ class DenseCRF:
         (no ``(L, N)`` marginals written and read back)."""
         stacked = self._fused_terms()
         if stacked is not None:
-            return fused_meanfield(self._unary_or_zero(), stacked, n_iterations, labels=labels)
+            rows = self._unary_rows if self._unary_rows is not None else unary_rows(self._unary_or_zero().cpu())
+            return fused_meanfield(rows, self._nlabel, stacked, n_iterations, labels=labels)
         q = self._infer_by_terms(-self._unary_or_zero(), n_iterations)
         return q.argmax(0) if labels else q
 
@@ -439,8 +454,8 @@ class DenseCRF:
         with torch.no_grad():
             qd = q.double()
             kl = (qd * torch.log(torch.clamp(q, min=1e-20).double())).sum()
-            if self._unary is not None:
-                kl = kl + (self._unary.double() * qd).sum()
+            if self._has_unary():
+                kl = kl + (self._unary_or_zero().double() * qd).sum()
             for term in self._pairwise:
                 kl = kl + (qd * term.energy(q).double()).sum()
         return float(kl)
@@ -479,7 +494,7 @@ class DenseCRF2D(DenseCRF):
     def __repr__(self) -> str:
         return (
             f"DenseCRF2D(w={self._w}, h={self._h}, n_labels={self._nlabel}, pairwise_terms={len(self._pairwise)}, "
-            f"unary={'set' if self._unary is not None else 'unset'}, device={self.device})"
+            f"unary={'set' if self._has_unary() else 'unset'}, device={self.device})"
         )
 
     def _positions(self, sx: float, sy: float) -> torch.Tensor:

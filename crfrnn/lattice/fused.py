@@ -18,8 +18,8 @@ import torch
 from . import _numba_kernels as _nb
 from .permutohedral import _SPLAT_COPIES, PermutohedralLattice
 
-__all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_backward", "history_shape", "splat_rows",
-           "splats_shape", "transposed_terms"]
+__all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_rows", "fused_mean_field_backward", "label_rows",
+           "history_shape", "splat_rows", "splats_shape", "transposed_terms"]
 
 
 def _padded(n_labels: int) -> int:
@@ -113,9 +113,9 @@ def stack_lattices(
 _RANGED_VERTICES_PER_POINT = 0.25
 
 
-def _rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
+def label_rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
     """``x (L, P)`` (or ``-x``) as the kernels' rows ``(P, Cp)``: a point's labels side by side, padded with
-    zeros."""
+    zeros (a new array: ``x`` is only read)."""
     L, n = x.shape
     rows = np.empty((n, _padded(L)), dtype=np.float32)
     _nb.channels_to_rows(np.ascontiguousarray(x, dtype=np.float32), rows, negate)
@@ -154,8 +154,21 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
     ``energies``: ``logits`` holds unary energies ``-logits`` (pydensecrf's convention), negated on the way
     in (in the copy the kernel's layout needs anyway). ``labels``: return each point's arg max of the output,
     ``(P,)`` int64 (the first label at a tie), instead of the output itself."""
-    L, n = logits.shape
-    un = _rows(logits.detach().numpy(), negate=energies)  # (P, Cp)
+    return fused_mean_field_rows(label_rows(logits.detach().numpy(), negate=energies), logits.shape[0], stacked,
+                                 n_iterations, marginals=marginals, history=history, splats=splats, labels=labels)
+
+
+def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple, n_iterations: int, *,
+                          marginals: bool = True, history: Optional[np.ndarray] = None,
+                          splats: Optional[np.ndarray] = None, labels: bool = False) -> torch.Tensor:
+    """:func:`fused_mean_field` from the logits already laid out as :func:`label_rows` lays them out,
+    ``logit_rows (P, Cp)`` float32 for ``n_labels`` labels (only read): for a caller that keeps its unary in that
+    layout, so that no call copies it again (:class:`crfrnn.densecrf.DenseCRF`)."""
+    L, n = n_labels, logit_rows.shape[0]
+    if logit_rows.dtype != np.float32 or logit_rows.shape[1] != _padded(L) or not logit_rows.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"logit_rows must be C-contiguous float32 of shape (P, {_padded(L)}) for {L} labels, got "
+                         f"{logit_rows.dtype} {logit_rows.shape}")
+    un = logit_rows
     ranged = splat_by_ranges(stacked[7], n)
     # the ranged splat's input rows (the history, if kept) and the output share memory (the kernel's last pass
     # writes the output and no rows): one array fewer to fault in per call
@@ -228,7 +241,7 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     cp = _padded(L)
     (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post) = stacked[:10]
     nt = td1.shape[0]
-    rows = _rows(grad.detach().numpy())
+    rows = label_rows(grad.detach().numpy())
     wtcols = np.zeros((nt, cp, cp), dtype=np.float32)
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w

@@ -310,13 +310,13 @@ def test_stacked_terms_equal_numpy_concatenation():
 @pytest.mark.parametrize("L", [1, 8, 21])
 @pytest.mark.parametrize("negate", [False, True])
 def test_rows_are_the_padded_transpose(L, negate):
-    from crfrnn.lattice.fused import _padded, _rows
+    from crfrnn.lattice.fused import _padded, label_rows
 
     x = np.random.default_rng(L).standard_normal((L, 1000)).astype(np.float32)
     want = np.zeros((1000, _padded(L)), np.float32)
     want[:, :L] = -x.T if negate else x.T
-    np.testing.assert_array_equal(_rows(x, negate), want)
-    np.testing.assert_array_equal(_rows(x[:, ::2], negate), want[::2])  # a strided view
+    np.testing.assert_array_equal(label_rows(x, negate), want)
+    np.testing.assert_array_equal(label_rows(x[:, ::2], negate), want[::2])  # a strided view
 
 
 @pytest.mark.parametrize("labels", [1, 2, 21, 59])

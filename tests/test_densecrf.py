@@ -305,6 +305,26 @@ def test_inputs_are_copied_not_modified():
     np.testing.assert_array_equal(d3.inference(2), q1)
 
 
+def test_fused_mean_field_from_rows_equals_from_energies_and_checks_its_rows():
+    """The entry DenseCRF uses (its unary kept as rows) against the one from (L, N) energies; bad rows are named."""
+    from crfrnn.lattice.fused import fused_mean_field, fused_mean_field_rows, label_rows
+
+    _, img, mask, probs = _problem((40, 50), start=5)
+    U = cu.unary_from_softmax(probs)
+    d = cd.DenseCRF2D(50, 40, 21)
+    d.addPairwiseGaussian(3, 3)
+    d.addPairwiseBilateral(20, 13, img, 5)
+    stacked = d._fused_terms()
+    want = fused_mean_field(torch.from_numpy(U), stacked, 3, energies=True)
+    rows = label_rows(U, negate=True)
+    torch.testing.assert_close(fused_mean_field_rows(rows, 21, stacked, 3), want, rtol=0, atol=0)
+    wrong = (rows[:, :21].copy(), rows.astype(np.float64), rows[::2], rows[::2].copy(), np.asfortranarray(rows))
+    for bad in wrong:  # labels' width, dtype, strided, too few points, column-major
+        with pytest.raises(ValueError, match=r"logit_rows must be C-contiguous float32 of shape \(P, Cp\) = "
+                                             r"\(2000, 24\) for the terms' 2000 points and 21 labels, got"):
+            fused_mean_field_rows(bad, 21, stacked, 3)
+
+
 @pytest.mark.parametrize("device", CUDA)
 def test_device(device):
     _, img, mask, probs = _problem((60, 80), start=6)

@@ -164,10 +164,11 @@ def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple,
     """:func:`fused_mean_field` from the logits already laid out as :func:`label_rows` lays them out,
     ``logit_rows (P, Cp)`` float32 for ``n_labels`` labels (only read): for a caller that keeps its unary in that
     layout, so that no call copies it again (:class:`crfrnn.densecrf.DenseCRF`)."""
-    L, n = n_labels, logit_rows.shape[0]
-    if logit_rows.dtype != np.float32 or logit_rows.shape[1] != _padded(L) or not logit_rows.flags["C_CONTIGUOUS"]:
-        raise ValueError(f"logit_rows must be C-contiguous float32 of shape (P, {_padded(L)}) for {L} labels, got "
-                         f"{logit_rows.dtype} {logit_rows.shape}")
+    L, n = n_labels, stacked[8].shape[1]  # pre (T, P): the terms' points
+    if (logit_rows.dtype != np.float32 or logit_rows.shape != (n, _padded(L))
+            or not logit_rows.flags["C_CONTIGUOUS"]):
+        raise ValueError(f"logit_rows must be C-contiguous float32 of shape (P, Cp) = ({n}, {_padded(L)}) for the "
+                         f"terms' {n} points and {L} labels, got {logit_rows.dtype} {logit_rows.shape}")
     un = logit_rows
     ranged = splat_by_ranges(stacked[7], n)
     # the ranged splat's input rows (the history, if kept) and the output share memory (the kernel's last pass

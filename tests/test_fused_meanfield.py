@@ -10,7 +10,15 @@ from test_meanfield import noisy_unary, reference_mean_field
 
 import crfrnn.meanfield as mf
 from crfrnn import CrfRnn, mean_field
-from crfrnn.lattice._numba_kernels import _SOFTMAX_ROWS, _matvec_row, _matvec_rows_add, _softmax_row, _softmax_rows
+from crfrnn.lattice._numba_kernels import (
+    _SOFTMAX_ROWS,
+    _matvec_row,
+    _matvec_rows_add,
+    _slice_rows,
+    _slice_terms,
+    _softmax_row,
+    _softmax_rows,
+)
 
 from conftest import crop, image_pairs
 
@@ -293,6 +301,52 @@ def test_four_rows_of_label_products_equal_float64(c, width):
     ref = before[:8].astype(np.float64) + src[:, :c].astype(np.float64) @ cols[:c].astype(np.float64)
     assert np.allclose(dst[:8], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     assert np.array_equal(dst[8], before[8])
+
+
+@numba.njit
+def _slice_each_term(rows, init, lat, tmp, offsets, bary, tstart, td1, post):
+    """The fused pass's slice before ``_slice_terms``: a copy of ``init``, then ``_slice_rows`` term by term."""
+    for i in range(rows.shape[0]):
+        rows[i, :] = init[i]
+        for t in range(td1.shape[0]):
+            d1 = td1[t]
+            _slice_rows(rows[i], tmp if d1 % 2 == 1 else lat, offsets, bary, tstart[t] + i * d1, d1, post[t, i])
+
+
+@numba.njit
+def _slice_all_terms(rows, init, lat, tmp, offsets, bary, tstart, td1, post):
+    for i in range(rows.shape[0]):
+        _slice_terms(rows[i], init[i], lat, tmp, offsets, bary, tstart, td1, post, i)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("width", [8, 24, 32, 40])
+def test_slice_of_every_term_in_registers_equals_term_by_term_and_float64(width, dtype):
+    """``_slice_terms`` (every term's slice of a point summed in registers from the unary on, as the fused pass
+    does) gives the bits of ``_slice_rows`` term after term onto a copy of the unary, for rows of 1-4 vectors
+    and wider (the generic path), terms of odd and even ``D + 1`` (read from ``tmp`` and ``lat``), and is the
+    float64 sum within rounding."""
+    rng = np.random.default_rng(width)
+    n, m = 50, 30
+    td1 = np.array([3, 6, 2], np.int64)  # odd: from tmp; even: from lat
+    tstart = np.concatenate([[0], np.cumsum(n * td1)[:-1]]).astype(np.int64)
+    offsets = rng.integers(0, m, int(n * td1.sum())).astype(np.int32)
+    bary = rng.random(offsets.shape[0]).astype(dtype)
+    lat, tmp = (rng.standard_normal((m, width)).astype(dtype) for _ in range(2))
+    post = rng.random((td1.shape[0], n)).astype(dtype)
+    init = rng.standard_normal((n, width)).astype(dtype)
+    one, fused = np.full((n, width), np.nan, dtype), np.full((n, width), np.nan, dtype)
+    _slice_each_term(one, init, lat, tmp, offsets, bary, tstart, td1, post)
+    _slice_all_terms(fused, init, lat, tmp, offsets, bary, tstart, td1, post)
+    assert np.array_equal(one, fused)
+    ref = init.astype(np.float64).copy()
+    for t, d1 in enumerate(td1):
+        src = (tmp if d1 % 2 == 1 else lat).astype(np.float64)
+        k = tstart[t] + np.arange(n)[:, None] * d1 + np.arange(d1)
+        w = bary[k].astype(np.float64) * post[t][:, None].astype(np.float64)
+        ref += np.einsum("nr,nrc->nc", w, src[offsets[k]])
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.allclose(fused, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 @numba.njit

@@ -826,6 +826,73 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
 
 
 @intrinsic
+def _slice_terms(typingctx, row, init, lat, tmp, offsets, bary, tstart, td1, post, i):  # pragma: no cover - compiled
+    """``row[:] = init + sum_t sum_{r < d1_t} (bary[k] * post[t, i]) * src_t[offsets[k], :]`` with ``k = tstart[t] + i
+    d1_t + r`` and ``src_t`` ``tmp`` for an odd ``d1_t``, else ``lat``: point ``i``'s slice of every term, the sum
+    held in registers from ``init`` on (per vector, terms in order and ``r`` in order: :func:`_slice_rows` term
+    after term onto a copy of ``init``, bit for bit, without storing and reloading the row between terms)."""
+    if not (_same_float_arrays(row, init, lat, tmp, bary, post) and row.ndim == 1 and init.ndim == 1 and lat.ndim == 2
+            and tmp.ndim == 2 and post.ndim == 2 and _is_i32_vector(offsets) and isinstance(i, types.Integer)
+            and all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.int64 for a in (tstart, td1))):
+        return None
+    kind = _float_kind(row)
+    sig = types.void(row, init, lat, tmp, offsets, bary, tstart, td1, post, types.intp)
+
+    def codegen(context, builder, signature, args):
+        rowa, inita, lata, tmpa, offa, bara, tsa, tda, posta = (
+            context.make_array(signature.args[k])(context, builder, args[k]) for k in range(9))
+        b = builder
+        i = args[9]
+        k_ = _RowKernel(b, kind, rowa, lata, offa, bara, None)
+        one = ir.Constant(k_.intp, 1)
+        nterms = b.extract_value(tsa.shape, 0)
+        npts = b.extract_value(posta.shape, 1)
+
+        def term(t):
+            """(first simplex entry, d1, the source's data, the slice's scale) of term ``t``."""
+            d1 = b.load(b.gep(tda.data, [t]))
+            base = b.add(b.load(b.gep(tsa.data, [t])), b.mul(i, d1))
+            odd = b.icmp_unsigned("!=", b.and_(d1, one), ir.Constant(k_.intp, 0))
+            src = b.select(odd, tmpa.data, lata.data)
+            scale = b.load(b.gep(posta.data, [b.add(b.mul(t, npts), i)]))
+            return base, d1, src, scale
+
+        def weight(k, scale):
+            off = b.sext(b.load(b.gep(offa.data, [k])), k_.intp)
+            x = b.fmul(b.load(b.gep(bara.data, [k])), scale)
+            return b.mul(off, k_.width), _broadcast(b, k_.vec, x)
+
+        def unrolled(K):
+            accs = [cgutils.alloca_once_value(b, b.load(k_.chunk(inita.data, None, c), align=4)) for c in range(K)]
+            with cgutils.for_range(b, nterms) as lt:
+                base, d1, src, scale = term(lt.index)
+                with cgutils.for_range(b, d1) as lr:
+                    row0, w = weight(b.add(base, lr.index), scale)
+                    for c in range(K):
+                        sv = b.load(k_.chunk(src, row0, c), align=4)
+                        b.store(b.call(k_.fma, [w, sv, b.load(accs[c])]), accs[c])
+            for c in range(K):
+                b.store(b.load(accs[c]), k_.chunk(rowa.data, None, c), align=4)
+
+        def generic():
+            with cgutils.for_range(b, k_.nchunk) as lc:
+                c0 = b.shl(lc.index, k_.shift)
+                accp = cgutils.alloca_once_value(b, b.load(k_.vec_ptr(inita.data, c0), align=4))
+                with cgutils.for_range(b, nterms) as lt:
+                    base, d1, src, scale = term(lt.index)
+                    with cgutils.for_range(b, d1) as lr:
+                        row0, w = weight(b.add(base, lr.index), scale)
+                        sv = b.load(k_.vec_ptr(src, b.add(row0, c0)), align=4)
+                        b.store(b.call(k_.fma, [w, sv, b.load(accp)]), accp)
+                b.store(b.load(accp), k_.vec_ptr(rowa.data, c0), align=4)
+
+        _by_width(b, k_.nchunk, unrolled, generic)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _splat_rows(typingctx, lat, offsets, bary, base, d1, scale, row, split, shift):  # pragma: no cover - compiled
     """``lat[o, :] += (bary[base + r] * scale) * row[:]`` for ``r < d1``, ``o = offsets[base + r]``, plus
     ``shift`` if ``o < split`` (``len(row)`` a multiple of the vector width, ``lat (rows, len(row))``)."""
@@ -1739,13 +1806,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 for i in range(i0, i1):
                     row = history[it, i] if keep_it else (qrows[i] if ranged_q else buf[i - i0])
                     un = neg_unary[i]
-                    for ch in range(cp):
-                        row[ch] = un[ch]
                     if it > 0:
-                        for t in range(nt):
-                            d1 = td1[t]
-                            _slice_rows(row, tmp if d1 % 2 == 1 else lat, offsets, bary, tstart[t] + i * d1, d1,
-                                        post[t, i])
+                        _slice_terms(row, un, lat, tmp, offsets, bary, tstart, td1, post, i)
+                    else:
+                        for ch in range(cp):
+                            row[ch] = un[ch]
                 rows_out = history[it, i0:i1] if keep_it else (qrows[i0:i1] if ranged_q else buf)
                 if marginals or not last:  # the block's softmaxes, four rows interleaved
                     r = 0

@@ -322,7 +322,8 @@ def test_rows_are_the_padded_transpose(L, negate):
 @pytest.mark.parametrize("labels", [1, 2, 21, 59])
 def test_row_transposes_equal_numpy(labels):
     """``channels_to_rows`` (the kernels' row layout: transposed, negated on request, zero padding) and
-    ``rows_to_channels`` against NumPy's transposes, over a number of points that is not a whole block."""
+    ``rows_to_channels`` against NumPy's transposes, over a number of points that is not a whole block nor a whole
+    number of 8-point transposes, for padded rows (8 points at a time in registers) and unpadded ones."""
     from crfrnn.lattice import _numba_kernels as nb
     from crfrnn.lattice.fused import _padded
 
@@ -338,3 +339,10 @@ def test_row_transposes_equal_numpy(labels):
     back = np.full((labels, n), np.nan, np.float32)
     nb.rows_to_channels(rows, back)
     np.testing.assert_array_equal(back, -x)
+    # rows that are not whole vectors (no padding) take the point-at-a-time path, both ways
+    tight = np.full((n, labels), np.nan, np.float32)
+    nb.channels_to_rows(x, tight, False)
+    np.testing.assert_array_equal(tight, x.T)
+    back[:] = np.nan
+    nb.rows_to_channels(tight, back)
+    np.testing.assert_array_equal(back, x)

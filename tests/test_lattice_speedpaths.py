@@ -144,14 +144,21 @@ def _keys(d, n, seed, spread=3.0):
     return keys.reshape(-1, d)
 
 
-@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
-def test_neighbour_search_equals_dictionary(d):
+@pytest.mark.parametrize("d, spread, far, packs", [(1, 3.0, False, True), (2, 3.0, False, True), (3, 3.0, False, True),
+                                                   (5, 3.0, False, True), (8, 1.0, False, True), (8, 3.0, False, False),
+                                                   (3, 3.0, True, False), (5, 3.0, True, False)])
+def test_neighbour_search_equals_dictionary(d, spread, far, packs):
     """The software-pipelined neighbour search (hashes derived from the vertex's shifted sum, table
-    slots prefetched ahead) against a Python dictionary of the keys, with a vertex offset."""
+    slots prefetched ahead) against a Python dictionary of the keys, with a vertex offset; for keys that pack
+    into one int64 (found slots checked against packed keys) and keys that do not (checked against the key rows):
+    d = 8 with a wide spread, or a second cluster of keys translated by ~2^28 lattice units (``far``)."""
     from crfrnn.lattice import _numba_kernels as nb
 
-    flat = _keys(d, 3000, d)
+    flat = _keys(d, 3000, d, spread=spread)
+    if far:  # a lattice translation (multiples of d + 1), so every neighbour link inside a cluster stays one
+        flat = np.concatenate([flat, flat + (d + 1) * (2 ** 28 // (d + 1))]).astype(np.int32)
     vkeys, table = nb.insert(flat, np.empty(flat.shape[0], dtype=np.int32), 0, d + 1, 1)
+    assert nb._key_packing(vkeys)[2] == packs  # the path under test
     got = nb.neighbours(vkeys, table, 7)
     index = {tuple(k): i for i, k in enumerate(vkeys.tolist())}
     m = vkeys.shape[0]
@@ -166,6 +173,35 @@ def test_neighbour_search_equals_dictionary(d):
                 want[j, v, side] = -1 if u is None else u + 7
     assert np.array_equal(got, want)
     assert 0 < (got >= 0).mean() < 1  # some neighbours present, some missing
+
+
+@pytest.mark.parametrize("d", [1, 2, 5])
+def test_key_packing_keeps_keys_and_their_blur_steps_apart(d):
+    """``_key_packing``'s fields hold every vertex key and every key one blur step from one (a coordinate -1 or
+    +d; the neighbour search looks those up): each field in range, the packed values below 2^63, and two keys
+    packed alike only if equal (checked with Python's integers, keys at the corners of their range included)."""
+    from crfrnn.lattice import _numba_kernels as nb
+
+    rng = np.random.default_rng(d)
+    vkeys = rng.integers(-40, 41, (500, d)).astype(np.int32)
+    vkeys[:2] = [[-40] * d, [40] * d]
+    lo, shift, fits = nb._key_packing(vkeys)
+    assert fits
+    ends = list(shift[1:]) + [63]
+    keys = {tuple(k) for k in vkeys.tolist()}
+    for k in list(keys):
+        for j in range(d + 1):
+            keys.add(tuple(x - 1 + (d + 1 if i == j else 0) for i, x in enumerate(k)))
+    packed = {}
+    for k in keys:
+        fields = [x - int(lo[i]) for i, x in enumerate(k)]
+        assert all(0 <= f < 2 ** (int(ends[i]) - int(shift[i])) for i, f in enumerate(fields))
+        value = sum(f << int(shift[i]) for i, f in enumerate(fields))
+        assert value < 2 ** 63
+        assert packed.setdefault(value, k) == k
+    assert [nb._packed_key(vkeys, v, lo, shift, d) for v in range(3)] == \
+        [sum((int(x) - int(lo[i])) << int(shift[i]) for i, x in enumerate(vkeys[v])) for v in range(3)]
+    assert not nb._key_packing(np.empty((0, d), np.int32))[2]
 
 
 @pytest.mark.parametrize("n_points", [1, 2, 3, 50, 20000])

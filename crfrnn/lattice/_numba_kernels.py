@@ -643,6 +643,61 @@ def _find_neighbour(vkeys, table, v, j, d, full, mask):  # pragma: no cover - co
         h = (h + np.uint64(1)) & mask
 
 
+@njit(inline="always")
+def _key_packing(vkeys):  # pragma: no cover - compiled
+    """Bit fields that hold every vertex key of ``vkeys (M, d)``, and every key one blur step from one (a coordinate
+    moves by -1 or +d), as one int64: ``(lo, shift, fits)``, coordinate ``i`` stored as ``key[i] - lo[i]`` from bit
+    ``shift[i]`` on; ``fits`` is False where the fields need more than 63 bits (or there are no vertices)."""
+    m, d = vkeys.shape
+    lo = np.zeros(d, dtype=np.int64)
+    hi = np.zeros(d, dtype=np.int64)
+    shift = np.zeros(d, dtype=np.int64)
+    if m == 0:
+        return lo, shift, False
+    for i in range(d):
+        lo[i] = vkeys[0, i]
+        hi[i] = vkeys[0, i]
+    for v in range(1, m):
+        for i in range(d):
+            x = np.int64(vkeys[v, i])
+            lo[i] = min(lo[i], x)
+            hi[i] = max(hi[i], x)
+    total = 0
+    for i in range(d):
+        lo[i] -= 1
+        span = hi[i] + d - lo[i] + 1
+        bits = 1
+        while (np.int64(1) << bits) < span:
+            bits += 1
+        shift[i] = total
+        total += bits
+    return lo, shift, total <= 63
+
+
+@njit(inline="always")
+def _packed_key(vkeys, v, lo, shift, d):  # pragma: no cover - compiled
+    s = np.int64(0)
+    for i in range(d):
+        s += (np.int64(vkeys[v, i]) - lo[i]) << shift[i]
+    return s
+
+
+@njit(inline="always")
+def _find_packed(packed, table, want, full, mask):  # pragma: no cover - compiled
+    """:func:`_find_neighbour` where every key packs into one int64 (:func:`_key_packing`): a slot whose fingerprint
+    agrees is checked against ``packed[u] == want``, one 8-byte read, instead of the vertex's key row."""
+    h = full & mask
+    while True:
+        slot = table[h]
+        if slot == _EMPTY_SLOT:
+            return -1
+        if _may_hold(slot, full):
+            u = np.int64(slot & _VERTEX_BITS)
+            if packed[u] == want:
+                return u
+        h = (h + np.uint64(1)) & mask
+
+
 _NBR_CHUNK = 4096  # vertices per work item of the neighbour search
 
 
@@ -654,10 +709,23 @@ def neighbours(vkeys, table, base):  # pragma: no cover - compiled
     and writes both ``nbr[j, v, 0] = u`` and ``nbr[j, u, 1] = v`` (``v`` is the only vertex whose positive
     neighbour is ``u``, so no two work items write the same entry): half the look-ups. Software-pipelined: the
     table slots of vertex ``v + _AHEAD_HASH``'s neighbours are prefetched while ``v``'s are looked up (a table of
-    ~1 vertex per pixel is larger than the L2 cache)."""
+    ~1 vertex per pixel is larger than the L2 cache). Where the keys pack into one int64 (:func:`_key_packing`:
+    always for CRF-RNN's and pydensecrf's kernels), a found slot is checked against the vertices' packed keys
+    (8 bytes a vertex) rather than their key rows (4 d bytes, a second random read): the search 0.80-0.89x the
+    time on VOC images at 500x375 (2007_004241, 220 k vertices: 31 -> 25 ms); otherwise against the rows."""
     m, d = vkeys.shape
     nbr = np.full((d + 1, m, 2), -1, dtype=np.int32)
     mask = np.uint64(table.shape[0] - 1)
+    lo, shift, packs = _key_packing(vkeys)
+    packed = np.empty(m if packs else 0, dtype=np.int64)
+    down = np.int64(0)  # the packed step that moves every coordinate by -1
+    steps = np.zeros(d + 1, dtype=np.int64)  # ... then coordinate j by +(d+1) (j = d: none)
+    if packs:
+        for v in prange(m):
+            packed[v] = _packed_key(vkeys, v, lo, shift, d)
+        for i in range(d):
+            down += np.int64(1) << shift[i]
+            steps[i] = np.int64(d + 1) << shift[i]
     for ck in prange((m + _NBR_CHUNK - 1) // _NBR_CHUNK):
         v0 = ck * _NBR_CHUNK
         v1 = min(m, v0 + _NBR_CHUNK)
@@ -666,8 +734,12 @@ def neighbours(vkeys, table, base):  # pragma: no cover - compiled
             _neighbour_hashes(vkeys, v, d, ring[v % _AHEAD_HASH])
         for v in range(v0, v1):
             hs = ring[v % _AHEAD_HASH]
+            pv = packed[v] - down if packs else np.int64(0)  # v's key with every coordinate moved by -1
             for j in range(d + 1):
-                u = _find_neighbour(vkeys, table, v, j, d, hs[j], mask)
+                if packs:
+                    u = _find_packed(packed, table, pv + steps[j], hs[j], mask)
+                else:
+                    u = _find_neighbour(vkeys, table, v, j, d, hs[j], mask)
                 if u >= 0:
                     nbr[j, v, 0] = u + base
                     nbr[j, u, 1] = v + base

@@ -765,9 +765,9 @@ def _float_kind(t):
 
 
 class _RowKernel:
-    """IR helpers shared by :func:`_slice_rows` and :func:`_splat_rows`: the vector type and FMA of the
-    arrays' dtype, the number of vector chunks in a (padded) row, and per simplex vertex ``k`` the
-    lattice row's first element and the broadcast weight ``bary[k] * scale``."""
+    """IR helpers shared by :func:`_slice_rows`, :func:`_slice_terms` and :func:`_splat_rows`: the vector type and
+    FMA of the arrays' dtype, the number of vector chunks in a (padded) row, per simplex vertex ``k`` the lattice
+    row's first element and the broadcast weight ``bary[k] * scale``, and the slices' sum in registers."""
 
     def __init__(self, builder, kind, rowa, lata, offa, bara, scale):
         elem, lanes, name = kind
@@ -789,15 +789,53 @@ class _RowKernel:
         first = ir.Constant(self.intp, c * self.lanes)
         return self.vec_ptr(data, first if start is None else self.builder.add(start, first))
 
-    def vertex(self, k, split=None, shift=None):
-        """Row start and broadcast weight of simplex vertex ``k``; with ``split``/``shift``, vertices
-        numbered below ``split`` are moved ``shift`` rows on (into the splat's private copy)."""
+    def vertex(self, k, split=None, shift=None, scale=None):
+        """Row start and broadcast weight of simplex vertex ``k`` (``scale``: this call's, else the kernel's); with
+        ``split``/``shift``, vertices numbered below ``split`` are moved ``shift`` rows on (into the splat's
+        private copy)."""
         b = self.builder
         off = b.sext(b.load(b.gep(self.offa.data, [k])), self.intp)
         if split is not None:
             off = b.add(off, b.select(b.icmp_signed("<", off, split), shift, ir.Constant(self.intp, 0)))
-        x = b.fmul(b.load(b.gep(self.bara.data, [k])), self.scale)
+        x = b.fmul(b.load(b.gep(self.bara.data, [k])), self.scale if scale is None else scale)
         return b.mul(off, self.width), _broadcast(b, self.vec, x)
+
+    def slices(self, init, out, each_term):
+        """``out[:] = init + `` the slices ``each_term`` adds, per vector of the row in registers (its vectors
+        unrolled for rows of up to ``_UNROLL`` vectors). ``each_term(add)`` emits ``add(base, d1, src, scale)``
+        for each term, in order: ``sum_{r < d1} (bary[base + r] * scale) * src[offsets[base + r], :]`` is added,
+        ``r`` in order (``src``: the lattice's data)."""
+        b = self.builder
+
+        def unrolled(K):
+            accs = [cgutils.alloca_once_value(b, b.load(self.chunk(init, None, c), align=4)) for c in range(K)]
+
+            def add(base, d1, src, scale):
+                with cgutils.for_range(b, d1) as lr:
+                    row0, w = self.vertex(b.add(base, lr.index), scale=scale)
+                    for c in range(K):
+                        sv = b.load(self.chunk(src, row0, c), align=4)
+                        b.store(b.call(self.fma, [w, sv, b.load(accs[c])]), accs[c])
+
+            each_term(add)
+            for c in range(K):
+                b.store(b.load(accs[c]), self.chunk(out, None, c), align=4)
+
+        def generic():
+            with cgutils.for_range(b, self.nchunk) as lc:
+                c0 = b.shl(lc.index, self.shift)
+                accp = cgutils.alloca_once_value(b, b.load(self.vec_ptr(init, c0), align=4))
+
+                def add(base, d1, src, scale):
+                    with cgutils.for_range(b, d1) as lr:
+                        row0, w = self.vertex(b.add(base, lr.index), scale=scale)
+                        sv = b.load(self.vec_ptr(src, b.add(row0, c0)), align=4)
+                        b.store(b.call(self.fma, [w, sv, b.load(accp)]), accp)
+
+                each_term(add)
+                b.store(b.load(accp), self.vec_ptr(out, c0), align=4)
+
+        _by_width(b, self.nchunk, unrolled, generic)
 
 
 def _broadcast(b, vec, x):
@@ -868,30 +906,7 @@ def _slice_rows(typingctx, row, lat, offsets, bary, base, d1, scale):  # pragma:
         rowa, lata, offa, bara = (context.make_array(signature.args[k])(context, builder, args[k]) for k in range(4))
         base, d1, scale = args[4], args[5], args[6]
         k_ = _RowKernel(builder, kind, rowa, lata, offa, bara, scale)
-        b = builder
-
-        def unrolled(K):
-            accs = [cgutils.alloca_once_value(b, b.load(k_.chunk(rowa.data, None, c), align=4)) for c in range(K)]
-            with cgutils.for_range(b, d1) as lr:
-                row0, w = k_.vertex(b.add(base, lr.index))
-                for c in range(K):
-                    sv = b.load(k_.chunk(lata.data, row0, c), align=4)
-                    b.store(b.call(k_.fma, [w, sv, b.load(accs[c])]), accs[c])
-            for c in range(K):
-                b.store(b.load(accs[c]), k_.chunk(rowa.data, None, c), align=4)
-
-        def generic():
-            with cgutils.for_range(b, k_.nchunk) as lc:
-                c0 = b.shl(lc.index, k_.shift)
-                rp = k_.vec_ptr(rowa.data, c0)
-                accp = cgutils.alloca_once_value(b, b.load(rp, align=4))
-                with cgutils.for_range(b, d1) as lr:
-                    row0, w = k_.vertex(b.add(base, lr.index))
-                    sv = b.load(k_.vec_ptr(lata.data, b.add(row0, c0)), align=4)
-                    b.store(b.call(k_.fma, [w, sv, b.load(accp)]), accp)
-                b.store(b.load(accp), rp, align=4)
-
-        _by_width(builder, k_.nchunk, unrolled, generic)
+        k_.slices(rowa.data, rowa.data, lambda add: add(base, d1, lata.data, scale))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -920,45 +935,15 @@ def _slice_terms(typingctx, row, init, lat, tmp, offsets, bary, tstart, td1, pos
         nterms = b.extract_value(tsa.shape, 0)
         npts = b.extract_value(posta.shape, 1)
 
-        def term(t):
-            """(first simplex entry, d1, the source's data, the slice's scale) of term ``t``."""
-            d1 = b.load(b.gep(tda.data, [t]))
-            base = b.add(b.load(b.gep(tsa.data, [t])), b.mul(i, d1))
-            odd = b.icmp_unsigned("!=", b.and_(d1, one), ir.Constant(k_.intp, 0))
-            src = b.select(odd, tmpa.data, lata.data)
-            scale = b.load(b.gep(posta.data, [b.add(b.mul(t, npts), i)]))
-            return base, d1, src, scale
-
-        def weight(k, scale):
-            off = b.sext(b.load(b.gep(offa.data, [k])), k_.intp)
-            x = b.fmul(b.load(b.gep(bara.data, [k])), scale)
-            return b.mul(off, k_.width), _broadcast(b, k_.vec, x)
-
-        def unrolled(K):
-            accs = [cgutils.alloca_once_value(b, b.load(k_.chunk(inita.data, None, c), align=4)) for c in range(K)]
+        def each_term(add):
             with cgutils.for_range(b, nterms) as lt:
-                base, d1, src, scale = term(lt.index)
-                with cgutils.for_range(b, d1) as lr:
-                    row0, w = weight(b.add(base, lr.index), scale)
-                    for c in range(K):
-                        sv = b.load(k_.chunk(src, row0, c), align=4)
-                        b.store(b.call(k_.fma, [w, sv, b.load(accs[c])]), accs[c])
-            for c in range(K):
-                b.store(b.load(accs[c]), k_.chunk(rowa.data, None, c), align=4)
+                t = lt.index
+                d1 = b.load(b.gep(tda.data, [t]))
+                odd = b.icmp_unsigned("!=", b.and_(d1, one), ir.Constant(k_.intp, 0))
+                add(b.add(b.load(b.gep(tsa.data, [t])), b.mul(i, d1)), d1, b.select(odd, tmpa.data, lata.data),
+                    b.load(b.gep(posta.data, [b.add(b.mul(t, npts), i)])))
 
-        def generic():
-            with cgutils.for_range(b, k_.nchunk) as lc:
-                c0 = b.shl(lc.index, k_.shift)
-                accp = cgutils.alloca_once_value(b, b.load(k_.vec_ptr(inita.data, c0), align=4))
-                with cgutils.for_range(b, nterms) as lt:
-                    base, d1, src, scale = term(lt.index)
-                    with cgutils.for_range(b, d1) as lr:
-                        row0, w = weight(b.add(base, lr.index), scale)
-                        sv = b.load(k_.vec_ptr(src, b.add(row0, c0)), align=4)
-                        b.store(b.call(k_.fma, [w, sv, b.load(accp)]), accp)
-                b.store(b.load(accp), k_.vec_ptr(rowa.data, c0), align=4)
-
-        _by_width(b, k_.nchunk, unrolled, generic)
+        k_.slices(inita.data, rowa.data, each_term)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -1515,6 +1500,14 @@ _EXP_FLOOR = _F32(-60 * 0.6931471805599453)  # exp() >= 2^-60 ~ 8.7e-19: Q > 0 a
 _E1, _E2, _E3, _E4, _E5, _E6 = _F32(1.0), _F32(0.5), _F32(1 / 6), _F32(1 / 24), _F32(1 / 120), _F32(1 / 720)
 
 
+_T8_STAGES = (  # an 8x8 transpose of float32 vectors: three rounds, each pairing vectors ``step`` apart
+    (1, [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]),
+    (2, [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
+    (4, [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]),
+)
+_T8_ORDER = [0, 2, 1, 3, 4, 6, 5, 7]  # after the rounds, lane l of every input is in vector _T8_ORDER[l]
+
+
 class _Vec8:
     """llvmlite helpers for 8-lane float32 code: splats, lane-wise max, FMA and tree reductions."""
 
@@ -1527,6 +1520,24 @@ class _Vec8:
 
     def const(self, x):
         return ir.Constant(self.vec, [float(x)] * 8)
+
+    def at(self, data, row, width, col):
+        """Pointer to the vector of the 8 values from ``data[row * width + col]`` on."""
+        return self.b.bitcast(self.b.gep(data, [self.b.add(self.b.mul(row, width), col)]), self.vec.as_pointer())
+
+    def transpose(self, vs):
+        """``out[j][p] = vs[p][j]`` for eight vectors (three rounds of two-input shuffles)."""
+        vs = list(vs)
+        for step, lo, hi in _T8_STAGES:
+            out = [None] * 8
+            for a in range(8):
+                if a & step:
+                    continue
+                x, y = vs[a], vs[a + step]
+                out[a] = self.b.shuffle_vector(x, y, ir.Constant(self.ivec, lo))
+                out[a + step] = self.b.shuffle_vector(x, y, ir.Constant(self.ivec, hi))
+            vs = out
+        return [vs[_T8_ORDER[j]] for j in range(8)]
 
     def splat(self, x):
         v = ir.Constant(self.vec if x.type == self.f32 else self.ivec, ir.Undefined)
@@ -2108,30 +2119,6 @@ def _block_products_add(acc, bacc, xt, y, c, w):  # pragma: no cover - compiled
             a[ch] += b[ch]
 
 
-_T8_STAGES = (  # an 8x8 transpose of float32 vectors: three rounds, each pairing vectors ``step`` apart
-    (1, [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]),
-    (2, [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
-    (4, [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]),
-)
-_T8_ORDER = [0, 2, 1, 3, 4, 6, 5, 7]  # after the rounds, lane l of every input is in vector _T8_ORDER[l]
-
-
-def _transpose8(b, vs):
-    """``out[j][p] = vs[p][j]`` for eight ``<8 x float>`` values (three rounds of two-input shuffles)."""
-    i32 = ir.IntType(32)
-    vs = list(vs)
-    for step, lo, hi in _T8_STAGES:
-        out = [None] * 8
-        for a in range(8):
-            if a & step:
-                continue
-            x, y = vs[a], vs[a + step]
-            out[a] = b.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), lo))
-            out[a + step] = b.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 8), hi))
-        vs = out
-    return [vs[_T8_ORDER[j]] for j in range(8)]
-
-
 def _f32_2d(t):
     return isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32 and t.layout == "C"
 
@@ -2150,25 +2137,17 @@ def _rows_to_columns8(typingctx, out, rows, r0, i, c):  # pragma: no cover - com
         outa = context.make_array(signature.args[0])(context, builder, args[0])
         rowa = context.make_array(signature.args[1])(context, builder, args[1])
         r0_, i_, c_ = args[2], args[3], args[4]
-        b = builder
-        vec = ir.VectorType(ir.FloatType(), 8)
-        intp = r0_.type
+        b, v8 = builder, _Vec8(builder)
+        step = [ir.Constant(r0_.type, k) for k in range(9)]
         n = b.extract_value(outa.shape, 1)
         cp = b.extract_value(rowa.shape, 1)
-        eight = ir.Constant(intp, 8)
-        nk = b.udiv(b.add(c_, ir.Constant(intp, 7)), eight)
-        with cgutils.for_range(b, nk) as lk:
-            c0 = b.mul(lk.index, eight)
-            vs = []
-            for p in range(8):
-                at = b.add(b.mul(b.add(r0_, ir.Constant(intp, p)), cp), c0)
-                vs.append(b.load(b.bitcast(b.gep(rowa.data, [at]), vec.as_pointer()), align=4))
-            cols = _transpose8(b, vs)
+        with cgutils.for_range(b, b.udiv(b.add(c_, step[7]), step[8])) as lk:  # the label chunks
+            c0 = b.mul(lk.index, step[8])
+            cols = v8.transpose([b.load(v8.at(rowa.data, b.add(r0_, step[p]), cp, c0), align=4) for p in range(8)])
             for j in range(8):
-                lab = b.add(c0, ir.Constant(intp, j))
+                lab = b.add(c0, step[j])
                 with cgutils.if_likely(b, b.icmp_signed("<", lab, c_)):
-                    at = b.add(b.mul(lab, n), i_)
-                    b.store(cols[j], b.bitcast(b.gep(outa.data, [at]), vec.as_pointer()), align=4)
+                    b.store(cols[j], v8.at(outa.data, lab, n, i_), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -2187,30 +2166,23 @@ def _columns_to_rows8(typingctx, rows, x, r0, i, sign):  # pragma: no cover - co
         rowa = context.make_array(signature.args[0])(context, builder, args[0])
         xa = context.make_array(signature.args[1])(context, builder, args[1])
         r0_, i_, sgn = args[2], args[3], args[4]
-        b = builder
-        vec = ir.VectorType(ir.FloatType(), 8)
-        intp = r0_.type
+        b, v8 = builder, _Vec8(builder)
+        step = [ir.Constant(r0_.type, k) for k in range(9)]
         c_ = b.extract_value(xa.shape, 0)
         n = b.extract_value(xa.shape, 1)
         cp = b.extract_value(rowa.shape, 1)
-        eight = ir.Constant(intp, 8)
-        svec = _broadcast(b, vec, sgn)
-        nk = b.udiv(cp, eight)
-        with cgutils.for_range(b, nk) as lk:
-            c0 = b.mul(lk.index, eight)
+        svec = v8.splat(sgn)
+        with cgutils.for_range(b, b.udiv(cp, step[8])) as lk:  # the row's vectors, labels past C read as zeros
+            c0 = b.mul(lk.index, step[8])
             vs = []
             for j in range(8):
-                lab = b.add(c0, ir.Constant(intp, j))
-                slot = cgutils.alloca_once_value(b, ir.Constant(vec, [0.0] * 8))
+                lab = b.add(c0, step[j])
+                slot = cgutils.alloca_once_value(b, v8.const(0.0))
                 with cgutils.if_likely(b, b.icmp_signed("<", lab, c_)):
-                    at = b.add(b.mul(lab, n), i_)
-                    v = b.load(b.bitcast(b.gep(xa.data, [at]), vec.as_pointer()), align=4)
-                    b.store(b.fmul(v, svec), slot)
+                    b.store(b.fmul(b.load(v8.at(xa.data, lab, n, i_), align=4), svec), slot)
                 vs.append(b.load(slot))
-            rws = _transpose8(b, vs)
-            for p in range(8):
-                at = b.add(b.mul(b.add(r0_, ir.Constant(intp, p)), cp), c0)
-                b.store(rws[p], b.bitcast(b.gep(rowa.data, [at]), vec.as_pointer()), align=4)
+            for p, v in enumerate(v8.transpose(vs)):
+                b.store(v, v8.at(rowa.data, b.add(r0_, step[p]), cp, c0), align=4)
         return context.get_dummy_value()
 
     return sig, codegen

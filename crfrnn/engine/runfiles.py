@@ -15,8 +15,10 @@ A run folder (written by :func:`crfrnn.engine.train`, rank 0 only)::
 import contextlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import torch
 
@@ -27,6 +29,7 @@ from crfrnn.models.weights import torch_load
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "ctrl_c_deferred",
     "write_text",
     "save_checkpoint",
     "load_checkpoint",
@@ -53,20 +56,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
 
     Readers see either the old file or the complete new one, never a partial write (the temporary file is
     fsynced before the rename). A failing ``write`` leaves ``path`` untouched and removes the temporary file.
-    The folder must exist.
+    A Ctrl-C during the write takes effect once the file is in place (see :func:`ctrl_c_deferred`). The folder
+    must exist.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with ctrl_c_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) back until the block has ended, then raise it as the handler in place would.
+
+    ``torch.save`` writes through C++ that calls back into Python: a ``KeyboardInterrupt`` raised inside one of
+    those calls leaves torch's writer unfinished, and its destructor later writes to the closed file, which
+    aborts the process (``std::terminate``, SIGABRT) instead of letting it exit with the interrupt. Only the
+    main thread runs Python's signal handlers; elsewhere, and when SIGINT has no Python handler (ignored, or
+    the default action), there is nothing to hold back.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if caught:
+            handler(caught[0], None)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -534,6 +534,34 @@ def test_fused_map_labels_are_the_argmax_of_the_marginals(n_labels, n_iterations
     np.testing.assert_array_equal(labels[clear], twin.argmax(0)[clear])
 
 
+def test_inference_lays_out_its_marginals_as_pydensecrf():
+    """``inference`` returns ``(L, N)`` as the transpose of a contiguous ``(N, L)`` (a pixel's labels side by
+    side), as pydensecrf's ``np.array(d.inference(n))`` is: ``np.argmax(Q, axis=0)``, the usual next line,
+    then reads each pixel's labels together instead of copying ``Q`` first."""
+    _, img, mask, _ = _problem((45, 70), start=5)
+    h, w = mask.shape
+    U = np.random.default_rng(0).normal(0, 2, (21, h * w)).astype(np.float32)
+    try:
+        import pydensecrf.densecrf as pd
+    except ImportError:  # the layout is still checked; pydensecrf's only where installed
+        pd = None
+    layouts = {}
+    for name, dcrf in (("crfrnn", cd), ("pydensecrf", pd)):
+        if dcrf is None:
+            continue
+        d = dcrf.DenseCRF2D(w, h, 21)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(3, 3.0)
+        d.addPairwiseBilateral(30, 13, img, 5.0)
+        q = np.asarray(d.inference(3))
+        layouts[name] = (q.shape, q.dtype, q.strides, q.flags["F_CONTIGUOUS"])
+        np.testing.assert_array_equal(np.argmax(q, axis=0), np.argmax(np.ascontiguousarray(q), axis=0))
+    assert layouts["crfrnn"] == ((21, h * w), np.float32, (4, 4 * 21), True)
+    if "pydensecrf" in layouts:
+        assert layouts["pydensecrf"] == layouts["crfrnn"]
+
+
+
 def test_fused_inference_is_independent_of_thread_count():
     """Fixed splat copies summed in a fixed order: bit-identical marginals for 1 and 2 threads."""
     _, img, mask, probs = _problem((60, 80), start=2)

@@ -22,9 +22,11 @@ def fused_meanfield(neg_rows: np.ndarray, n_labels: int, stacked: tuple, n_itera
                     labels: bool = False) -> torch.Tensor:
     """Mean field with every term and the softmax fused into one compiled pass per iteration: the maths
     of :meth:`DenseCRF._infer_by_terms` (its slow twin) in a third of the memory traffic.
-    ``neg_rows``: the unary energies as :func:`unary_rows` lays them out; returns ``Q (L, N)``, or with
-    ``labels`` its arg max over the labels ``(N,)``."""
-    return fused_mean_field_rows(neg_rows, n_labels, stacked, n_iterations, labels=labels)
+    ``neg_rows``: the unary energies as :func:`unary_rows` lays them out; returns ``Q (L, N)``, laid out as
+    pydensecrf lays out its marginals (the transpose of a contiguous ``(N, L)``: ``np.argmax(Q, axis=0)``
+    reads each pixel's labels together instead of first copying ``Q`` into that order), or with ``labels`` its
+    arg max over the labels ``(N,)``."""
+    return fused_mean_field_rows(neg_rows, n_labels, stacked, n_iterations, labels=labels, by_point=True)
 
 
 def _entering_weight(compat, n_labels: int) -> np.ndarray:

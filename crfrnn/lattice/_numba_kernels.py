@@ -1756,16 +1756,17 @@ def _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot):  # pragma
 
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                      pre, post, wdiag, wcols, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
-                     ranged, ranges, qrows, splats, srow):  # pragma: no cover - compiled
+                     ranged, ranges, qrows, splats, srow, q_by_point):  # pragma: no cover - compiled
     """Mean field of a dense CRF with ``T`` Gaussian pairwise terms, fused over the lattices.
 
     ``neg_unary (N, Cp)``: -U, one point's labels side by side, padded with zeros to ``Cp`` (a
-    multiple of ``_LANES``) channels; ``q (L, N)``: receives the marginals (which start as
+    multiple of ``_LANES``) channels; ``q (L, N)``, or ``(N, L)`` with ``q_by_point`` (a point's labels side by
+    side, pydensecrf's layout of its marginals): receives the marginals (which start as
     ``softmax(-U)``), or with ``marginals`` False the last iteration's logits (before its softmax:
     CRF-RNN's output). ``history (T, N, Cp)`` (or empty, ``(0, N, Cp)``) receives, as rows, the marginals
     each iteration filters (:func:`dense_meanfield_backward` reads them). ``labels (N,)`` int64 (or empty):
     receives each point's arg max of the output (the first label at a tie, as ``np.argmax``) instead of ``q``
-    (then ``(L, 0)``), so that a caller who wants labels skips writing and re-reading ``(L, N)`` values.
+    (then ``(L, 0)``, or ``(0, L)``), so that a caller who wants labels skips writing and re-reading ``(L, N)`` values.
     Term ``t`` (``td1[t] = D_t + 1`` simplex vertices per point) owns
     ``bary[tstart[t] : tstart[t] + N * td1[t]]`` and the same slice of ``offsets`` (global vertex
     rows), vertex rows ``vstart[t] ... vstart[t] + vcount[t]`` and blur neighbours ``nbr[nstart[t] :
@@ -1802,7 +1803,7 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
     their vertices).
     """
     n, cp = neg_unary.shape
-    c = q.shape[0]
+    c = q.shape[1] if q_by_point else q.shape[0]
     nt = td1.shape[0]
     mtot = 0
     for t in range(nt):
@@ -1913,6 +1914,11 @@ def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vsta
                 if last and want_labels:
                     for i in range(i0, i1):
                         labels[i] = _argmax_row(rows_out[i - i0], c)
+                elif last and q_by_point:
+                    for i in range(i0, i1):
+                        row = rows_out[i - i0]
+                        for ch in range(c):
+                            q[i, ch] = row[ch]
                 elif last:  # eight points at a time, as rows_to_channels
                     r = 0
                     while r + 8 <= i1 - i0:

@@ -160,10 +160,13 @@ def fused_mean_field(logits: torch.Tensor, stacked: tuple, n_iterations: int, *,
 
 def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple, n_iterations: int, *,
                           marginals: bool = True, history: Optional[np.ndarray] = None,
-                          splats: Optional[np.ndarray] = None, labels: bool = False) -> torch.Tensor:
+                          splats: Optional[np.ndarray] = None, labels: bool = False,
+                          by_point: bool = False) -> torch.Tensor:
     """:func:`fused_mean_field` from the logits already laid out as :func:`label_rows` lays them out,
     ``logit_rows (P, Cp)`` float32 for ``n_labels`` labels (only read): for a caller that keeps its unary in that
-    layout, so that no call copies it again (:class:`crfrnn.densecrf.DenseCRF`)."""
+    layout, so that no call copies it again (:class:`crfrnn.densecrf.DenseCRF`). ``by_point``: the ``(L, P)``
+    output is the transpose of a contiguous ``(P, L)`` array, a point's labels side by side (pydensecrf's
+    layout, in which an arg max over the labels reads each point's values together, with no copy)."""
     L, n = n_labels, stacked[8].shape[1]  # pre (T, P): the terms' points
     if (logit_rows.dtype != np.float32 or logit_rows.shape != (n, _padded(L))
             or not logit_rows.flags["C_CONTIGUOUS"]):
@@ -176,7 +179,7 @@ def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple,
     row_values = n * un.shape[1] if ranged.any() and history is None else 0
     shared = np.empty(max(row_values, 0 if labels else L * n), dtype=np.float32)
     qrows = shared[:row_values].reshape(-1, un.shape[1])
-    out = shared[:0 if labels else L * n].reshape(L, -1)
+    out = shared[:0 if labels else L * n].reshape((-1, L) if by_point else (L, -1))
     lab = np.empty(n if labels else 0, dtype=np.int64)
     m = int(stacked[7].sum())  # vertices of all terms
     parts = _splat_parts(n)
@@ -189,8 +192,10 @@ def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple,
         raise ValueError(f"history must be float32 of shape {history_shape(n_iterations, L, n)}, got "
                          f"{history.dtype} {history.shape}")
     _nb.dense_meanfield(un, out, *stacked, n_iterations, marginals, history, lab, *work, ranged,
-                        numba.get_num_threads(), qrows, kept, srow)
-    return torch.from_numpy(lab if labels else out)
+                        numba.get_num_threads(), qrows, kept, srow, by_point)
+    if labels:
+        return torch.from_numpy(lab)
+    return torch.from_numpy(out).T if by_point else torch.from_numpy(out)
 
 
 def _splat_layout(splats, vcount: np.ndarray, n_iterations: int, L: int, n: int) -> tuple:

@@ -561,7 +561,6 @@ def test_inference_lays_out_its_marginals_as_pydensecrf():
         assert layouts["pydensecrf"] == layouts["crfrnn"]
 
 
-
 def test_fused_inference_is_independent_of_thread_count():
     """Fixed splat copies summed in a fixed order: bit-identical marginals for 1 and 2 threads."""
     _, img, mask, probs = _problem((60, 80), start=2)

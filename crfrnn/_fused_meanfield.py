@@ -56,20 +56,26 @@ class FusedMeanField(torch.autograd.Function):
     (:func:`crfrnn.lattice.fused.fused_mean_field_backward`): per iteration (last first), with ``g`` the gradient
     of its output logits and ``z = F^T(g / F1)`` per kernel, ``dL/da += z q^T``, ``dL/dq = a^T z_s + b^T z_b``,
     then the softmax's backward. ``a``, ``b`` as :func:`crfrnn.meanfield._compose` gives them: scalars, ``(L,)``
-    or ``(L, L)``; the backward works with their matrices and takes the trace or diagonal of those gradients."""
+    or ``(L, L)``; the backward works with their matrices and takes the trace or diagonal of those gradients.
+    ``workspace``: a :class:`~crfrnn.lattice.workspace.Workspace` for the history and splats, or ``None``."""
 
     @staticmethod
-    def forward(ctx, unary, a, b, kernels, num_iterations):
+    def forward(ctx, unary, a, b, kernels, num_iterations, workspace=None):
         from .lattice.fused import history_shape, splats_shape
 
         B, L = unary.shape[:2]
         n = unary[0, 0].numel() * B
-        history = np.empty(history_shape(num_iterations, L, n), np.float32)
+
+        def empty(name, shape):  # a workspace (CrfRnn's) lends the last step's arrays once its graph is gone
+            return np.empty(shape, np.float32) if workspace is None else workspace.empty(name, shape, np.float32)
+
+        history = empty("history", history_shape(num_iterations, L, n))
         stacked = _stacked(kernels, a, b, L)
-        splats = np.empty(splats_shape(stacked[7], num_iterations, L, n), np.float32)
+        splats = empty("splats", splats_shape(stacked[7], num_iterations, L, n))
         out = fused_forward(unary, kernels, a, b, num_iterations, history, stacked, splats)
-        ctx.kernels, ctx.stacked, ctx.splats = kernels, stacked, splats
-        ctx.save_for_backward(unary, a, b, torch.from_numpy(history))
+        ctx.kernels, ctx.stacked = kernels, stacked
+        # saved tensors (not ctx attributes): autograd frees them after the backward, even while the output lives
+        ctx.save_for_backward(unary, a, b, torch.from_numpy(history), torch.from_numpy(splats))
         return out
 
     @staticmethod
@@ -78,7 +84,7 @@ class FusedMeanField(torch.autograd.Function):
         from .lattice.fused import fused_mean_field_backward, transposed_terms
         from .meanfield import _label_matrix
 
-        unary, a, b, history = ctx.saved_tensors
+        unary, a, b, history, splats = ctx.saved_tensors
         B, L = unary.shape[:2]
 
         def lattice_order(x):  # (B, L, *spatial) -> (L, B * N), the lattices' order of points
@@ -89,11 +95,11 @@ class FusedMeanField(torch.autograd.Function):
 
         stacked = transposed_terms(ctx.stacked, [k.lattice for k in ctx.kernels], [_inv_norm(k) for k in ctx.kernels])
         d_unary, (da, db) = fused_mean_field_backward(lattice_order(grad), history.numpy(), stacked,
-                                                      [matrix(a), matrix(b)], ctx.splats)
+                                                      [matrix(a), matrix(b)], splats.numpy())
 
         def reduce(d, w):  # the gradient of a scalar or (L,) weight from that of its matrix
             d = d.to(w.dtype)
             return d if w.dim() == 2 else torch.diagonal(d).clone() if w.dim() == 1 else torch.trace(d)
 
         d_unary = d_unary.reshape(L, B, -1).transpose(0, 1).reshape(unary.shape)
-        return d_unary.to(unary.dtype), reduce(da, a), reduce(db, b), None, None
+        return d_unary.to(unary.dtype), reduce(da, a), reduce(db, b), None, None, None

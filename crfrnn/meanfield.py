@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from ._fused_meanfield import FusedMeanField, fused_forward
 from ._fused_meanfield import fusable as _fusable
-from .lattice import LatticeCache, PermutohedralLattice, dense_gaussian_kernel
+from .lattice import LatticeCache, PermutohedralLattice, Workspace, dense_gaussian_kernel
 from .lattice._checks import _all_finite, _check_mask
 
 __all__ = ["mean_field", "CrfRnn", "crf_features"]
@@ -326,11 +326,13 @@ def _spatial_kernel(features, stds, method, backend, valid_mask, dtype, spacing,
     return cache.get(key, lambda: _Kernel(features, stds, method, backend, valid_mask, dtype))
 
 
-def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, method, backend, spatial_cache=None):
+def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, method, backend, spatial_cache=None,
+         workspace=None):
     """The one path of :func:`mean_field` and :meth:`CrfRnn.forward`: checks the inputs, θ and ``method``
     once, builds both kernels once and iterates. ``weights(unary)`` returns the per-iteration lists of
     spatial weights, bilateral weights and compatibilities (validated by the caller's rules).
-    ``spatial_cache``: a :class:`~crfrnn.lattice.LatticeCache` for the spatial kernel (:class:`CrfRnn`'s)."""
+    ``spatial_cache``: a :class:`~crfrnn.lattice.LatticeCache` for the spatial kernel, ``workspace``: a
+    :class:`~crfrnn.lattice.workspace.Workspace` for the fused backward's arrays (both :class:`CrfRnn`'s)."""
     _check_inputs(unary, image, valid_mask)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
@@ -346,11 +348,11 @@ def _run(unary, image, valid_mask, thetas, weights, num_iterations, spacing, met
         _Kernel(bil, bw_bil, method, backend, valid_mask, unary.dtype),
     )
     if _fusable(unary, kernels, (ws, wb, c), (ta, tb, tg)):
-        return _fused_loop(unary, kernels, ws[0], wb[0], c[0], num_iterations)
+        return _fused_loop(unary, kernels, ws[0], wb[0], c[0], num_iterations, workspace)
     return _mean_field_loop(unary, kernels, ws, wb, c, num_iterations, valid_mask)
 
 
-def _fused_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations):
+def _fused_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations, workspace=None):
     """:func:`_mean_field_loop` (its slow twin, tested equal) as one compiled pass per iteration over both
     lattices (:mod:`crfrnn.lattice.fused`): the label weights act on the blurred lattice vertices and the
     marginals never go through memory between iterations. Masked points have no lattice weight and a
@@ -358,7 +360,7 @@ def _fused_loop(unary, kernels, spatial_w, bilateral_w, compat, num_iterations):
     iterations' logits are kept for :class:`FusedMeanField`'s backward pass."""
     a, b = _compose(spatial_w, bilateral_w, compat)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (unary, a, b)):
-        return FusedMeanField.apply(unary, a, b, kernels, num_iterations)
+        return FusedMeanField.apply(unary, a, b, kernels, num_iterations, workspace)
     return fused_forward(unary, kernels, a, b, num_iterations)
 
 
@@ -446,6 +448,12 @@ class CrfRnn(nn.Module):
     * ``learn_compatibility=False`` keeps Potts fixed (a buffer);
     * ``untied=True`` gives every iteration its own parameters (leading axis ``num_iterations``); at test,
       iterations beyond ``num_iterations`` reuse the last set.
+
+    Memory: in training mode on the CPU the layer keeps the marginals of every iteration for the backward
+    pass (``4 * T * B * N * Lp`` bytes, ``Lp`` = L rounded up to a multiple of 8: 90 MB at 500x375, L=21, T=5)
+    and holds on to that array after the step (a :class:`~crfrnn.lattice.Workspace`), so that the next step
+    writes into it instead of faulting fresh memory in; ``eval()`` lets go of it. The layer also keeps its
+    spatial kernel for the last two input sizes.
     """
 
     def __init__(
@@ -491,6 +499,8 @@ class CrfRnn(nn.Module):
         self.kernel_weights, self.untied, self.spacing, self.backend = kernel_weights, untied, spacing, backend
         # the spatial kernel of the last input sizes: its lattice depends only on the size and θγ (not saved)
         self._spatial_lattices = LatticeCache(2)
+        # the training forward's history of the marginals, reused by the next step (not saved; eval() frees it)
+        self._workspace = Workspace()
         lead = (self.num_iterations,) if untied else ()
 
         def init(w):
@@ -573,4 +583,9 @@ class CrfRnn(nn.Module):
                          for p in (self.spatial_ker_weights, self.bilateral_ker_weights, self.compatibility_matrix))
 
         return _run(unary, image, valid_mask, self.bandwidths(), weights, T, self.spacing, method, self.backend,
-                    self._spatial_lattices)
+                    self._spatial_lattices, self._workspace)
+
+    def train(self, mode: bool = True) -> "CrfRnn":
+        if not mode:  # inference keeps no history: let go of the training steps' scratch arrays
+            self._workspace.clear()
+        return super().train(mode)

@@ -429,3 +429,62 @@ def test_fused_pass_names_a_bad_history_or_splats_array():
     scaled = stacked[:8] + (stacked[8] * 2,) + stacked[9:]
     with pytest.raises(ValueError, match="splats are kept only for terms whose pres are ones"):
         fused_mean_field(logits, scaled, 2, history=good_history, splats=np.empty(shape, np.float32))
+
+
+def test_workspace_lends_an_array_only_when_nothing_else_holds_it():
+    import copy
+    import pickle
+
+    from crfrnn.lattice import Workspace
+
+    ws = Workspace()
+    a = ws.empty("h", (3, 4), np.float32)
+    first = id(a)
+    del a
+    b = ws.empty("h", (3, 4), np.float32)
+    assert id(b) == first  # free again: lent again
+    for holder in (lambda x: torch.from_numpy(x), lambda x: x[1:], lambda x: x):
+        kept = holder(b)
+        taken = id(b)
+        del b
+        b = ws.empty("h", (3, 4), np.float32)
+        assert id(b) != taken and not np.shares_memory(b, np.asarray(kept))  # still held elsewhere: a new one
+        del kept
+    taken = id(b)
+    del b
+    assert id(ws.empty("h", (3, 5), np.float32)) != taken  # another shape
+    assert ws.empty("h", (3, 5), np.float64).dtype == np.float64  # another dtype
+    ws.empty("g", (2,), np.float32)
+    assert len(ws) == 2 and ws.nbytes() == 3 * 5 * 8 + 2 * 4
+    assert len(copy.deepcopy(ws)) == 0 and len(pickle.loads(pickle.dumps(ws))) == 0 and len(ws) == 2
+    ws.clear()
+    assert len(ws) == 0 and ws.nbytes() == 0
+
+
+def test_crfrnn_training_steps_reuse_their_history_with_the_same_bits():
+    """The layer's second step writes into the first step's history and splats (whatever they hold) and
+    gives the bits of a fresh layer; an output still alive keeps its arrays; eval() lets go of them."""
+    unary, image, _ = _case("voc", count=1, h=48, w=64)
+    layer, fresh = _random_layer(21, seed=3).train(), _random_layer(21, seed=3).train()
+    params = [layer.spatial_ker_weights, layer.bilateral_ker_weights, layer.compatibility_matrix]
+    want = _grads(fresh, unary, list(fresh.parameters())[:3], image)
+    _grads(layer, unary, params, image)
+    held = {name: id(a) for name, a in layer._workspace._arrays.items()}
+    assert set(held) == {"history", "splats"}
+    for a in layer._workspace._arrays.values():
+        a.fill(np.nan)  # a reused array's old contents must not reach the result
+    del a
+    got = _grads(layer, unary, params, image)
+    assert {name: id(a) for name, a in layer._workspace._arrays.items()} == held
+    assert torch.equal(got[0], want[0]) and all(torch.equal(g, w) for g, w in zip(got[1], want[1]))
+
+    # two forwards before one backward: the second may not write into the first one's history
+    other = unary.flip(-1).contiguous()
+    want_other = _grads(fresh, other, list(fresh.parameters())[:3], image)
+    u1, u2 = unary.clone().requires_grad_(), other.clone().requires_grad_()
+    w = torch.randn(unary.shape, generator=torch.Generator().manual_seed(7))  # _grads's loss, twice
+    sum((out * w).sum() + out.square().mean() for out in (layer(u1, image), layer(u2, image))).backward()
+    assert torch.equal(u1.grad, want[1][0]) and torch.equal(u2.grad, want_other[1][0])
+
+    layer.eval()
+    assert len(layer._workspace) == 0

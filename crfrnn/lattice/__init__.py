@@ -7,11 +7,13 @@
 * :mod:`.fused` — mean field over several lattices in one compiled pass per iteration (CPU);
 * :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle;
 * :mod:`.cache` — :class:`LatticeCache`, lattices of repeating features built once by their user;
+* :mod:`.workspace` — :class:`Workspace`, scratch arrays a caller reuses across calls (the layer's history);
 * :mod:`._checks` — the argument checks of the public entry points.
 """
 from .cache import LatticeCache
 from .exact import dense_gaussian_filter, dense_gaussian_kernel
 from .permutohedral import PermutohedralLattice, available_backends, permutohedral_filter
+from .workspace import Workspace
 
 __all__ = [
     "PermutohedralLattice",
@@ -20,4 +22,5 @@ __all__ = [
     "dense_gaussian_kernel",
     "available_backends",
     "LatticeCache",
+    "Workspace",
 ]

@@ -16,9 +16,14 @@ import numpy as np
 
 __all__ = ["Workspace"]
 
-# sys.getrefcount(a) inside Workspace.empty when only the workspace holds `a`: its dict entry, the local name
-# and getrefcount's own argument.
-_HELD_ONLY_BY_US = 3
+
+def _references(arrays: dict, name: str) -> int:
+    return sys.getrefcount(arrays[name])
+
+
+# what _references counts for an entry that nothing else holds (its dict's reference and the call's own),
+# measured rather than assumed, so that an interpreter that counts differently still compares like with like
+_HELD_ONLY_BY_US = _references({"entry": object()}, "entry")
 
 
 class Workspace:
@@ -35,11 +40,11 @@ class Workspace:
     def empty(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
         shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         with self._lock:
-            held = self._arrays.get(name)
-            if (held is not None and held.shape == shape and held.dtype == dtype
-                    and sys.getrefcount(held) == _HELD_ONLY_BY_US):
-                return held
-            del held
+            if name in self._arrays and _references(self._arrays, name) == _HELD_ONLY_BY_US:
+                held = self._arrays[name]
+                if held.shape == shape and held.dtype == dtype:
+                    return held
+                del held, self._arrays[name]  # freed before its replacement is made
             made = np.empty(shape, dtype)
             self._arrays[name] = made
             return made

@@ -8,6 +8,7 @@
 * :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle;
 * :mod:`.cache` — :class:`LatticeCache`, lattices of repeating features built once by their user;
 * :mod:`.workspace` — :class:`Workspace`, scratch arrays a caller reuses across calls (the layer's history);
+* :mod:`._pages` — memory for the arrays the kernels stream through (no huge pages);
 * :mod:`._checks` — the argument checks of the public entry points.
 """
 from .cache import LatticeCache

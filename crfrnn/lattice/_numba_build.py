@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import _numba_kernels as _nb
+from . import _pages
 
 
 class NumbaBuild(NamedTuple):
@@ -74,8 +75,10 @@ def _elevate_insert(src, divisors, scale, bary64, bary32, offsets, base: int):
 
 
 def _weights(B: int, n: int, d: int, dtype, masked: bool) -> np.ndarray:
-    # left-out points keep weight 0 (on their image's first vertex)
-    return (np.zeros if masked else np.empty)((B, n, d + 1), dtype=dtype)
+    w = _pages.in_small_pages((B, n, d + 1), dtype)  # written and read point after point
+    if masked:
+        w.fill(0)  # left-out points keep weight 0 (on their image's first vertex)
+    return w
 
 
 def _elevate_images(features, bandwidth, valid, scale, offsets, bary32, bary64):
@@ -106,7 +109,7 @@ def build(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor], scal
     False left out), images one after the other, their vertices numbered on from the previous image's."""
     B, d = features.shape[:2]
     n = features[0, 0].numel()
-    offsets = np.empty((B, n, d + 1), dtype=np.int32)
+    offsets = _pages.in_small_pages((B, n, d + 1), np.int32)
     bary32 = _weights(B, n, d, np.float32, valid is not None)
     bary64 = _weights(B, n, d, np.float64, valid is not None) if d > _nb._ELEVATE_FIXED else None
     nbrs = [_nb.neighbours(vkeys, table, base)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .lattice.workspace import Workspace
+
 __all__ = ["fusable", "fused_forward", "FusedMeanField"]
 
 
@@ -65,13 +67,11 @@ class FusedMeanField(torch.autograd.Function):
 
         B, L = unary.shape[:2]
         n = unary[0, 0].numel() * B
-
-        def empty(name, shape):  # a workspace (CrfRnn's) lends the last step's arrays once its graph is gone
-            return np.empty(shape, np.float32) if workspace is None else workspace.empty(name, shape, np.float32)
-
-        history = empty("history", history_shape(num_iterations, L, n))
+        # CrfRnn's workspace lends the last step's arrays once its graph is gone; without one, a throwaway's are new
+        ws = Workspace() if workspace is None else workspace
+        history = ws.empty("history", history_shape(num_iterations, L, n), np.float32)
         stacked = _stacked(kernels, a, b, L)
-        splats = empty("splats", splats_shape(stacked[7], num_iterations, L, n))
+        splats = ws.empty("splats", splats_shape(stacked[7], num_iterations, L, n), np.float32)
         out = fused_forward(unary, kernels, a, b, num_iterations, history, stacked, splats)
         ctx.kernels, ctx.stacked = kernels, stacked
         # saved tensors (not ctx attributes): autograd frees them after the backward, even while the output lives

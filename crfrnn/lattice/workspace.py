@@ -60,13 +60,7 @@ class Workspace:
     def __len__(self) -> int:
         return len(self._arrays)
 
-    def __deepcopy__(self, memo) -> "Workspace":
-        return Workspace()
-
-    def __copy__(self) -> "Workspace":
-        return Workspace()
-
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict:  # copy, deepcopy and pickle: a new, empty workspace
         return {}
 
     def __setstate__(self, state: dict) -> None:

@@ -623,7 +623,7 @@ def test_fused_inference_on_voc_kernels_matches_twin_and_thread_count(splat, mon
     import crfrnn.lattice.fused as fused
 
     if not splat.startswith("default"):
-        monkeypatch.setattr(fused, "_RANGED_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
+        monkeypatch.setattr(fused, "_RANGED_PRIVATE_ROWS_PER_POINT", np.inf if splat == "scatter" else 0.0)
     chosen = []
     real = fused.splat_by_ranges
     monkeypatch.setattr(fused, "splat_by_ranges", lambda *a: chosen.append(real(*a)) or chosen[-1])
@@ -673,6 +673,56 @@ def test_splat_by_ranges_is_the_scatter_in_point_order_for_any_number_of_ranges(
         np.testing.assert_array_equal(dst[v0:v0 + m], want)
         assert np.all(dst[:v0] == 7.0) and np.all(dst[v0 + m:] == 7.0)
     np.testing.assert_allclose(want, exact, rtol=0, atol=1e-5)
+
+
+def _private_rows_by_definition(offsets: np.ndarray, parts: int, block: int) -> int:
+    """The rows of private copies 1 ... parts-1 for one term's ``offsets (N, D+1)``, in NumPy: part ``p`` is
+    ``parts``' share of the blocks of ``block`` points; its copy holds the rows from the lowest it touches up to
+    (not including) the highest that earlier parts touch, the rest going straight to the shared lattice."""
+    n = offsets.shape[0]
+    nblk = -(-n // block)
+    total, seen = 0, None
+    for p in range(parts):
+        touched = offsets[nblk * p // parts * block:min(n, nblk * (p + 1) // parts * block)]
+        lo, hi = int(touched.min()), int(touched.max()) + 1
+        if p > 0:
+            total += max(0, min(hi, seen) - lo)
+        seen = hi if seen is None else max(seen, hi)
+    return total
+
+
+@pytest.mark.parametrize("kernels", ["voc", "readme"])
+def test_terms_whose_private_copies_would_hold_many_rows_are_splatted_by_ranges(kernels):
+    """The fused pass's choice of splat (:func:`crfrnn.lattice.fused.splat_by_ranges`) counts the rows the
+    scatter's private copies would hold (:func:`private_rows`) as the definition in NumPy does, and takes the
+    vertex ranges from 0.1 rows per point: on a VOC image at 500x375, CRF-RNN's bilateral term (θα = 160,
+    θβ = 3, its vertices spanning the image) is ranged, every spatial term (θγ = 3: vertices of a few pixels,
+    shared by neighbouring parts only at their borders) and pydensecrf's README bilateral term (a few vertices
+    per hundred pixels) scattered."""
+    from crfrnn.lattice import _numba_kernels as nb
+    from crfrnn.lattice import fused
+
+    from crfrnn import bench
+
+    paths = bench.voc_images(1)
+    if not paths:
+        pytest.skip("no VOC images in ../shared/data")
+    rgb, unary = bench._case(paths[0], (375, 500), 21)
+    ks = bench.kernel_sets()[kernels]
+    d = cd.DenseCRF2D(500, 375, 21)
+    d.addPairwiseGaussian(sxy=ks["sxy_gaussian"], compat=ks["compat_gaussian"])
+    d.addPairwiseBilateral(sxy=ks["sxy_bilateral"], srgb=ks["srgb"], rgbim=rgb, compat=ks["compat_bilateral"])
+    stacked, n = d._fused_terms(), 375 * 500
+    offsets, tstart, td1, vstart, vcount = stacked[1], stacked[2], stacked[3], stacked[6], stacked[7]
+    parts = fused._splat_parts(n)
+    assert parts > 1
+    rows = nb.private_rows(offsets, tstart, td1, vstart, vcount, n, parts)
+    want = [_private_rows_by_definition(offsets[tstart[t]:tstart[t] + n * td1[t]].reshape(n, td1[t]), parts,
+                                        nb._BLOCK) for t in range(2)]
+    assert rows.tolist() == want
+    chosen = fused.splat_by_ranges(stacked, n)
+    assert chosen.tolist() == [bool(r >= 0.1 * n) for r in want]
+    assert chosen.tolist() == [False, kernels == "voc"], (kernels, rows / n)
 
 
 # ------------------------------------------------------------------------------------------- lattice cache

@@ -224,7 +224,7 @@ def test_label_work_on_points_or_vertices_equals_the_autograd_loop(where, splat,
     if limit is not None:
         monkeypatch.setattr(fused, "_VERTEX_LABEL_WORK_PER_POINT", limit)
     if splat != "as chosen":
-        monkeypatch.setattr(fused, "_RANGED_VERTICES_PER_POINT", np.inf if splat == "scatter" else 0.0)
+        monkeypatch.setattr(fused, "_RANGED_PRIVATE_ROWS_PER_POINT", np.inf if splat == "scatter" else 0.0)
     chosen = []
     real_choice = fused.splat_by_ranges
 

@@ -1754,6 +1754,22 @@ def _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot):  # pragma
     return lo, hi, split
 
 
+@njit(cache=True)
+def private_rows(offsets, tstart, td1, vstart, vcount, n, parts):  # pragma: no cover - compiled
+    """Per term ``(T,)`` int64: the rows that the splat's private copies ``1 ... parts - 1`` hold, the bands of
+    :func:`_copy_bands` after the owner rule (the vertices that several parts of the points share), which the
+    scatter's reduction adds and clears every iteration."""
+    mtot = 0
+    for t in range(td1.shape[0]):
+        mtot += vcount[t]
+    lo, hi, _ = _copy_bands(offsets, tstart, td1, vstart, vcount, n, parts, mtot)
+    rows = np.zeros(td1.shape[0], dtype=np.int64)
+    for p in range(1, parts):
+        for t in range(td1.shape[0]):
+            rows[t] += hi[p, t] - lo[p, t]
+    return rows
+
+
 def _dense_meanfield(neg_unary, q, bary, offsets, tstart, td1, nbr, nstart, vstart, vcount,
                      pre, post, wdiag, wcols, ismat, n_iter, marginals, history, labels, partial, lat, tmp,
                      ranged, ranges, qrows, splats, srow, q_by_point):  # pragma: no cover - compiled

@@ -104,14 +104,17 @@ def stack_lattices(
     return (bary, offsets, tstart, td1, nbr, nstart, vstart, vcount, pre, post, wdiag, wcols, ismat)
 
 
-# A term whose lattice has at least this many vertices per point is splatted by vertex ranges (a pass of its own
-# over the points' rows, each thread adding the entries of its range of vertices: :func:`_nb._splat_by_ranges`)
-# rather than by scatter into private copies. Near one vertex per point (CRF-RNN's θβ = 3: 0.34-1.18 on VOC
-# images) the copies share most of their vertices and summing them costs more than a pass over the marginals
-# (whole inference 0.88-0.97x, measured against the gather by vertex that the ranged splat replaced; the ranged
-# splat costs 0.6-0.8x that gather per iteration and needs no index); on small lattices (pydensecrf's README
-# kernels: 0.01-0.13, and every spatial term) the scatter is faster (the gather measured 1.06-1.10x there).
-_RANGED_VERTICES_PER_POINT = 0.25
+# A term is splatted by vertex ranges (a pass of its own over the points' rows, each thread adding the entries of
+# its range of vertices: :func:`_nb._splat_by_ranges`) rather than by scatter into private copies when those copies
+# would hold at least this many rows per point (:func:`_nb.private_rows`). The scatter's extra cost is adding and
+# clearing the copies' rows every iteration (and writing two lattice arrays at once); the ranged splat's is a pass of
+# the points' rows through memory. The copies hold the vertices that several parts of the image share: few for a
+# spatial term (θγ = 3: 0.002-0.005 rows per point), many for a bilateral term whose vertices span the image
+# (CRF-RNN's θα = 160, θβ = 3: 0.1-3 on VOC images; pydensecrf's README kernels 0.01-0.2). Whole inference, ranged /
+# scatter, VOC images 5-39 (not the benchmarks'), 1 thread: 0.68-0.97 from 0.116 rows per point up, 0.97-1.08 at
+# 0.008-0.086; 2 threads 0.80-1.06 and 1.04-1.15. The vertex count alone does not tell them apart: a spatial term
+# of 0.13 vertices per point has almost no shared rows (ranged there: 0.93-1.25).
+_RANGED_PRIVATE_ROWS_PER_POINT = 0.1
 
 
 def label_rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
@@ -129,9 +132,13 @@ def _splat_parts(n: int) -> int:
     return max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
 
 
-def splat_by_ranges(num_vertices: np.ndarray, num_points: int) -> np.ndarray:
-    """Which terms of :func:`stack_lattices` (``num_vertices (T,)``) the fused pass splats by vertex ranges."""
-    return np.asarray(num_vertices) >= _RANGED_VERTICES_PER_POINT * num_points
+def splat_by_ranges(stacked: tuple, num_points: int) -> np.ndarray:
+    """Which terms of :func:`stack_lattices` (``stacked``, over ``num_points`` points) the fused pass splats by
+    vertex ranges, ``(T,)`` bool: those whose private splat copies would hold at least
+    ``_RANGED_PRIVATE_ROWS_PER_POINT`` rows per point. It depends on the lattices only, not on the thread count."""
+    offsets, tstart, td1, vstart, vcount = stacked[1], stacked[2], stacked[3], stacked[6], stacked[7]
+    rows = _nb.private_rows(offsets, tstart, td1, vstart, vcount, num_points, _splat_parts(num_points))
+    return rows >= _RANGED_PRIVATE_ROWS_PER_POINT * num_points
 
 
 def _scattered_rows(stacked: tuple, ranged: np.ndarray) -> int:
@@ -174,7 +181,7 @@ def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple,
         raise ValueError(f"logit_rows must be C-contiguous float32 of shape (P, Cp) = ({n}, {_padded(L)}) for the "
                          f"terms' {n} points and {L} labels, got {logit_rows.dtype} {logit_rows.shape}")
     un = logit_rows
-    ranged = splat_by_ranges(stacked[7], n)
+    ranged = splat_by_ranges(stacked, n)
     # the ranged splat's input rows (the history, if kept) and the output share memory (the kernel's last pass
     # writes the output and no rows): one array fewer to fault in per call
     row_values = n * un.shape[1] if ranged.any() and history is None else 0
@@ -253,7 +260,7 @@ def fused_mean_field_backward(grad: torch.Tensor, history: np.ndarray, stacked: 
     for t, w in enumerate(matrices):
         wtcols[t, :L, :L] = w
     m = int(vcount.sum())
-    ranged = splat_by_ranges(vcount, n)  # as the forward splats
+    ranged = splat_by_ranges(stacked, n)  # as the forward splats
     # the unary's gradient is summed in place of the incoming one when no term's splat reads rows from it
     d_unary = rows.copy() if ranged.any() else rows
     parts = _splat_parts(n)  # the splat's copies and the weight gradients' runs

@@ -699,10 +699,9 @@ def test_terms_whose_private_copies_would_hold_many_rows_are_splatted_by_ranges(
     θβ = 3, its vertices spanning the image) is ranged, every spatial term (θγ = 3: vertices of a few pixels,
     shared by neighbouring parts only at their borders) and pydensecrf's README bilateral term (a few vertices
     per hundred pixels) scattered."""
+    from crfrnn import bench
     from crfrnn.lattice import _numba_kernels as nb
     from crfrnn.lattice import fused
-
-    from crfrnn import bench
 
     paths = bench.voc_images(1)
     if not paths:

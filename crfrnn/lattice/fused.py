@@ -111,8 +111,8 @@ def stack_lattices(
 # the points' rows through memory. The copies hold the vertices that several parts of the image share: few for a
 # spatial term (θγ = 3: 0.002-0.005 rows per point), many for a bilateral term whose vertices span the image
 # (CRF-RNN's θα = 160, θβ = 3: 0.1-3 on VOC images; pydensecrf's README kernels 0.01-0.2). Whole inference, ranged /
-# scatter, VOC images 5-39 (not the benchmarks'), 1 thread: 0.68-0.97 from 0.116 rows per point up, 0.97-1.08 at
-# 0.008-0.086; 2 threads 0.80-1.06 and 1.04-1.15. The vertex count alone does not tell them apart: a spatial term
+# scatter, VOC images 5-39 (not the benchmarks'), 1 thread: 0.68-1.00 from 0.101 rows per point up, 0.97-1.08 at
+# 0.008-0.086; 2 threads 0.80-1.06 and 0.98-1.15. The vertex count alone does not tell them apart: a spatial term
 # of 0.13 vertices per point has almost no shared rows (ranged there: 0.93-1.25).
 _RANGED_PRIVATE_ROWS_PER_POINT = 0.1
 

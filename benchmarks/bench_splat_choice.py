@@ -28,15 +28,6 @@ def _indices(spec: str) -> list[int]:
     return out
 
 
-def _crf(ours, ks, rgb, unary):
-    h, w = rgb.shape[:2]
-    d = ours.DenseCRF2D(w, h, unary.shape[0])
-    d.setUnaryEnergy(unary)
-    d.addPairwiseGaussian(sxy=ks["sxy_gaussian"], compat=ks["compat_gaussian"])
-    d.addPairwiseBilateral(sxy=ks["sxy_bilateral"], srgb=ks["srgb"], rgbim=rgb, compat=ks["compat_bilateral"])
-    return d
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", default="5-39", help="indices into crfrnn.bench.voc_images, e.g. 5-39 or 10,17,24")
@@ -78,7 +69,7 @@ def main(argv=None) -> int:
             for size in SIZES:
                 rgb, unary = bench._case(paths[i], size, 21)
                 n = size[0] * size[1]
-                d = _crf(ours, ks, rgb, unary)
+                d = bench._densecrf_setup(ours, rgb, unary, ks)
                 stacked = d._fused_terms()
                 rows = nb.private_rows(stacked[1], stacked[2], stacked[3], stacked[6], stacked[7], n,
                                        fused._splat_parts(n))
@@ -86,10 +77,10 @@ def main(argv=None) -> int:
                     if np.array_equal(rule(stacked, n), by_vertices(stacked, n)):
                         continue
                     variants = {"rule": rule, "vertex count": by_vertices}
-                    run = lambda choice: _crf(ours, ks, rgb, unary).inference(10)  # noqa: E731
+                    run = lambda: bench._densecrf_setup(ours, rgb, unary, ks).inference(10)  # noqa: E731
                 else:
                     variants = {"ranged": True, "scattered": False}
-                    run = lambda choice: d.inference(10)  # noqa: E731
+                    run = lambda: d.inference(10)  # noqa: E731
                 times = {k: [] for k in variants}
                 for r in range(a.rounds + 1):
                     for k in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
@@ -98,7 +89,7 @@ def main(argv=None) -> int:
                         else:
                             fused.splat_by_ranges, forced["choice"] = choose, variants[k]
                         t0 = time.perf_counter()
-                        run(k)
+                        run()
                         if r:
                             times[k].append(time.perf_counter() - t0)
                         fused.splat_by_ranges, forced["choice"] = rule, None

@@ -192,14 +192,19 @@ def _med(xs) -> float:
 
 
 # ----------------------------------------------------------------------------- crfrnn.densecrf
-def _densecrf(mod, rgb, unary, kernels, iterations):
+def _densecrf_setup(mod, rgb, unary, kernels):
+    """``mod.DenseCRF2D`` (crfrnn's or pydensecrf's) with the unary and the two terms of ``kernels`` set."""
     h, w = rgb.shape[:2]
     d = mod.DenseCRF2D(w, h, unary.shape[0])
     d.setUnaryEnergy(unary)
     d.addPairwiseGaussian(sxy=kernels["sxy_gaussian"], compat=kernels["compat_gaussian"])
     d.addPairwiseBilateral(sxy=kernels["sxy_bilateral"], srgb=kernels["srgb"], rgbim=rgb,
                            compat=kernels["compat_bilateral"])
-    return np.argmax(np.array(d.inference(iterations)), 0)
+    return d
+
+
+def _densecrf(mod, rgb, unary, kernels, iterations):
+    return np.argmax(np.array(_densecrf_setup(mod, rgb, unary, kernels).inference(iterations)), 0)
 
 
 def bench_densecrf(images: Sequence[Optional[Path]], kernels: str = "voc", n_threads: int = 1, labels: int = 21,

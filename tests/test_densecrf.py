@@ -707,10 +707,7 @@ def test_terms_whose_private_copies_would_hold_many_rows_are_splatted_by_ranges(
     if not paths:
         pytest.skip("no VOC images in ../shared/data")
     rgb, unary = bench._case(paths[0], (375, 500), 21)
-    ks = bench.kernel_sets()[kernels]
-    d = cd.DenseCRF2D(500, 375, 21)
-    d.addPairwiseGaussian(sxy=ks["sxy_gaussian"], compat=ks["compat_gaussian"])
-    d.addPairwiseBilateral(sxy=ks["sxy_bilateral"], srgb=ks["srgb"], rgbim=rgb, compat=ks["compat_bilateral"])
+    d = bench._densecrf_setup(cd, rgb, unary, bench.kernel_sets()[kernels])
     stacked, n = d._fused_terms(), 375 * 500
     offsets, tstart, td1, vstart, vcount = stacked[1], stacked[2], stacked[3], stacked[6], stacked[7]
     parts = fused._splat_parts(n)

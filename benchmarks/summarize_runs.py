@@ -41,8 +41,14 @@ def scaling_rows(runs) -> list[str]:
     for run in runs:
         for s in run["meanfield"].get("scaling", []):
             groups.setdefault((s["kernels"], s["threads"]), []).append(s)
+    def cpu(rs) -> str:  # runs from before the CPU times were recorded have none
+        if not all("user_growth_median" in r for r in rs):
+            return ""
+        return (f"; user CPU time {_span([r['user_growth_median'] for r in rs])}x, system time at 1000x750 "
+                f"{_span([r['sys_ms_median'] for r in rs], '{:.0f}')} ms a call")
+
     return [f"- {k}, {th} thread(s): 1000x750 costs {_span([r['growth_median'] for r in rs])}x the 500x375 time "
-            f"(median over {rs[0]['images']} images; the highest image {max(r['growth_max'] for r in rs):.2f}x)"
+            f"(median over {rs[0]['images']} images; the highest image {max(r['growth_max'] for r in rs):.2f}x{cpu(rs)})"
             for (k, th), rs in groups.items()]
 
 

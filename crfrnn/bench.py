@@ -34,6 +34,11 @@ import torch
 
 from .lattice import PermutohedralLattice
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 _VOC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012-sample"
 _SAMPLE = _VOC / "images" / "2007_000250.jpg"
 SIZE = (375, 500)  # (H, W): the VOC image size the targets are stated at
@@ -173,17 +178,35 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _alternate(fns: Sequence[Callable[[], object]], rounds: int) -> List[List[float]]:
-    """Seconds of each function in each round, the order reversed every other round."""
+def _cpu_ms() -> tuple:
+    """This process's user and system CPU time so far, ms (all its threads; ``getrusage`` counts microseconds,
+    ``os.times`` where it is missing counts clock ticks)."""
+    if resource is None:
+        t = os.times()
+        return 1000 * t.user, 1000 * t.system
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return 1000 * r.ru_utime, 1000 * r.ru_stime
+
+
+def _alternate(fns: Sequence[Callable[[], object]], rounds: int, cpu: Optional[list] = None) -> List[List[float]]:
+    """Seconds of each function in each round, the order reversed every other round. With a list ``cpu``, each
+    round also appends to it the CPU time of each call, ``[(user_ms, system_ms), ...]`` in the order of ``fns``:
+    what grows where the wall time grows (the computation, or the kernel faulting memory in)."""
     out = []
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else range(len(fns) - 1, -1, -1)
         t = [0.0] * len(fns)
+        c = [(0.0, 0.0)] * len(fns)
         for k in order:
+            c0 = _cpu_ms()
             t0 = time.perf_counter()
             fns[k]()
             t[k] = time.perf_counter() - t0
+            c1 = _cpu_ms()
+            c[k] = (c1[0] - c0[0], c1[1] - c0[1])
         out.append(t)
+        if cpu is not None:
+            cpu.append(c)
     return out
 
 
@@ -212,7 +235,9 @@ def bench_densecrf(images: Sequence[Optional[Path]], kernels: str = "voc", n_thr
     """Setup + ``inference(iterations)`` of ``crfrnn.densecrf`` and pydensecrf2 (same calls), alternating,
     per image: medians over ``rounds``, the median per-round ratio, the MAP agreement. With ``base_size``,
     ours at that size joins the rounds: ``growth`` = the median per-round ratio of ours at ``size`` to ours
-    at ``base_size`` (the cost of more pixels, measured side by side)."""
+    at ``base_size`` (the cost of more pixels, measured side by side), the same for the user CPU time
+    (``user_growth``: the computation's) and ours' system CPU time per call at ``size`` (the kernel's, faulting
+    memory in)."""
     from . import densecrf as ours
 
     peer = None
@@ -231,14 +256,18 @@ def bench_densecrf(images: Sequence[Optional[Path]], kernels: str = "voc", n_thr
                 small_rgb, small_unary = _case(path, base_size, labels)
                 fns.append(lambda: _densecrf(ours, small_rgb, small_unary, ks, iterations))
             fns[0]()  # compile / load the kernels
-            t = _alternate(fns, rounds)
+            cpu: list = []
+            t = _alternate(fns, rounds, cpu)
             row = {"kernels": kernels, "threads": n_threads, "labels": labels, "size": f"{size[1]}x{size[0]}",
                    "image": path.stem if path else "scene", "crfrnn_ms": 1000 * _med(r[0] for r in t)}
             if peer is not None:
                 row.update({"pydensecrf_ms": 1000 * _med(r[1] for r in t), "ratio": _med(r[0] / r[1] for r in t),
                             "map_agreement": float((res["ours"] == res["peer"]).mean())})
             if base_size is not None:
-                row[f"growth_over_{base_size[1]}x{base_size[0]}"] = _med(r[0] / r[-1] for r in t)
+                base = f"{base_size[1]}x{base_size[0]}"
+                row[f"growth_over_{base}"] = _med(r[0] / r[-1] for r in t)
+                row[f"user_growth_over_{base}"] = _med(c[0][0] / max(c[-1][0], 1e-3) for c in cpu)
+                row["crfrnn_sys_ms"] = _med(c[0][1] for c in cpu)
             rows.append(row)
     return rows
 
@@ -422,15 +451,19 @@ def _table(rows: List[Dict[str, object]]) -> str:
 
 def _scaling(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     """Cost of 1000x750 over 500x375 (4x the pixels), per kernel set and thread count: the per-image
-    growth measured side by side, median and max over the images."""
+    growth measured side by side, median and max over the images; the same median for the user CPU time, and
+    the median system CPU time of a 1000x750 call."""
     out = []
     key = f"growth_over_{SIZE[1]}x{SIZE[0]}"
     for k in dict.fromkeys(r["kernels"] for r in rows):
         for th in sorted({r["threads"] for r in rows}):
-            growth = [r[key] for r in rows if r["kernels"] == k and r["threads"] == th and key in r]
-            if growth:
+            scaled = [r for r in rows if r["kernels"] == k and r["threads"] == th and key in r]
+            if scaled:
+                growth = [r[key] for r in scaled]
                 out.append({"kernels": k, "threads": th, "images": len(growth), "growth_median": _med(growth),
-                            "growth_max": max(growth)})
+                            "growth_max": max(growth),
+                            "user_growth_median": _med(r["user_" + key] for r in scaled),
+                            "sys_ms_median": _med(r["crfrnn_sys_ms"] for r in scaled)})
     return out
 
 

@@ -1,7 +1,7 @@
 """The evidence for the fused pass's choice of splat (``crfrnn.lattice.fused.splat_by_ranges``): one pairwise term
 splatted by vertex ranges and by scatter into private copies, alternating in one process, whole ``DenseCRF2D``
 inference (10 iterations) on VOC images, with the rows per pixel that the scatter's private copies would hold
-(``_numba_kernels.private_rows``, what the rule compares with 0.1) and the term's lattice vertices per pixel.
+(``crfrnn.lattice.fused.private_rows``, what the rule compares with 0.1) and the term's lattice vertices per pixel.
 ``--rule``: instead, the rule against session 20's (ranged from 0.25 vertices per pixel), setup + inference, on the
 images where the two differ, at the size where they differ.
 
@@ -42,7 +42,6 @@ def main(argv=None) -> int:
 
     from crfrnn import bench
     from crfrnn import densecrf as ours
-    from crfrnn.lattice import _numba_kernels as nb
     from crfrnn.lattice import fused
 
     rule = fused.splat_by_ranges
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
                 n = size[0] * size[1]
                 d = bench._densecrf_setup(ours, rgb, unary, ks)
                 stacked = d._fused_terms()
-                rows = nb.private_rows(stacked[1], stacked[2], stacked[3], stacked[6], stacked[7], n,
-                                       fused._splat_parts(n))
+                rows = fused.private_rows(stacked, n)
                 if a.rule:
                     if np.array_equal(rule(stacked, n), by_vertices(stacked, n)):
                         continue

@@ -132,13 +132,18 @@ def _splat_parts(n: int) -> int:
     return max(1, min(_SPLAT_COPIES, -(-n // _nb._BLOCK)))
 
 
+def private_rows(stacked: tuple, num_points: int) -> np.ndarray:
+    """The rows the scatter's private splat copies would hold for each term of :func:`stack_lattices`
+    (``stacked``, over ``num_points`` points), ``(T,)`` int64 (:func:`_nb.private_rows`)."""
+    offsets, tstart, td1, vstart, vcount = stacked[1], stacked[2], stacked[3], stacked[6], stacked[7]
+    return _nb.private_rows(offsets, tstart, td1, vstart, vcount, num_points, _splat_parts(num_points))
+
+
 def splat_by_ranges(stacked: tuple, num_points: int) -> np.ndarray:
     """Which terms of :func:`stack_lattices` (``stacked``, over ``num_points`` points) the fused pass splats by
     vertex ranges, ``(T,)`` bool: those whose private splat copies would hold at least
     ``_RANGED_PRIVATE_ROWS_PER_POINT`` rows per point. It depends on the lattices only, not on the thread count."""
-    offsets, tstart, td1, vstart, vcount = stacked[1], stacked[2], stacked[3], stacked[6], stacked[7]
-    rows = _nb.private_rows(offsets, tstart, td1, vstart, vcount, num_points, _splat_parts(num_points))
-    return rows >= _RANGED_PRIVATE_ROWS_PER_POINT * num_points
+    return private_rows(stacked, num_points) >= _RANGED_PRIVATE_ROWS_PER_POINT * num_points
 
 
 def _scattered_rows(stacked: tuple, ranged: np.ndarray) -> int:

@@ -275,11 +275,8 @@ def _fused_build_equals_twin(pts, threads):
             np.testing.assert_array_equal(b64, bary)
 
 
-# 20000 points make 2 and 3 chunks, which compiles the parallel build: ~50 s for each dimension that no
-# other test builds, so the dimensions other than CRF-RNN's (2 and 5) do that only in the slow suite
-@pytest.mark.parametrize("d,n_points", [(d, n) for d in (1, 2, 3, 5, 8) for n in (1, 7, 300)]
-                         + [(2, 20000), (5, 20000)]
-                         + [pytest.param(d, 20000, marks=pytest.mark.slow) for d in (1, 3, 8)])
+# 20000 points make 2 and 3 chunks (the chunked build: the same compiled kernel per chunk, then the merge)
+@pytest.mark.parametrize("d,n_points", [(d, n) for d in (1, 2, 3, 5, 8) for n in (1, 7, 300, 20000)])
 def test_fused_build_equals_elevate_then_insert(d, n_points):
     """The fused elevation + insert (keys made 256 points at a time, never stored) against its twin, the
     elevation into an (N, d+1, d) array of keys and the insert of that array: the same offsets, vertex keys,

@@ -22,10 +22,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m crfrnn demo
 
-# One pytest worker per core, a test file per worker (pytest-xdist): on a fresh clone most of the suite's time is
-# Numba compiling the kernels, and two workers compile different kernels at once (2 cores: 6.4 min instead of 8.5).
+# One pytest worker per core (at most 4: each imports torch and compiles the kernels it needs), a test file per
+# worker (pytest-xdist): on a fresh clone most of the suite's time is Numba compiling the kernels, and two workers
+# compile different kernels at once (2 cores: 6.4 min instead of 8.5).
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # On a quiet machine (nothing else running): times are ratios to pydensecrf2 measured in the same run.
 bench: $(STAMP)

@@ -425,7 +425,7 @@ def _build_points(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d
     """:func:`_build_range`, compiled on its own once per dimension for the parallel build: its closure calls it with
     its constant ``d``, which Numba passes as a literal (``Literal[int](d)``, a constant in the compiled code, so
     the loops unroll as they do inlined). Inlined into the parallel build, the build took 30-38 s to compile per
-    dimension at every first use (the parallel-loop passes over the whole build), against 17-21 s now (~8 s of it
+    dimension at every first use (the parallel-loop passes over the whole build), against 15-23 s now (6-12 s of it
     this function), with the same bits and the same speed."""
     return _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
 

@@ -363,12 +363,7 @@ def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
     for c in range(nch):
         for j in range(counts[c]):
             merged_keys[start[c] + j] = keys[firsts[bounds[c] + j]]
-    remap = np.empty(start[nch], dtype=np.int32)
-    vkeys, table = _insert_range(merged_keys, 0, start[nch], remap, base, start[nch] + 1, np.empty(0, dtype=np.int64))
-    for c in prange(nch):
-        for q in range(bounds[c], bounds[c + 1]):
-            offsets[q] = remap[start[c] + offsets[q]]
-    return vkeys, table
+    return _insert_merged(merged_keys, start, bounds, offsets, base)
 
 
 _BUILD_BLOCK = 256  # points the fused build elevates at a time, their keys in a scratch that stays in L2
@@ -617,11 +612,10 @@ def _copy_rows(dst, r0, src):  # pragma: no cover - compiled
             dst[r0 + r, i] = src[r, i]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _merge_chunks(found, bounds, counts, stride, offsets, base):  # pragma: no cover - compiled
-    """:func:`_build_chunks`' merge, as :func:`insert`'s: chunk ``c``'s ``counts[c]`` distinct keys (rows
-    ``bounds[c] * stride ...`` of ``found``), in chunk order, into one table; then each chunk's ``offsets`` (rows
-    ``bounds[c] * stride ... bounds[c + 1] * stride``, numbered from 0 per chunk) renumbered. One compiled function
+    """:func:`_build_chunks`' merge: chunk ``c``'s ``counts[c]`` distinct keys (rows ``bounds[c] * stride ...`` of
+    ``found``) gathered in chunk order, then :func:`_insert_merged` (as :func:`insert` ends). One compiled function
     for every dimension."""
     nch = counts.shape[0]
     start = np.zeros(nch + 1, dtype=np.int64)
@@ -630,10 +624,20 @@ def _merge_chunks(found, bounds, counts, stride, offsets, base):  # pragma: no c
     merged = np.empty((start[nch], found.shape[1]), dtype=np.int32)
     for c in range(nch):
         _copy_rows(merged, start[c], found[bounds[c] * stride: bounds[c] * stride + counts[c]])
-    remap = np.empty(start[nch], dtype=np.int32)
-    vkeys, table = _insert_range(merged, 0, start[nch], remap, base, start[nch] + 1, np.empty(0, dtype=np.int64))
-    for c in prange(nch):
-        for q in range(bounds[c] * stride, bounds[c + 1] * stride):
+    return _insert_merged(merged, start, bounds * stride, offsets, base)
+
+
+@njit(parallel=True, cache=True)
+def _insert_merged(merged, start, rows, offsets, base):  # pragma: no cover - compiled
+    """The end of a chunked insert (:func:`insert`, :func:`_merge_chunks`): ``merged (M, d)``, every chunk's distinct
+    keys in chunk order (chunk ``c``'s from row ``start[c]``), inserted into one table, numbered from ``base``; then
+    chunk ``c``'s ``offsets`` (rows ``rows[c] ... rows[c + 1]``, numbered from 0 within the chunk) renumbered to
+    the merged vertices. Returns ``vkeys`` and the table, as :func:`_insert_range`."""
+    m = merged.shape[0]
+    remap = np.empty(m, dtype=np.int32)
+    vkeys, table = _insert_range(merged, 0, m, remap, base, m + 1, np.empty(0, dtype=np.int64))
+    for c in prange(start.shape[0] - 1):
+        for q in range(rows[c], rows[c + 1]):
             offsets[q] = remap[start[c] + offsets[q]]
     return vkeys, table
 

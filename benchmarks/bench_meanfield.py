@@ -1,6 +1,6 @@
 """crfrnn.densecrf inference against pydensecrf2 (setup + 10 iterations, alternating rounds) on 5 real VOC
 images: CRF-RNN's VOC kernels first, then pydensecrf's README kernels; 1 and 2 threads; L = 21, then L = 59
-and 1000x750 on 3 images; MAP agreement. The CrfRnn layer (T=5) forward and forward + backward against
+and 1000x750 on the same images; MAP agreement. The CrfRnn layer (T=5) forward and forward + backward against
 pydensecrf2's 5 iterations, and its peak RSS in a fresh process.
 
     python benchmarks/bench_meanfield.py          # tables on stdout, JSON in benchmarks/results/

@@ -38,3 +38,47 @@ def test_the_growth_rows_carry_the_cpu_times_and_the_scaling_summary_their_media
     at_size = f"growth_over_{bench.SIZE[1]}x{bench.SIZE[0]}"  # the key _scaling reads
     (s,) = bench._scaling([dict(rows[0], **{at_size: rows[0][key], "user_" + at_size: rows[0]["user_" + key]})])
     assert s["user_growth_median"] == rows[0]["user_" + key] and s["sys_ms_median"] == rows[0]["crfrnn_sys_ms"]
+
+
+def _profile_kernels():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_kernels.py"
+    spec = importlib.util.spec_from_file_location("profile_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_map_names_numba_functions_and_their_parallel_loops(tmp_path, monkeypatch):
+    import numba
+    import numpy as np
+
+    prof = _profile_kernels()
+    assert prof._readable("_ZN6crfrnn7lattice14_numba_kernels10_build_for12_3clocals_3e6serialB4v132B40c8tJ") == \
+        "crfrnn.lattice._numba_kernels._build_for.<locals>.serial v132"
+    assert prof._readable("NRT_decref") == "NRT_decref" and prof._readable("_ZN99abcB4v1B") == "_ZN99abcB4v1B"
+
+    def twice(x):  # compiled here, not cached: its module can be listed
+        out = np.empty_like(x)
+        for i in numba.prange(x.shape[0]):
+            out[i] = 2 * x[i]
+        return out
+
+    compiled = numba.njit(parallel=True)(twice)
+    assert compiled(np.arange(4.0))[3] == 6.0
+    functions = prof._compiled_functions()
+    names = set(functions.values())
+    assert any(n.startswith("test_profile_map_names_numba_functions_and_their_parallel_loops.<locals>.twice")
+               and n.endswith("/prange#0") for n in names), sorted(names)[:20]
+    assert all(isinstance(a, int) and a > 0 for a in functions)
+    monkeypatch.setattr(prof.os, "getpid", lambda: f"test-{tmp_path.name}")
+    path = prof._write_map({0x1000: "a", 0x1400: "b c"})
+    try:
+        with open(path) as fh:
+            assert fh.read().splitlines() == ["1000 400 a", "1400 10000 b c"]  # start, size (to the next), name
+    finally:
+        import os
+
+        os.unlink(path)

@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from collections import defaultdict
 
 from numba.core.registry import CPUDispatcher
@@ -52,9 +51,9 @@ def _compiled_functions() -> dict:
     """``{address: name}`` of every function compiled in this process, parallel loops named after their holder."""
     owners = defaultdict(set)  # function name -> the Python functions whose library defines it
     addresses = {}
-    with warnings.catch_warnings():  # looking at every live object trips deprecation warnings (torch's)
-        warnings.simplefilter("ignore")
-        dispatchers = [o for o in gc.get_objects() if isinstance(o, CPUDispatcher)]
+    # type(), not isinstance: isinstance reads __class__, which a dead weak proxy answers with ReferenceError
+    # (and some of torch's lazy objects with a deprecation warning)
+    dispatchers = [o for o in gc.get_objects() if issubclass(type(o), CPUDispatcher)]
     for disp in dispatchers:
         for cres in disp.overloads.values():
             lib = cres.library

@@ -52,6 +52,8 @@ def _profile_kernels():
 
 
 def test_profile_map_names_numba_functions_and_their_parallel_loops(tmp_path, monkeypatch):
+    import weakref
+
     import numba
     import numpy as np
 
@@ -68,7 +70,15 @@ def test_profile_map_names_numba_functions_and_their_parallel_loops(tmp_path, mo
 
     compiled = numba.njit(parallel=True)(twice)
     assert compiled(np.arange(4.0))[3] == 6.0
+
+    class Referent:
+        pass
+
+    referent = Referent()
+    dead = weakref.proxy(referent)  # among the live objects scanned: touching its __class__ raises ReferenceError
+    del referent
     functions = prof._compiled_functions()
+    assert type(dead) is weakref.ProxyType
     names = set(functions.values())
     assert any(n.startswith("test_profile_map_names_numba_functions_and_their_parallel_loops.<locals>.twice")
                and n.endswith("/prange#0") for n in names), sorted(names)[:20]

@@ -5,9 +5,9 @@ shows as ``[JIT]`` addresses without names. This script runs ``crfrnn.densecrf``
 ``make bench`` does) on one VOC image, then writes ``/tmp/perf-PID.map``, which ``perf report`` reads: every
 function compiled in this process, each parallel loop (Numba outlines every ``prange`` loop into a function of
 its own) named after the function that holds it and numbered in compile order, which follows the source, the
-loops of inlined helpers included (``_dense_meanfield/prange#6``: its pass over the points). Only functions compiled in this process can be listed: ones loaded from
-Numba's on-disk cache carry no LLVM module, so run it with an empty cache (it then compiles for a minute or two,
-which ``perf report --dsos`` leaves out):
+loops of inlined helpers included (``_dense_meanfield/prange#7``: its pass over the points). Only functions
+compiled in this process can be listed: ones loaded from Numba's on-disk cache carry no LLVM module, so run it
+with an empty cache (it then compiles for a minute or two, which ``perf report --dsos`` leaves out):
 
     NUMBA_CACHE_DIR=$(mktemp -d) perf record -e cpu-clock -F 2000 -o /tmp/p.data \\
         python benchmarks/profile_kernels.py --kernels readme --size 750 1000 --calls 8
@@ -66,22 +66,21 @@ def _compiled_functions() -> dict:
                 if address:
                     addresses[f.name] = address
                     owners[f.name].add(disp.py_func.__qualname__)
-    loops = defaultdict(set)  # holder -> the compile numbers of its parallel loops
+    loops = {}  # a parallel loop's function -> (its holder, its compile number)
     for name, held_by in owners.items():
         m = _LOOP.search(name)
         if m:
-            loops["|".join(sorted(held_by))].add(int(m.group(1)))
-    number = {(holder, v): k for holder, vs in loops.items() for k, v in enumerate(sorted(vs))}
+            loops[name] = ("|".join(sorted(held_by)), int(m.group(1)))
+    numbers = defaultdict(list)  # holder -> its loops' compile numbers, in order
+    for holder, v in sorted(set(loops.values())):
+        numbers[holder].append(v)
     labels = {}
-    for name, held_by in owners.items():
-        m = _LOOP.search(name)
-        if m:
-            holder = "|".join(sorted(held_by))
-            label = f"{holder}/prange#{number[holder, int(m.group(1))]}"
-            # the loop's body, or Numba's wrapper that runs it over a thread's share (the body itself when
-            # LLVM inlined it there)
-            wrapped = name.startswith("__gufunc__.") and name[len("__gufunc__."):] in owners
-            labels[name] = label + " (wrapper)" if wrapped else label
+    for name, (holder, v) in loops.items():
+        label = f"{holder}/prange#{numbers[holder].index(v)}"
+        # the loop's body, or Numba's wrapper that runs it over a thread's share (the body itself when LLVM
+        # inlined it there)
+        wrapped = name.startswith("__gufunc__.") and name[len("__gufunc__."):] in owners
+        labels[name] = label + " (wrapper)" if wrapped else label
     return {address: labels.get(name, _readable(name)) for name, address in addresses.items()}
 
 

@@ -1,4 +1,5 @@
 """The benchmark harness's own bookkeeping (not speed: the benchmarks measure that, outside the tests)."""
+import os
 import time
 
 from crfrnn import bench
@@ -89,6 +90,4 @@ def test_profile_map_names_numba_functions_and_their_parallel_loops(tmp_path, mo
         with open(path) as fh:
             assert fh.read().splitlines() == ["1000 400 a", "1400 10000 b c"]  # start, size (to the next), name
     finally:
-        import os
-
         os.unlink(path)

@@ -285,6 +285,16 @@ def _initial_capacity(npts):  # pragma: no cover - compiled
     return cap
 
 
+_CHUNK_POINTS = 8192  # the fewest points a parallel insert or build gives a chunk (and a hash table) of its own
+
+
+@njit(cache=True)
+def _chunk_count(npts, threads):  # pragma: no cover - compiled
+    """Chunks of points a parallel insert or lattice build cuts ``npts`` points into: one per thread, each of at
+    least ``_CHUNK_POINTS`` points (so one chunk, the serial work, below twice that)."""
+    return min(threads, max(1, npts // _CHUNK_POINTS))
+
+
 @njit(cache=True)
 def _insert_range(keys, q0, q1, offsets, base, stride, firsts):  # pragma: no cover - compiled
     """Insert rows ``q0 <= q < q1`` of ``keys (P, d)`` into a fresh hash table (sequential).
@@ -344,7 +354,7 @@ def insert(keys, offsets, base, stride, threads):  # pragma: no cover - compiled
     """
     p = keys.shape[0]
     npts = p // stride
-    nch = min(threads, max(1, npts // 8192))
+    nch = _chunk_count(npts, threads)
     if nch <= 1:
         return _insert_range(keys, 0, p, offsets, base, stride, np.empty(0, dtype=np.int64))
     bounds = np.empty(nch + 1, dtype=np.int64)  # chunk c = key rows bounds[c] ... bounds[c + 1]
@@ -404,7 +414,7 @@ def _build_for(d):
 
     def build(src, divisors, scale, bary64, bary32, offsets, base, threads):
         # one chunk runs outside a parallel function: compiled on its own it is ~5 % faster
-        if _build_chunk_count(src.shape[1], threads) <= 1:
+        if _chunk_count(src.shape[1], threads) <= 1:
             return serial(src, divisors, scale, bary64, bary32, offsets, base)
         return chunked(src, divisors, scale, bary64, bary32, offsets, base, threads)
 
@@ -425,9 +435,6 @@ def _build_points(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d
     return _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
 
 
-def _build_chunk_count(npts: int, threads: int) -> int:
-    """Chunks of points the parallel build inserts separately (at least 8192 points each)."""
-    return min(threads, max(1, npts // 8192))
 
 
 @njit(inline="always")
@@ -590,7 +597,7 @@ def _build_chunks(src, divisors, scale, bary64, bary32, offsets, base, threads, 
     """:func:`elevate_insert`: chunks of points in parallel, then merged as :func:`insert` merges them."""
     stride = d + 1
     npts = src.shape[1]
-    nch = min(threads, max(1, npts // 8192))  # as _build_chunk_count (one chunk is the serial build's work)
+    nch = _chunk_count(npts, threads)  # more than one: one chunk is the serial build's work
     bounds = np.empty(nch + 1, dtype=np.int64)
     for c in range(nch + 1):
         bounds[c] = npts * c // nch

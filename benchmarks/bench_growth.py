@@ -84,15 +84,15 @@ def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
                     after = _counters()
                     calls[key].append({k: after[k] - before[k] for k in after})
             row = {"image": path.stem, "kept_freed_memory": keep}
+            per = {key: {k: np.array([c[k] for c in v]) for k in v[0]} for key, v in calls.items()}  # per round
             for lib in LIBS:
-                big = {k: np.array([c[k] for c in calls[(lib, "big")]]) for k in calls[(lib, "big")][0]}
-                small = {k: np.array([c[k] for c in calls[(lib, "small")]]) for k in calls[(lib, "small")][0]}
+                big, small = per[(lib, "big")], per[(lib, "small")]
                 row[lib] = {"big_ms": float(np.median(big["ms"])), "small_ms": float(np.median(small["ms"])),
                             "growth": float(np.median(big["ms"] / small["ms"])),
                             "user_growth": float(np.median(big["user_ms"] / np.maximum(small["user_ms"], 1e-3))),
                             **{f"{k}_{size}": float(np.median(v[k])) for size, v in (("big", big), ("small", small))
                                for k in ("faults", "user_ms", "sys_ms", "huge_pages")}}
-            ms = {key: np.array([c["ms"] for c in v]) for key, v in calls.items()}
+            ms = {key: v["ms"] for key, v in per.items()}
             row["crfrnn"]["growth_less_memory"] = float(np.median(
                 (ms[("crfrnn", "big")] - ms[("memory", "big")]) / (ms[("crfrnn", "small")] - ms[("memory", "small")])))
             rows.append(row)

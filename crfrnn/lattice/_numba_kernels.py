@@ -435,8 +435,6 @@ def _build_points(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d
     return _build_range(src, divisors, scale, i0, i1, bary64, bary32, offsets, base, d)
 
 
-
-
 @njit(inline="always")
 def _elevate_block(pts, scale, keys3, bsc, nb, d, el, r0, rk, bt, sm, tot):  # pragma: no cover - compiled
     """Points ``0 <= k < nb`` of ``pts (d, _BUILD_BLOCK)`` (a coordinate per row) elevated as

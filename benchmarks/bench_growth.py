@@ -1,17 +1,25 @@
 """What 4x the pixels costs, with and without page faults: crfrnn.densecrf and pydensecrf2 (setup + 10
-iterations, 1 thread) at 1000x750 and at 500x375 on the same VOC images, alternating in one process; run twice,
-in fresh processes: with glibc's default allocator, which hands every freed block above 32 MB (and the heap's
-top) back to the kernel, so that each call on a big image faults its working memory in again, and with the
-freed memory kept (``crfrnn.cli._common.keep_freed_memory``, what ``crfrnn refine DIR`` does in its workers).
+iterations, 1 thread) at 1000x750 and at 500x375 on the same VOC images, alternating in one process; run three
+times, in fresh processes:
+
+* ``default``: glibc's default allocator, which hands every freed block above 32 MB (and the heap's top) back to
+  the kernel, so that each call on a big image faults its working memory in again, except the arrays crfrnn's
+  block cache recycles (``crfrnn/lattice/_memory.py``);
+* ``released``: the same, with crfrnn's block cache emptied after each of its calls
+  (``crfrnn.lattice.release_cached_memory``, inside the timed call): every array fresh, as before session 31;
+* ``keep``: the freed memory kept (``crfrnn.cli._common.keep_freed_memory``, what ``crfrnn refine DIR`` does in
+  its workers).
+
 Per call: minor page faults, user and system CPU time (``getrusage``) and transparent huge pages faulted in
 (``thp_fault_alloc`` of ``/proc/vmstat``: counted for the whole machine, so run it on a quiet one). The growth
 of the user CPU time alone is the computation's; the system time is the kernel's, faulting memory in.
 
-A third row, ``memory``, is a control with no CRF in it: the fresh memory that any call made the pydensecrf way
-(one object per image, ``np.argmax(np.array(d.inference(10)), 0)``) must fault in whatever the implementation, made
+A third row, ``memory``, is a control with no CRF in it: the memory that any call made the pydensecrf way
+(one object per image, ``np.argmax(np.array(d.inference(10)), 0)``) must allocate whatever the implementation, made
 and written as crfrnn makes it: the object's own copy of the unary (its rows, ``label_rows``), the output ``Q``
-written once, and the caller's copy of it and its arg max. ``crfrnn less memory`` is crfrnn's growth with the
-control's time taken off both sizes, per round: what the rest of the call (lattices, mean field) costs.
+written once (both from the block cache, emptied after the control too in ``released``), and the caller's copy of
+it and its arg max. ``crfrnn less memory`` is crfrnn's growth with the control's time taken off both sizes, per
+round: what the rest of the call (lattices, mean field) costs.
 
     python benchmarks/bench_growth.py                 # README kernels, 3 images, 3 rounds
     python benchmarks/bench_growth.py --kernels voc --json benchmarks/results/growth-voc-1.json
@@ -47,8 +55,11 @@ def _counters() -> dict:
             "huge_pages": _huge_page_faults(), "ms": 1000 * time.perf_counter()}
 
 
-def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
-    if keep:
+MODES = ("default", "released", "keep")
+
+
+def child(kernels: str, images: int, rounds: int, mode: str) -> list[dict]:
+    if mode == "keep":
         from crfrnn.cli._common import keep_freed_memory
 
         keep_freed_memory()
@@ -57,12 +68,12 @@ def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
 
     from crfrnn import bench
     from crfrnn import densecrf as ours
-    from crfrnn.lattice import _pages
+    from crfrnn.lattice import _memory, release_cached_memory
     from crfrnn.lattice.fused import label_rows
 
     def memory(rgb, unary):  # the control: the fresh memory of a call, no CRF (module docstring)
         rows = label_rows(unary, negate=True)
-        out = _pages.in_small_pages((unary.shape[1], unary.shape[0]))
+        out = _memory.cached_empty((unary.shape[1], unary.shape[0]))
         out.fill(1.0 / unary.shape[0])
         return np.argmax(np.array(out.T), 0), rows
 
@@ -74,6 +85,9 @@ def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
             fns = {(lib, k): (lambda m=mod, c=cases[k]: bench._densecrf(m, *c, ks, 10))
                    for lib, mod in (("crfrnn", ours), ("pydensecrf2", peer)) for k in SIZES}
             fns.update({("memory", k): (lambda c=cases[k]: memory(*c)) for k in SIZES})
+            if mode == "released":
+                fns = {key: (f if key[0] == "pydensecrf2" else lambda f=f: (f(), release_cached_memory()))
+                       for key, f in fns.items()}
             for f in fns.values():  # compile / load, first touches
                 f()
             calls = {key: [] for key in fns}  # per round: the counters' increase over the call
@@ -83,7 +97,7 @@ def child(kernels: str, images: int, rounds: int, keep: bool) -> list[dict]:
                     f()
                     after = _counters()
                     calls[key].append({k: after[k] - before[k] for k in after})
-            row = {"image": path.stem, "kept_freed_memory": keep}
+            row = {"image": path.stem, "mode": mode}
             per = {key: {k: np.array([c[k] for c in v]) for k in v[0]} for key, v in calls.items()}  # per round
             for lib in LIBS:
                 big, small = per[(lib, "big")], per[(lib, "small")]
@@ -112,16 +126,16 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="also write every row (both modes) to this file")
-    ap.add_argument("--_child", choices=("default", "keep"), help=argparse.SUPPRESS)
+    ap.add_argument("--_child", choices=MODES, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a._child:
-        print(json.dumps(child(a.kernels, a.images, a.rounds, a._child == "keep")))
+        print(json.dumps(child(a.kernels, a.images, a.rounds, a._child)))
         return 0
     print(f"{a.kernels} kernels, L=21, T=10, 1 thread: cost of 1000x750 over 500x375 (median of per-round ratios: "
           f"wall time; user CPU time alone), and per call at 1000x750 / 500x375: system CPU ms, minor page faults, "
           f"huge pages faulted in")
     results = []
-    for mode in ("default", "keep"):
+    for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--kernels", a.kernels, "--images", str(a.images),
                               "--rounds", str(a.rounds), "--_child", mode], capture_output=True, text=True, check=True)
         rows = json.loads(out.stdout.strip().splitlines()[-1])

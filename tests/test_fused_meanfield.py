@@ -489,14 +489,3 @@ def test_crfrnn_training_steps_reuse_their_history_with_the_same_bits():
 
     layer.eval()
     assert len(layer._workspace) == 0
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
-def test_arrays_in_small_pages_are_plain_contiguous_arrays(dtype):
-    from crfrnn.lattice._pages import in_small_pages
-
-    a = in_small_pages((5, 9), dtype)
-    assert a.shape == (5, 9) and a.dtype == dtype and a.flags["C_CONTIGUOUS"] and a.flags["WRITEABLE"]
-    a[...] = 3
-    assert int(a.sum()) == 3 * 45
-    assert in_small_pages(7).shape == (7,)

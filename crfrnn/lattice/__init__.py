@@ -8,9 +8,11 @@
 * :mod:`.exact` — :func:`dense_gaussian_filter`, the brute-force oracle;
 * :mod:`.cache` — :class:`LatticeCache`, lattices of repeating features built once by their user;
 * :mod:`.workspace` — :class:`Workspace`, scratch arrays a caller reuses across calls (the layer's history);
-* :mod:`._pages` — memory for the arrays the kernels stream through (no huge pages);
+* :mod:`._memory` — memory for the arrays the kernels stream through: small pages, recycled across calls
+  (:func:`cached_memory_bytes`, :func:`release_cached_memory`);
 * :mod:`._checks` — the argument checks of the public entry points.
 """
+from ._memory import cached_memory_bytes, release_cached_memory
 from .cache import LatticeCache
 from .exact import dense_gaussian_filter, dense_gaussian_kernel
 from .permutohedral import PermutohedralLattice, available_backends, permutohedral_filter
@@ -24,4 +26,6 @@ __all__ = [
     "available_backends",
     "LatticeCache",
     "Workspace",
+    "cached_memory_bytes",
+    "release_cached_memory",
 ]

@@ -14,8 +14,8 @@ import numba
 import numpy as np
 import torch
 
+from . import _memory
 from . import _numba_kernels as _nb
-from . import _pages
 
 
 class NumbaBuild(NamedTuple):
@@ -75,7 +75,7 @@ def _elevate_insert(src, divisors, scale, bary64, bary32, offsets, base: int):
 
 
 def _weights(B: int, n: int, d: int, dtype, masked: bool) -> np.ndarray:
-    w = _pages.in_small_pages((B, n, d + 1), dtype)  # written and read point after point
+    w = _memory.cached_empty((B, n, d + 1), dtype)  # written and read point after point
     if masked:
         w.fill(0)  # left-out points keep weight 0 (on their image's first vertex)
     return w
@@ -109,7 +109,7 @@ def build(features: torch.Tensor, bandwidth, valid: Optional[torch.Tensor], scal
     False left out), images one after the other, their vertices numbered on from the previous image's."""
     B, d = features.shape[:2]
     n = features[0, 0].numel()
-    offsets = _pages.in_small_pages((B, n, d + 1), np.int32)
+    offsets = _memory.cached_empty((B, n, d + 1), np.int32)
     bary32 = _weights(B, n, d, np.float32, valid is not None)
     bary64 = _weights(B, n, d, np.float64, valid is not None) if d > _nb._ELEVATE_FIXED else None
     nbrs = [_nb.neighbours(vkeys, table, base)

@@ -15,8 +15,8 @@ import numba
 import numpy as np
 import torch
 
+from . import _memory
 from . import _numba_kernels as _nb
-from . import _pages
 from .permutohedral import _SPLAT_COPIES, PermutohedralLattice
 
 __all__ = ["stack_lattices", "fused_mean_field", "fused_mean_field_rows", "fused_mean_field_backward", "label_rows",
@@ -77,10 +77,10 @@ def stack_lattices(
     td1 = np.array([lat.dim + 1 for lat in lattices], dtype=np.int64)
     # one array per kind, each term's part copied in place with its vertex rows moved past the earlier terms'
     # (a compiled pass: NumPy's concatenate of shifted copies made three temporaries per term)
-    bary = _pages.in_small_pages(int(tsize.sum()), np.float32)  # read point after point: small pages
-    offsets = _pages.in_small_pages(int(tsize.sum()), np.int32)
+    bary = _memory.cached_empty(int(tsize.sum()), np.float32)  # read point after point: small pages
+    offsets = _memory.cached_empty(int(tsize.sum()), np.int32)
     nbr = np.empty(int(nsize.sum()), np.int32)
-    pre, post = _pages.in_small_pages((nt, n), np.float32), _pages.in_small_pages((nt, n), np.float32)
+    pre, post = _memory.cached_empty((nt, n), np.float32), _memory.cached_empty((nt, n), np.float32)
     wdiag = np.zeros((nt, _padded(n_labels)), np.float32)
     wcols = np.zeros((nt, n_labels, _padded(n_labels)), np.float32)  # each matrix's columns as padded rows
     ismat = np.zeros(nt, np.bool_)
@@ -121,7 +121,7 @@ def label_rows(x: np.ndarray, negate: bool = False) -> np.ndarray:
     """``x (L, P)`` (or ``-x``) as the kernels' rows ``(P, Cp)``: a point's labels side by side, padded with
     zeros (a new array: ``x`` is only read)."""
     L, n = x.shape
-    rows = _pages.in_small_pages((n, _padded(L)))
+    rows = _memory.cached_empty((n, _padded(L)))
     _nb.channels_to_rows(np.ascontiguousarray(x, dtype=np.float32), rows, negate)
     return rows
 
@@ -190,7 +190,7 @@ def fused_mean_field_rows(logit_rows: np.ndarray, n_labels: int, stacked: tuple,
     # the ranged splat's input rows (the history, if kept) and the output share memory (the kernel's last pass
     # writes the output and no rows): one array fewer to fault in per call
     row_values = n * un.shape[1] if ranged.any() and history is None else 0
-    shared = _pages.in_small_pages(max(row_values, 0 if labels else L * n))
+    shared = _memory.cached_empty(max(row_values, 0 if labels else L * n))
     qrows = shared[:row_values].reshape(-1, un.shape[1])
     out = shared[:0 if labels else L * n].reshape((-1, L) if by_point else (L, -1))
     lab = np.empty(n if labels else 0, dtype=np.int64)

@@ -7,13 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from test_densecrf import _problem
 
 import crfrnn.densecrf as cd
 from crfrnn import CrfRnn
 from crfrnn.lattice import _memory
 from crfrnn.lattice._memory import MIN_CACHED_BYTES, BlockCache, cached_empty
-
-from conftest import image_pairs
 
 BIG = (MIN_CACHED_BYTES // 4, 3)  # float32: three times the smallest cached size
 
@@ -172,12 +171,7 @@ def _layer(layer, unary, image):
 
 
 def test_results_do_not_depend_on_what_the_recycled_memory_held(monkeypatch):
-    _, img, mask = image_pairs("scene", count=1)[0]
-    mask = np.where(mask == 255, 0, mask).astype(np.int64)
-    rng = np.random.default_rng(0)
-    logits = 2.0 * np.eye(21)[mask].transpose(2, 0, 1) + rng.normal(0, 1.5, (21,) + mask.shape)
-    prob = np.exp(logits - logits.max(0))
-    prob = (prob / prob.sum(0)).astype(np.float32)
+    _, img, mask, prob = _problem()  # a generated scene and a noisy softmax of its labels
     assert 24 * 4 * mask.size >= MIN_CACHED_BYTES  # the unary's rows at least go through the cache
 
     layer = CrfRnn(21)

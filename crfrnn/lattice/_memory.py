@@ -58,10 +58,10 @@ class BlockCache:
         """``np.empty(shape, dtype)``, C-contiguous, in small pages; the memory may be a block given back
         earlier (contents undefined, as ``np.empty``'s)."""
         dtype = np.dtype(dtype)
-        shape = tuple(int(s) for s in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
         nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        if nbytes < MIN_CACHED_BYTES:
-            return torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
+        if nbytes < MIN_CACHED_BYTES:  # NumPy advises huge pages from 4 MB only
+            return np.empty(shape, dtype)
         return np.asarray(_Lent(self, self._take(_size_class(nbytes)), shape, dtype))
 
     def nbytes(self) -> int:
